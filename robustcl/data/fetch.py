@@ -1,0 +1,87 @@
+"""Obtain a dataset for `make data`: `python -m robustcl.data.fetch fashion-mnist`.
+
+Order: already resolvable -> print where, exit 0; else, as root with apt-get available and a Debian
+package for the dataset -> `apt-get install -y <package>` and re-resolve; else download into the
+user cache with md5 verification; else exit 1 with a one-line message naming both ways.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+from .base import DATASETS, DataError, get_reader
+from .resolve import FileReader, cache_dir
+
+AptRunner = Callable[[str], int]
+
+
+def is_root() -> bool:
+    """Whether this process may run apt-get (effective uid 0)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def apt_available() -> bool:
+    """Whether an apt-get executable is on PATH."""
+    return shutil.which("apt-get") is not None
+
+
+def run_apt(package: str) -> int:
+    """`apt-get install -y package`, refreshing the package lists once if the first try fails."""
+    command = ["apt-get", "install", "-y", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(command, env=env).returncode == 0:
+        return 0
+    subprocess.run(["apt-get", "update"], env=env)
+    return subprocess.run(command, env=env).returncode
+
+
+def _try_locate(reader: FileReader, download: bool) -> str | None:
+    """Where the dataset resolves (downloading if asked), or None with the reason printed to stderr."""
+    try:
+        return str(reader.locate(None, download))
+    except DataError as exc:
+        if download:
+            print(f"download failed: {exc}", file=sys.stderr)
+        return None
+
+
+def obtain(name: str, apt_runner: AptRunner = run_apt, root_check: Callable[[], bool] = is_root,
+           has_apt: Callable[[], bool] = apt_available) -> int:
+    """Make dataset `name` resolvable by any available route; return a process exit code."""
+    reader = get_reader(name)
+    if not isinstance(reader, FileReader):
+        print(f"{name}: generated in memory, nothing to fetch")
+        return 0
+    where = _try_locate(reader, download=False)
+    if where is None and reader.apt_package and root_check() and has_apt():
+        print(f"{name}: installing Debian package {reader.apt_package}", file=sys.stderr)
+        if apt_runner(reader.apt_package) == 0:
+            where = _try_locate(reader, download=False)
+    if where is None:
+        where = _try_locate(reader, download=True)
+    if where is None:
+        apt = (f"install Debian's {reader.apt_package} as root (apt-get install -y {reader.apt_package}) "
+               "or " if reader.apt_package else "")
+        print(f"could not obtain {name}: {apt}download it into {cache_dir(name)} when the network is "
+              f"reachable (python -m robustcl.data.fetch {name})", file=sys.stderr)
+        return 1
+    print(f"{name}: found at {where}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, apt_runner: AptRunner = run_apt,
+         root_check: Callable[[], bool] = is_root, has_apt: Callable[[], bool] = apt_available) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m robustcl.data.fetch",
+                                     description="Make a dataset available locally (apt or download).")
+    parser.add_argument("name", choices=DATASETS)
+    args = parser.parse_args(argv)
+    return obtain(args.name, apt_runner, root_check, has_apt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Finding dataset files (explicit root, user cache, system locations), downloading with md5, safe untar.
+
+Resolution order: an explicit `root` (no fall-through when it lacks the files), then the user cache
+`$ROBUSTCL_DATA/<name>` (default `~/.cache/robustcl/<name>`), then the reader's system directories,
+then a download into the cache when `download=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .base import ArrayDataset, DataError, DatasetInfo
+
+CACHE_ENV = "ROBUSTCL_DATA"
+DOWNLOAD_TIMEOUT_S = 60.0
+_MEMO_SIZE = 4
+_MEMO: "OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+
+def cache_root() -> Path:
+    """The user data cache: `$ROBUSTCL_DATA` if set and non-empty, else `~/.cache/robustcl`."""
+    env = os.environ.get(CACHE_ENV, "")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "robustcl"
+
+
+def cache_dir(name: str) -> Path:
+    """Where dataset `name` lives in (and is downloaded into) the user cache."""
+    return cache_root() / name
+
+
+def md5_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex md5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def url_for(env_var: str, default_base: str, filename: str) -> str:
+    """`filename` under the base URL from `env_var` (for mirrors and tests) or `default_base`."""
+    base = os.environ.get(env_var, "") or default_base
+    return base.rstrip("/") + "/" + filename
+
+
+def download_file(url: str, dest: Path, md5: str, manual: str) -> Path:
+    """Download `url` to `dest` via a temp file in the same dir; verify md5, then rename atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            raise DataError(f"could not download {url}: {exc}; {manual}") from exc
+        got = digest.hexdigest()
+        if got != md5:
+            raise DataError(f"checksum mismatch for {dest.name}: expected {md5}, got {got}; "
+                            "the download is corrupt, retry")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _check_member(member: tarfile.TarInfo, tar_path: Path) -> None:
+    """DataError for tar members that could write outside the target or are not plain files/dirs."""
+    path = PurePosixPath(member.name)
+    if member.name.startswith(("/", "\\")) or path.is_absolute() or ".." in path.parts or ":" in member.name:
+        raise DataError(f"unsafe member {member.name!r} in tarball {tar_path} (absolute path or '..'); "
+                        "refusing to extract, delete it and re-download")
+    if not (member.isfile() or member.isdir()):
+        raise DataError(f"unsafe member {member.name!r} in tarball {tar_path} (link or special file); "
+                        "refusing to extract, delete it and re-download")
+
+
+def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
+    """Extract a tarball into `dest` after rejecting unsafe members; top-level entries appear atomically."""
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member, tar_path)
+            kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(staging, members=members, **kwargs)
+        tops = sorted({PurePosixPath(m.name).parts[0] for m in members if PurePosixPath(m.name).parts})
+        placed = []
+        for top in tops:
+            target = dest / top
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(staging / top, target)
+            placed.append(target)
+        return placed
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"corrupt tarball {tar_path}: {exc}; delete it and re-download") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_tar_members(tar_path: Path, names: list[str]) -> list[bytes]:
+    """Bytes of the named regular-file members of a tarball, in order, read without extracting."""
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            found: dict[str, bytes] = {}
+            for member in tar:
+                name = str(PurePosixPath(member.name))
+                if name in names and member.isfile() and name not in found:
+                    handle = tar.extractfile(member)
+                    found[name] = handle.read() if handle is not None else b""
+                    if len(found) == len(set(names)):
+                        break
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"corrupt tarball {tar_path}: {exc}; delete it and re-download") from exc
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(f"corrupt tarball {tar_path}: missing member(s) {', '.join(missing)}; "
+                        "delete it and re-download")
+    return [found[n] for n in names]
+
+
+def clear_memo() -> None:
+    """Forget arrays memoised by `FileReader.load` in this process."""
+    _MEMO.clear()
+
+
+def _tensor(array: np.ndarray, dtype: type) -> torch.Tensor:
+    """A contiguous, writable torch tensor sharing `array`'s memory when it already qualifies."""
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _signature(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Identity of a set of files (path, size, mtime) so the memo notices replaced files."""
+    stats = [(str(f), f.stat()) for f in files]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+class FileReader(ABC):
+    """A dataset read from files: shared resolution, download, verification and memoised loading."""
+
+    name: str
+    dataset_info: DatasetInfo
+    system_dirs: tuple[Path, ...] = ()
+    apt_package: str | None = None
+    defaults: Mapping[str, Any] = {"verify": False}
+
+    @abstractmethod
+    def files(self, directory: Path, split: str | None) -> list[Path] | None:
+        """Files in `directory` that make up `split` (None: every split), or None if incomplete."""
+
+    @abstractmethod
+    def fetch(self, directory: Path) -> None:
+        """Download (with md5) into `directory` so that `files(directory, None)` succeeds."""
+
+    @abstractmethod
+    def read(self, directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Parse `split` from `directory` into uint8 (N, C, H, W) images and int64 labels."""
+
+    @abstractmethod
+    def verify(self, directory: Path) -> list[Path]:
+        """Check md5s of the dataset files in `directory`; DataError on mismatch; return files checked."""
+
+    @abstractmethod
+    def hint(self) -> str:
+        """How a user obtains the files, appended to not-found errors."""
+
+    def info(self, **options: Any) -> DatasetInfo:
+        """Static dataset facts (options such as `verify` do not change them)."""
+        return self.dataset_info
+
+    def locate(self, root: str | os.PathLike[str] | None, download: bool,
+               split: str | None = None) -> Path:
+        """Directory holding the files for `split`, following the module's resolution order."""
+        if root is not None:
+            directory = Path(root).expanduser()
+            if self.files(directory, split) is None:
+                raise DataError(f"{self.name} not found in root {directory}; put the files there or "
+                                f"omit root to search {cache_dir(self.name)} and system locations "
+                                "(and download there with download=True)")
+            return directory
+        places = [cache_dir(self.name), *self.system_dirs]
+        for directory in places:
+            if self.files(directory, split) is not None:
+                return directory
+        if download:
+            self.fetch(cache_dir(self.name))
+            if self.files(cache_dir(self.name), split) is not None:
+                return cache_dir(self.name)
+            raise DataError(f"{self.name}: download into {cache_dir(self.name)} finished but the files "
+                            "are still incomplete; delete that directory and retry")
+        searched = ", ".join(str(p) for p in places)
+        raise DataError(f"{self.name} not found in {searched}; {self.hint()}")
+
+    def load(self, split: str, root: str | os.PathLike[str] | None, download: bool,
+             verify: bool = False) -> ArrayDataset:
+        """Resolve, optionally verify, parse (memoised per process) and wrap one split."""
+        directory = self.locate(root, download, split)
+        if verify:
+            self.verify(directory)
+        files = self.files(directory, split) or []
+        key = (self.name, split, str(directory.resolve()), _signature(files))
+        if key not in _MEMO:
+            images, labels = self.read(directory, split)
+            _MEMO[key] = (_tensor(images, np.uint8), _tensor(labels, np.int64))
+            while len(_MEMO) > _MEMO_SIZE:
+                _MEMO.popitem(last=False)
+        _MEMO.move_to_end(key)
+        images_t, labels_t = _MEMO[key]
+        return ArrayDataset(images_t.clone(), labels_t.clone(), self.dataset_info)
