@@ -1,0 +1,67 @@
+"""L-inf PGD / FGSM-RS on any differentiable objective, with the model's parameters frozen.
+
+`objective` maps a perturbed batch to a scalar to *maximise*; the same function serves training
+(contrastive objectives) and evaluation (cross-entropy, CW margin). While attacking, every
+parameter of the given modules has `requires_grad=False`, so autograd computes no parameter
+gradient and stores nothing for one.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def frozen_parameters(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily set requires_grad=False on every parameter of `modules` (restored on exit)."""
+    params = [p for m in modules for p in m.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip to the L-inf ball of radius eps around x and to the image box [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def pgd(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: int,
+        random_start: bool = True, generator: torch.Generator | None = None,
+        modules: Iterable[nn.Module] = ()) -> torch.Tensor:
+    """Projected gradient ascent in L-inf: x' <- Proj(x' + alpha * sign(grad objective(x'))).
+
+    Starts from x + U(-eps, eps) when `random_start` (clipped to [0, 1]). Parameters of `modules`
+    are frozen while attacking. Returns a detached tensor inside the eps-ball and [0, 1].
+    """
+    if eps < 0 or alpha < 0 or steps < 0:
+        raise ValueError(f"pgd needs eps, alpha, steps >= 0, got eps={eps}, alpha={alpha}, steps={steps}")
+    x = x.detach()
+    if random_start and eps > 0:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
+    else:
+        x_adv = x.clone()
+    if eps == 0 or steps == 0:
+        return x_adv
+    with frozen_parameters(*modules), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
+    return x_adv
+
+
+def fgsm_rs(objective: Objective, x: torch.Tensor, eps: float, alpha: float | None = None,
+            generator: torch.Generator | None = None, modules: Iterable[nn.Module] = ()) -> torch.Tensor:
+    """FGSM with random start (Wong et al. 2020): one PGD step of size alpha (default 1.25 eps)."""
+    return pgd(objective, x, eps, 1.25 * eps if alpha is None else alpha, 1, True, generator, modules)
