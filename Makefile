@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`. The venv is made on first use,
+# with the CPU build of torch 2.13.0 installed first so that no multi-GB CUDA build is pulled.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow data clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/python -m robustcl.data.fetch fashion-mnist
+
+demo: $(STAMP) data
+	$(BIN)/robustcl demo
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP) data
+	$(BIN)/python -m pytest -q -m slow
+
+clean-venv:
+	rm -rf $(VENV)

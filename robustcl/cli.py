@@ -1,0 +1,167 @@
+"""The `robustcl` command line: pretrain, finetune, evaluate, run, demo, configs, data."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from robustcl.config import Config, ConfigError, list_presets, load_config
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from robustcl.data import DataError
+    from robustcl.runs import RunError
+    from robustcl.train.pretrain import NonFiniteLoss
+
+    return (ConfigError, DataError, RunError, NonFiniteLoss, FileNotFoundError)
+
+
+def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a robustcl run (no config.yaml); pass the --out of a pretrain run")
+    return load_config(str(path), list(overrides))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from robustcl.runs import RunDir
+    from robustcl.train.pretrain import pretrain
+
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out DIR (the run directory to continue)")
+        cfg = _run_config(Path(args.out), args.overrides)
+    else:
+        if args.config is None:
+            raise ConfigError("pretrain needs --config NAME|PATH (see `robustcl configs`)")
+        cfg = load_config(args.config, args.overrides)
+    run = RunDir(args.out or Path("runs") / cfg.name)
+    result = pretrain(cfg, run, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if result is None:
+        print(f"{run.root}: phase 1 already finished; nothing to do")
+    else:
+        print(f"{run.root}: {result.steps} steps, {result.images_per_second:.0f} images/s; encoder at {run.encoder}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from robustcl.runs import RunDir
+    from robustcl.train.finetune import finetune
+
+    run = RunDir(args.run)
+    cfg = _run_config(run.root, args.overrides)
+    out = finetune(cfg, run, tuple(args.protocol) if args.protocol else None, progress=not args.quiet)
+    for protocol, record in out.items():
+        print(f"{protocol.upper()} ({record['branch']} branch): best epoch {record['best_epoch']}, "
+              f"{record['selected_on']} {100 * record['val_acc']:.2f}%; head at {run.head(protocol)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from robustcl.evaluation.run_eval import evaluate_run
+    from robustcl.runs import RunDir
+    from robustcl.runs.report import results_table, write_report
+
+    run = RunDir(args.run)
+    cfg = _run_config(run.root, args.overrides)
+    results = evaluate_run(cfg, run, progress=not args.quiet)
+    report = write_report(run)
+    print(results_table([(run.root.name, results)]))
+    print(f"results: {run.results}\nreport: {report}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """pretrain -> finetune -> evaluate in one go."""
+    cmd_pretrain(args)
+    cfg = load_config(args.config, args.overrides) if not args.resume else _run_config(Path(args.out), args.overrides)
+    run_dir = args.out or str(Path("runs") / cfg.name)
+    ns = argparse.Namespace(run=run_dir, overrides=[], protocol=None, quiet=args.quiet)
+    cmd_finetune(ns)
+    return cmd_evaluate(ns)
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    for name, description in list_presets().items():
+        print(f"{name:24s} {description}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from robustcl.demo import run_demo
+
+    t0 = time.perf_counter()
+    report = run_demo(Path(args.out), overwrite=args.overwrite, progress=not args.quiet, overrides=args.overrides)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s\nreport: {report}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from robustcl.data.fetch import main as fetch_main
+
+    return fetch_main([args.name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustcl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.1")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    for name, fn, text in (("pretrain", cmd_pretrain, "phase 1: contrastive pre-training"),
+                           ("run", cmd_run, "pretrain, finetune and evaluate in one go")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="preset name or YAML path")
+        p.add_argument("--out", help="run directory (default runs/<config name>)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+        add_common(p)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("finetune", help="phase 2: fit SLF/ALF linear heads on a run's frozen encoder")
+    p.add_argument("--run", required=True, help="run directory written by pretrain")
+    p.add_argument("--protocol", nargs="+", choices=["slf", "alf"], help="protocols (default: finetune.protocols)")
+    add_common(p)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="clean and PGD accuracy of a run's heads; results.json and report.md")
+    p.add_argument("--run", required=True, help="run directory")
+    add_common(p)
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("configs", help="list the shipped presets")
+    p.set_defaults(fn=cmd_configs)
+
+    p = sub.add_parser("demo", help="gbrcl vs simclr on Fashion-MNIST, end to end, with a report")
+    p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished runs instead of reusing them")
+    add_common(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("data", help="obtain a dataset (Debian package, cache or download)")
+    p.add_argument("action", choices=["fetch"])
+    p.add_argument("name", help="dataset name, e.g. fashion-mnist")
+    p.set_defaults(fn=cmd_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as exc:
+        print(f"robustcl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustcl: interrupted; resume with --resume --out <run dir>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Typed run configuration: YAML presets shipped in the package, `key=value` overrides, validation.
+
+Every section is a dataclass; `build(cls, mapping)` converts a parsed YAML mapping into it and fails
+with a one-line `ConfigError` naming the offending key (unknown key, wrong type, impossible value).
+A preset may start with `extends: <preset>` to inherit and override another one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------- schema
+@dataclass
+class SyntheticConfig:
+    num_classes: int = 10
+    channels: int = 1
+    size: int = 28
+    n_train: int = 2000
+    n_test: int = 500
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    root: str | None = None
+    download: bool = False
+    val_size: int = 5000          # held out from the training split for phase-2 epoch selection
+    train_limit: int | None = None  # use only the first N (shuffled) training images in phase 1
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        _check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0")
+        _check(self.train_limit is None or self.train_limit > 0, "data.train_limit", self.train_limit, "must be > 0 or null")
+
+
+@dataclass
+class StrongViewSection:
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def validate(self) -> None:
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "views.strong.crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
+        for key in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+            _check(0 <= getattr(self, key) <= 1, f"views.strong.{key}", getattr(self, key), "must be a probability in [0, 1]")
+
+
+@dataclass
+class WeakViewSection:
+    padding: int = 4
+    flip_p: float = 0.5
+
+    def validate(self) -> None:
+        _check(self.padding >= 0, "views.weak.padding", self.padding, "must be >= 0")
+        _check(0 <= self.flip_p <= 1, "views.weak.flip_p", self.flip_p, "must be a probability in [0, 1]")
+
+
+@dataclass
+class ViewsConfig:
+    strong: StrongViewSection = field(default_factory=StrongViewSection)
+    weak: WeakViewSection = field(default_factory=WeakViewSection)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["convnet", "resnet18"] = "resnet18"
+    widths: tuple[int, ...] = (32, 64, 128, 256)   # convnet only
+    proj_dim: int = 128
+    critic_hidden: int = 0
+
+    def validate(self) -> None:
+        _check(self.proj_dim > 0, "model.proj_dim", self.proj_dim, "must be > 0")
+        _check(len(self.widths) > 0 and min(self.widths) > 0, "model.widths", self.widths, "must be positive widths")
+
+
+@dataclass
+class AttackConfig:
+    """An L-inf attack: eps and alpha in pixel units ([0,1]); YAML may write them as '8/255'."""
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 7
+    random_start: bool = True
+
+    def validate(self, where: str) -> None:
+        _check(self.eps >= 0, f"{where}.eps", self.eps, "must be >= 0")
+        _check(self.alpha > 0, f"{where}.alpha", self.alpha, "must be > 0")
+        _check(self.steps >= 1, f"{where}.steps", self.steps, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 512
+    epochs: int = 500
+    max_steps: int | None = None     # stop after this many optimiser steps (overrides epochs)
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10
+    min_lr: float = 1e-8
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    threads: int | None = None       # torch intra-op threads on CPU (null: torch's default)
+    log_every: int = 20
+    checkpoint_every: int = 200      # steps between checkpoints (and one at every epoch end)
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (contrastive negatives)")
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1 or null")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class FinetuneConfig:
+    """Phase 2: linear heads on the frozen encoder, epoch chosen on a held-out validation split."""
+    protocols: tuple[Literal["slf", "alf"], ...] = ("slf", "alf")
+    branch: Literal["headline", "benign", "adversarial"] = "headline"
+    epochs: int = 25
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 512
+    train_limit: int | None = None     # train heads on at most N training images (ALF cost)
+    val_limit: int = 1000              # validation images used for epoch selection
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 0.007, 10))
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "finetune.epochs", self.epochs, "must be >= 1")
+        _check(self.lr > 0, "finetune.lr", self.lr, "must be > 0")
+        _check(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "must be >= 1")
+        _check(self.val_limit >= 1, "finetune.val_limit", self.val_limit, "must be >= 1")
+        _check(len(self.protocols) > 0, "finetune.protocols", self.protocols, "must name at least one of slf, alf")
+        self.attack.validate("finetune.attack")
+
+
+@dataclass
+class EvalConfig:
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 20))
+    eps_curve: tuple[float, ...] = ()  # extra eps values for the robustness curve (PGD, same steps)
+    limit: int | None = None           # evaluate on a seeded random subset of this many test images
+    batch_size: int = 500
+    precision: Literal["fp32", "bf16"] = "fp32"  # fp32 by default: attacks in low precision can under-report
+
+    def validate(self) -> None:
+        self.attack.validate("eval.attack")
+        _check(all(e >= 0 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, "must be >= 0")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None                # the method's own dataclass, chosen by method.name
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (tuples as lists) for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+
+# ------------------------------------------------------------------------------------ conversion
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config value {key}={value!r} {why}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _parse_float(value: Any, key: str) -> float:
+    """Accept numbers and fraction strings such as '8/255'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"config key {key} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"config key {key} must be a number (or a fraction like 8/255), got {value!r}")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if isinstance(value, bool) and ("off" in args or "on" in args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise ConfigError(f"config key {key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is float:
+        return _parse_float(value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key} must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def build(cls: type, mapping: Any, prefix: str = "") -> Any:
+    """Convert a mapping into dataclass `cls`, rejecting unknown keys with a suggestion."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config section {prefix or '<root>'} must be a mapping, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in mapping.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {full}{hint}")
+        kwargs[key] = _convert(hints[key], value, full)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate) and cls is not AttackConfig:
+        validate()
+    return obj
+
+
+# --------------------------------------------------------------------------------------- presets
+PRESET_PACKAGE = "robustcl.presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> first comment line (its description and source)."""
+    out = {}
+    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
+            out[entry.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; give a preset name (robustcl configs) or a YAML path")
+        text, origin = path.read_text(), str(path)
+    else:
+        entry = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
+        if not entry.is_file():
+            known = ", ".join(list_presets())
+            raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known}")
+        text, origin = entry.read_text(), f"preset {name_or_path}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must hold a YAML mapping at the top level")
+    return data, origin
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_extends(name_or_path: str, depth: int = 0) -> dict[str, Any]:
+    if depth > 8:
+        raise ConfigError(f"config {name_or_path}: 'extends' chain is too deep (a cycle?)")
+    data, _ = _read_yaml(name_or_path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _resolve_extends(str(parent), depth + 1)
+    child_method = data.get("method") or {}
+    if "name" in child_method and child_method["name"] != (base.get("method") or {}).get("name"):
+        base.pop("method", None)  # another method: its section replaces the parent's, not merges
+    return _merge(base, data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a raw mapping."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=0.1")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_mapping(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a raw mapping (the method section by its registered schema)."""
+    from robustcl.methods import method_config_class  # methods own their config schema
+
+    data = dict(data)
+    method = data.pop("method", None) or {}
+    if not isinstance(method, dict) or "name" not in method:
+        raise ConfigError("config needs method.name (e.g. method.name=gbrcl); see `robustcl configs`")
+    cfg = build(Config, data)
+    cfg.method = build(method_config_class(str(method["name"])), method, "method")
+    return cfg
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML path, apply `key=value` overrides, validate."""
+    data = _resolve_extends(name_or_path)
+    for item in overrides:
+        apply_override(data, item)
+    return from_mapping(data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a run directory stores in config.yaml)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

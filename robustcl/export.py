@@ -1,0 +1,88 @@
+"""Trained encoders as safetensors files, and `load_encoder` for downstream use."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from robustcl.models import BRANCHES, Branch, Encoder, build_encoder
+from robustcl.runs import atomic_write_bytes
+
+FORMAT = "robustcl.encoder/1"
+
+
+class FixedBranchEncoder(nn.Module):
+    """An encoder whose BN branch is fixed at construction: forward(x) -> L2-normalised features."""
+
+    def __init__(self, encoder: Encoder, branch: Branch) -> None:
+        super().__init__()
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+        self.encoder, self.branch = encoder, branch
+        self.feature_dim = encoder.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, self.branch)
+
+
+def encoder_metadata(encoder: Encoder, info: Any, cfg: Any) -> dict[str, Any]:
+    """What is needed to rebuild the encoder without the config: arch, channels, normalisation."""
+    from robustcl.methods import method_class
+
+    model = cfg.model
+    return {"format": FORMAT, "arch": model.arch, "in_channels": info.channels, "mean": list(info.mean),
+            "std": list(info.std), "dual_bn": encoder.dual_bn,
+            "widths": list(model.widths) if model.arch == "convnet" else None,
+            "method": cfg.method.name, "headline_branch": method_class(cfg.method.name).headline_branch,
+            "dataset": info.name}
+
+
+def export_encoder(encoder: Encoder, path: Path, info: Any, cfg: Any) -> None:
+    """Write the encoder's weights and rebuild metadata to a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
+    meta = {"robustcl": json.dumps(encoder_metadata(encoder, info, cfg))}
+    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+
+
+def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
+    """Rebuild an Encoder from a safetensors file (or a run directory holding encoder.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no encoder at {path}; pass a run directory or an encoder.safetensors file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("robustcl", "{}"))
+        tensors = load_file(str(path))
+    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable robustcl encoder file ({exc}); re-export it") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} lacks robustcl encoder metadata; was it written by robustcl?")
+    kwargs = {"widths": tuple(meta["widths"])} if meta["arch"] == "convnet" else {}
+    encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
+                            dual_bn=meta["dual_bn"], **kwargs)
+    encoder.load_state_dict(tensors)
+    return encoder.eval(), meta
+
+
+def load_encoder(path: Path | str, branch: Branch | str = "headline") -> FixedBranchEncoder:
+    """A trained encoder as a plain nn.Module (eval mode) reading through `branch`.
+
+    `branch="headline"` uses the branch the method is reported through (adversarial for robust
+    methods, benign for SimCLR).
+    """
+    encoder, meta = read_encoder(path)
+    chosen = meta["headline_branch"] if branch == "headline" else branch
+    return FixedBranchEncoder(encoder, chosen).eval()  # type: ignore[arg-type]
+
+

@@ -1,0 +1,1 @@
+"""YAML presets shipped with robustcl (`robustcl configs` lists them)."""

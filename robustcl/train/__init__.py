@@ -1,0 +1,1 @@
+"""Phase-1 pre-training and phase-2 fine-tuning."""

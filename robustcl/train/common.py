@@ -1,0 +1,59 @@
+"""Pieces both phases share: device, precision, data split, model construction."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from robustcl.config import Config
+from robustcl.data import ArrayDataset, DataError, load_dataset
+from robustcl.methods import Method, method_class
+from robustcl.models import Critic, ProjectionHead, build_encoder
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+    return device
+
+
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument factory of autocast contexts (bf16 when asked, else a no-op)."""
+    enabled = precision == "bf16"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def load_split(cfg: Config, split: str) -> ArrayDataset:
+    """The configured dataset's split (synthetic options passed through)."""
+    d = cfg.data
+    options = vars(d.synthetic).copy() if d.name == "synthetic" else {}
+    if d.name == "synthetic":
+        options["seed"] = cfg.seed
+    return load_dataset(d.name, split, root=d.root, download=d.download, **options)
+
+
+def train_val_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded split of the training data: (train indices, held-out validation indices).
+
+    The validation images are never seen in phase 1 and serve phase-2 epoch selection, so no
+    choice is ever made on the test set.
+    """
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training images out of {n}; lower data.val_size")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return perm[val_size:], perm[:val_size]
+
+
+def build_method(cfg: Config, in_channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Method:
+    """Encoder f, projection head g and (if the method wants one) critic D for `cfg`."""
+    cls = method_class(cfg.method.name)
+    kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.arch == "convnet" else {}
+    encoder = build_encoder(cfg.model.arch, in_channels, mean, std, dual_bn=cls.dual_bn, **kwargs)
+    projector = ProjectionHead(encoder.feature_dim, encoder.feature_dim, cfg.model.proj_dim)
+    critic = Critic(cfg.model.proj_dim, cfg.model.critic_hidden) if cls.wants_critic(cfg.method) else None
+    return cls(cfg.method, encoder, projector, critic)

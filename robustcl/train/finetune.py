@@ -1,0 +1,162 @@
+"""Phase 2: SLF and ALF linear heads on the frozen encoder, epoch selected on a validation split.
+
+SLF trains the head on clean features, ALF on PGD examples made against the current head; both
+read features through one stated BN branch, and the best epoch is chosen by validation accuracy
+(clean for SLF, PGD for ALF), never on the test set.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from robustcl.config import Config
+from robustcl.evaluation import accuracy, ce_objective, pgd_accuracy
+from robustcl.export import read_encoder
+from robustcl.models import BranchModel, Encoder, LinearHead
+from robustcl.objectives import pgd
+from robustcl.runs import RunDir, RunError, save_torch_atomic
+from robustcl.train.common import autocast_factory, load_split, resolve_device, train_val_indices
+
+
+def resolve_branch(requested: str, meta: dict[str, Any]) -> str:
+    """`headline` -> the method's reporting branch; single-BN encoders only have `benign`."""
+    branch = meta["headline_branch"] if requested == "headline" else requested
+    return branch if meta["dual_bn"] else "benign"
+
+
+@torch.no_grad()
+def extract_features(encoder: Encoder, images: torch.Tensor, branch: str, batch_size: int,
+                     device: torch.device, autocast) -> torch.Tensor:
+    """Frozen, eval-mode features of uint8 images (fp32, on device)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float().div_(255)
+        with autocast():
+            out.append(encoder(x, branch).float())
+    return torch.cat(out)
+
+
+def _cosine(step: int, total: int, base: float) -> float:
+    return 0.5 * base * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def _make_optimizer(head: LinearHead, cfg: Config) -> torch.optim.Optimizer:
+    f = cfg.finetune
+    return torch.optim.SGD(head.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+
+
+def train_slf(encoder, head, branch, train, val, cfg, device, autocast, gen, log, progress) -> dict[str, Any]:
+    """Standard linear fine-tuning on precomputed clean features (the encoder is frozen)."""
+    f = cfg.finetune
+    feats = extract_features(encoder, train[0], branch, 512, device, autocast)
+    val_feats = extract_features(encoder, val[0], branch, 512, device, autocast)
+    y, val_y = train[1].to(device), val[1].to(device)
+    opt = _make_optimizer(head, cfg)
+    steps_per_epoch = math.ceil(len(feats) / f.batch_size)
+    total, step = f.epochs * steps_per_epoch, 0
+    best: dict[str, Any] = {"val_acc": -1.0}
+    for epoch in tqdm(range(f.epochs), desc=f"SLF ({branch})", disable=not progress, file=sys.stderr):
+        perm = torch.randperm(len(feats), generator=gen).to(device)
+        head.train()
+        for i in range(steps_per_epoch):
+            idx = perm[i * f.batch_size:(i + 1) * f.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = _cosine(step, total, f.lr)
+            loss = F.cross_entropy(head(feats[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        head.eval()
+        with torch.no_grad():
+            val_acc = (head(val_feats).argmax(1) == val_y).float().mean().item()
+        log({"phase": "finetune", "protocol": "slf", "epoch": epoch + 1, "loss": loss.item(), "val_acc": val_acc})
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+    return best
+
+
+def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log, progress) -> dict[str, Any]:
+    """Adversarial linear fine-tuning: PGD examples against encoder+head, head trained on them."""
+    f = cfg.finetune
+    model = BranchModel(encoder, head, branch).eval()
+    images, labels = train
+    opt = _make_optimizer(head, cfg)
+    steps_per_epoch = math.ceil(len(images) / f.batch_size)
+    total, step = f.epochs * steps_per_epoch, 0
+    best: dict[str, Any] = {"val_acc": -1.0}
+    bar = tqdm(total=total, desc=f"ALF ({branch})", disable=not progress, file=sys.stderr, mininterval=1.0)
+    for epoch in range(f.epochs):
+        perm = torch.randperm(len(images), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * f.batch_size:(i + 1) * f.batch_size]
+            x = images[idx].to(device).float().div_(255)
+            y = labels[idx].to(device)
+            head.eval()
+            x_adv = pgd(ce_objective(model, y, autocast), x, f.attack.eps, f.attack.alpha, f.attack.steps,
+                        f.attack.random_start, gen if device.type == "cpu" else None, modules=[model])
+            with torch.no_grad(), autocast():
+                feats = encoder(x_adv, branch).float()
+            for group in opt.param_groups:
+                group["lr"] = _cosine(step, total, f.lr)
+            head.train()
+            loss = F.cross_entropy(head(feats), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+        head.eval()
+        val_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        val_acc = pgd_accuracy(model, val[0], val[1], f.attack, 500, val_gen, autocast)
+        log({"phase": "finetune", "protocol": "alf", "epoch": epoch + 1, "loss": loss.item(), "val_robust_acc": val_acc})
+        bar.set_postfix(loss=f"{loss.item():.3f}", val_robust=f"{val_acc:.3f}", refresh=False)
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+    bar.close()
+    return best
+
+
+TRAINERS = {"slf": train_slf, "alf": train_alf}
+
+
+def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Fit each protocol's head on the run's frozen encoder; heads saved to heads/<protocol>.pt."""
+    if not run.encoder.is_file():
+        raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first (or --resume it)")
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    encoder, meta = read_encoder(run.encoder)
+    encoder.to(device).eval().requires_grad_(False)
+    branch = resolve_branch(cfg.finetune.branch, meta)
+    data = load_split(cfg, "train")
+    train_idx, val_idx = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
+    if cfg.finetune.train_limit is not None:
+        train_idx = train_idx[: cfg.finetune.train_limit]
+    val_idx = val_idx[: cfg.finetune.val_limit]
+    if len(val_idx) == 0:
+        raise RunError("phase 2 needs validation images for epoch selection; set data.val_size > 0")
+    train = (data.images[train_idx], data.labels[train_idx])
+    val = (data.images[val_idx], data.labels[val_idx])
+    autocast = autocast_factory(device, cfg.train.precision)
+    out = {}
+    for protocol in protocols or cfg.finetune.protocols:
+        torch.manual_seed(cfg.seed)
+        head = LinearHead(encoder.feature_dim, data.info.num_classes).to(device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        best = TRAINERS[protocol](encoder, head, branch, train, val, cfg, device, autocast, gen, run.log, progress)
+        record = {"protocol": protocol, "branch": branch, "best_epoch": best["epoch"], "val_acc": best["val_acc"],
+                  "selected_on": "validation " + ("clean accuracy" if protocol == "slf" else "PGD accuracy"),
+                  "n_train": len(train[0]), "n_val": len(val[0]), "seconds": time.perf_counter() - t0}
+        save_torch_atomic({"head": best["state"], **record}, run.head(protocol))
+        out[protocol] = record
+    return out

@@ -1,0 +1,126 @@
+"""The run directory end to end on the smoke preset: CLI, results, exact resume, errors, exports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustcl import load_encoder
+from robustcl.cli import main
+from robustcl.config import load_config
+from robustcl.methods.gbrcl import Gbrcl
+from robustcl.runs import RunDir
+from robustcl.train.pretrain import NonFiniteLoss, pretrain
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet"]) == 0
+    assert main(["finetune", "--run", str(out), "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(out), "--quiet"]) == 0
+    return RunDir(out)
+
+
+def test_run_directory_holds_everything(smoke_run):
+    for path in (smoke_run.config, smoke_run.metrics, smoke_run.checkpoint, smoke_run.encoder, smoke_run.results,
+                 smoke_run.report, smoke_run.plots / "loss_terms.png", smoke_run.plots / "robust_vs_eps.png"):
+        assert path.is_file(), path
+    results = json.loads(smoke_run.results.read_text())
+    assert {"clean_acc", "robust", "branch", "protocol", "n_eval"} <= set(results)
+    assert results["branch"] == "adversarial" and results["n_eval"] == 64
+    assert set(results["protocols"]) == {"slf", "alf"}
+    for r in results["protocols"].values():
+        assert 0 <= r["robust"]["pgd3-linf-0.1"] <= r["clean_acc"] <= 1 or r["clean_acc"] == 0
+        assert r["eps_curve"][0] == {"eps": 0.0, "accuracy": r["clean_acc"]}
+    records = [json.loads(line) for line in smoke_run.metrics.read_text().splitlines()]
+    assert {"benign", "adversarial", "divergence", "critic_acc", "images_per_s"} <= set(records[0])
+
+
+def test_checkpoint_loads_with_weights_only(smoke_run):
+    state = torch.load(smoke_run.checkpoint, weights_only=True)
+    assert state["step"] == 4
+    assert {"model", "optimizer", "critic_optimizer", "sam", "scheduler", "rng"} <= set(state)
+    assert state["sam"] == {"rho": 1.0, "adaptive": True}
+
+
+def test_load_encoder_returns_a_plain_module_through_the_branch(smoke_run):
+    enc = load_encoder(smoke_run.root)
+    assert enc.branch == "adversarial" and not enc.training
+    x = torch.rand(3, 1, 16, 16)
+    feats = enc(x)
+    assert feats.shape == (3, 32)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(3), atol=1e-5)
+    benign = load_encoder(smoke_run.encoder, branch="benign")
+    assert not torch.allclose(benign(x), feats)
+
+
+def test_existing_run_is_not_overwritten(smoke_run, capsys):
+    before = smoke_run.checkpoint.read_bytes()
+    assert main(["pretrain", "--config", "smoke", "--out", str(smoke_run.root), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run; pass --resume" in err and "\n" not in err
+    assert smoke_run.checkpoint.read_bytes() == before
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "x"), "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "robustcl: error: unknown config key train.lrr (did you mean train.lr?)"
+    assert not (tmp_path / "x").exists()
+
+
+def _final_state(run: RunDir) -> dict:
+    return torch.load(run.checkpoint, weights_only=True)
+
+
+def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    cfg = load_config("smoke", ["train.max_steps=6", "train.checkpoint_every=2"])
+    straight = RunDir(tmp_path / "straight")
+    pretrain(cfg, straight, progress=False)
+
+    killed = RunDir(tmp_path / "killed")
+    original = Gbrcl.training_step
+    calls = {"n": 0}
+
+    def dying(self, images, ctx):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the checkpoint at step 2... and step 3 ran
+            raise KeyboardInterrupt
+        return original(self, images, ctx)
+
+    monkeypatch.setattr(Gbrcl, "training_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, killed, progress=False)
+    assert _final_state(killed)["step"] == 2
+    monkeypatch.setattr(Gbrcl, "training_step", original)
+    pretrain(cfg, killed, resume=True, progress=False)
+    a, b = _final_state(straight), _final_state(killed)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    steps = [r["step"] for r in killed.iter_metrics("pretrain")]
+    assert steps == sorted(set(steps))  # no duplicate records after the resume
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config("smoke", ["train.max_steps=6", "train.checkpoint_every=2", "train.log_every=1"])
+    original = Gbrcl.loss_terms
+    calls = {"n": 0}
+
+    def poisoned(self, p, q, q_adv, only=None):
+        terms = original(self, p, q, q_adv, only)
+        if only is None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                terms["adversarial"] = terms["adversarial"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(Gbrcl, "loss_terms", poisoned)
+    run = RunDir(tmp_path / "nan")
+    with pytest.raises(NonFiniteLoss, match="non-finite loss \\(adversarial"):
+        pretrain(cfg, run, progress=False)
+    state = _final_state(run)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -1,0 +1,149 @@
+"""The training step's mechanics: SAM on a subset of terms, D frozen in the encoder step, gbrcl's order."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from robustcl.config import load_config
+from robustcl.methods.base import StepContext
+from robustcl.objectives import SAM
+from robustcl.train.common import build_method
+
+
+class Toy(nn.Module):
+    """A 'method' with one parameter vector and quadratic + linear loss terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+        self.critic = None
+        self.A = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, -1.0]])
+        self.b = torch.tensor([1.0, 0.5])
+        self.c = torch.tensor([0.3, -0.1, 0.2])
+
+    def terms(self, only):
+        out = {}
+        if only is None or "benign" in only:
+            out["benign"] = ((self.A @ self.theta - self.b) ** 2).sum()
+        if only is None or "adversarial" in only:
+            out["adversarial"] = self.c @ self.theta
+        return out
+
+
+def _ctx(toy: Toy, sam: SAM | None, terms=("benign",)) -> StepContext:
+    opt = torch.optim.SGD([toy.theta], lr=1.0)
+    return StepContext(toy, opt, None, sam, terms, torch.Generator(), contextlib.nullcontext)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_uses_benign_gradient_at_perturbed_point_plus_rest_at_theta(adaptive):
+    toy = Toy()
+    theta = toy.theta.detach().clone()
+    w_b, rho = 2.0, 0.3
+    grad_b = lambda t: w_b * 2 * toy.A.T @ (toy.A @ t - toy.b)  # noqa: E731
+    g = grad_b(theta)
+    T = theta.abs() if adaptive else torch.ones(3)
+    e = rho * T ** 2 * g / (T * g).norm()
+    expected = theta - (grad_b(theta + e) + toy.c)  # SGD lr 1
+    ctx = _ctx(toy, SAM([toy.theta], rho, adaptive))
+    ctx.encoder_step(toy.terms, {"benign": w_b, "adversarial": 1.0})
+    assert torch.allclose(toy.theta.detach(), expected, atol=1e-6)
+
+
+def test_without_sam_the_step_is_plain_gradient_descent():
+    toy = Toy()
+    theta = toy.theta.detach().clone()
+    expected = theta - (2.0 * 2 * toy.A.T @ (toy.A @ theta - toy.b) + toy.c)
+    _ctx(toy, None).encoder_step(toy.terms, {"benign": 2.0, "adversarial": 1.0})
+    assert torch.allclose(toy.theta.detach(), expected, atol=1e-6)
+
+
+def test_sam_on_all_terms():
+    toy = Toy()
+    theta = toy.theta.detach().clone()
+    full = lambda t: 2 * toy.A.T @ (toy.A @ t - toy.b) + toy.c  # noqa: E731
+    g = full(theta)
+    e = 0.2 * g / g.norm()
+    _ctx(toy, SAM([toy.theta], 0.2), ("benign", "adversarial")).encoder_step(toy.terms, {})
+    assert torch.allclose(toy.theta.detach(), theta - full(theta + e), atol=1e-6)
+
+
+def smoke_cfg(*overrides: str):
+    return load_config("smoke", list(overrides))
+
+
+def _gbrcl(*overrides: str):
+    cfg = smoke_cfg(*overrides)
+    torch.manual_seed(0)
+    method = build_method(cfg, 1, (0.5,), (0.25,))
+    opt = torch.optim.SGD(method.encoder_parameters(), lr=0.1)
+    copt = torch.optim.SGD(method.critic.parameters(), lr=0.2) if method.critic is not None else None
+    sam_cfg = method.sam_config()
+    sam = SAM(method.encoder_parameters(), sam_cfg.rho, sam_cfg.mode == "asam") if sam_cfg.mode != "off" else None
+    ctx = StepContext(method, opt, copt, sam, sam_cfg.terms, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    return method, ctx
+
+
+def test_encoder_step_does_not_touch_the_critic():
+    method, ctx = _gbrcl()
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    x = images.float() / 255
+    before = [p.detach().clone() for p in method.critic.parameters()]
+    terms = ctx.encoder_step(lambda only: method.loss_terms(x, x, x.flip(-1), only),
+                             {"benign": 2.0, "adversarial": 1.0, "divergence": 0.1})
+    assert set(terms) == {"benign", "adversarial", "divergence"}
+    assert all(p.grad is None for p in method.critic.parameters())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, method.critic.parameters()))
+
+
+def test_gbrcl_step_attack_stays_in_ball_and_updates_both_optimisers():
+    method, ctx = _gbrcl()
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    enc_before = [p.detach().clone() for p in method.encoder_parameters()]
+    critic_before = [p.detach().clone() for p in method.critic.parameters()]
+    stats = method.training_step(images, ctx)
+    assert {"benign", "adversarial", "divergence", "critic_loss", "critic_acc"} <= set(stats)
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(enc_before, method.encoder_parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(critic_before, method.critic.parameters()))
+    # the attack itself: eval mode, inside the eps ball of the weak view
+    q = torch.rand(8, 1, 16, 16)
+    p = torch.rand(8, 1, 16, 16)
+    q_adv = method.attack(p, q, ctx)
+    assert (q_adv - q).abs().max() <= method.cfg.attack.eps + 1e-6
+    assert method.training  # evaluating() restored train mode
+
+
+def test_attack_runs_in_eval_mode_without_parameter_gradients():
+    method, ctx = _gbrcl()
+    modes, flags = [], []
+    original = method.embed
+
+    def spy(x, branch):
+        modes.append(method.training)
+        flags.append(torch.is_grad_enabled() and any(p.requires_grad for p in method.parameters()))
+        return original(x, branch)
+
+    method.embed = spy  # type: ignore[method-assign]
+    method.attack(torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16), ctx)
+    assert modes and not any(modes) and not any(flags)
+
+
+def test_benign_weight_zero_drops_the_benign_term_and_no_critic_without_weight():
+    method, ctx = _gbrcl("method.benign_weight=0", "method.critic.enabled=false", "method.sam.mode=off")
+    assert method.critic is None
+    x = torch.rand(6, 1, 16, 16)
+    terms = method.loss_terms(x, x, x, None)
+    assert set(terms) == {"adversarial"}
+
+
+def test_four_step_order_regenerates_the_adversarial_view():
+    method, ctx = _gbrcl("method.critic.order=4")
+    calls = []
+    original = method.attack
+    method.attack = lambda p, q, c: calls.append(1) or original(p, q, c)  # type: ignore[method-assign]
+    method.training_step(torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8), ctx)
+    assert len(calls) == 2
