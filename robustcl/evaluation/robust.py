@@ -66,12 +66,17 @@ def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, a
 
 def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
                      eps_values: list[float], batch_size: int = 500, seed: int = 0,
-                     autocast: Autocast = _no_autocast) -> list[dict[str, float]]:
-    """PGD accuracy at each eps (step size scaled as alpha/eps of `attack`); eps=0 is clean accuracy."""
+                     autocast: Autocast = _no_autocast, known: dict[float, float] | None = None) -> list[dict[str, float]]:
+    """PGD accuracy at each eps (step size scaled as alpha/eps of `attack`); eps=0 is clean accuracy.
+
+    `known` maps eps values already measured with this very attack to their accuracy (not redone).
+    """
     ratio = attack.alpha / attack.eps if attack.eps > 0 else 0.25
     out = []
     for eps in eps_values:
-        if eps == 0:
+        if known is not None and eps in known:
+            acc = known[eps]
+        elif eps == 0:
             acc = accuracy(model, images, labels, batch_size, autocast)
         else:
             cfg = AttackConfig(eps=eps, alpha=ratio * eps, steps=attack.steps, random_start=attack.random_start)

@@ -38,6 +38,8 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, A
         raise RunError(f"{run.root} has no fitted heads; run `robustcl finetune --run {run.root}` first")
     encoder, meta = read_encoder(run.encoder)
     encoder.to(device).eval().requires_grad_(False)
+    if cfg.train.channels_last:
+        encoder.to(memory_format=torch.channels_last)
     images, labels, subset = test_subset(cfg)
     autocast = autocast_factory(device, cfg.eval.precision)
     a, e = cfg.eval.attack, cfg.eval
@@ -52,7 +54,8 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, A
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         clean = accuracy(model, images, labels, e.batch_size, autocast)
         robust = {attack_name(a.steps, a.eps): pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast)}
-        curve = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast)
+        known = {0.0: clean, a.eps: robust[attack_name(a.steps, a.eps)]}
+        curve = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
         per_protocol[protocol] = {
             "protocol": protocol, "branch": saved["branch"], "clean_acc": clean, "robust": robust,
             "eps_curve": curve, "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"],
