@@ -147,7 +147,8 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 512
-    train_limit: int | None = None     # train heads on at most N training images (ALF cost)
+    train_limit: int | None = None     # train heads on at most N training images
+    alf_train_limit: int | None = None  # ALF only: at most N images (each costs a PGD attack per epoch)
     val_limit: int = 1000              # validation images used for epoch selection
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 0.007, 10))
 
@@ -156,6 +157,9 @@ class FinetuneConfig:
         _check(self.lr > 0, "finetune.lr", self.lr, "must be > 0")
         _check(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "must be >= 1")
         _check(self.val_limit >= 1, "finetune.val_limit", self.val_limit, "must be >= 1")
+        for key in ("train_limit", "alf_train_limit"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"finetune.{key}", value, "must be >= 1 or null")
         _check(len(self.protocols) > 0, "finetune.protocols", self.protocols, "must name at least one of slf, alf")
         self.attack.validate("finetune.attack")
 
@@ -380,6 +384,10 @@ def from_mapping(data: dict[str, Any]) -> Config:
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset name or YAML path, apply `key=value` overrides, validate."""
     data = _resolve_extends(name_or_path)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "method.name" and value.strip() != str((data.get("method") or {}).get("name")):
+            data["method"] = {}  # another method: the preset's method settings do not apply to it
     for item in overrides:
         apply_override(data, item)
     return from_mapping(data)

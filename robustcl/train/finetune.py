@@ -87,6 +87,8 @@ def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     f = cfg.finetune
     model = BranchModel(encoder, head, branch).eval()
     images, labels = train
+    if f.alf_train_limit is not None:
+        images, labels = images[: f.alf_train_limit], labels[: f.alf_train_limit]
     opt = _make_optimizer(head, cfg)
     steps_per_epoch = math.ceil(len(images) / f.batch_size)
     total, step = f.epochs * steps_per_epoch, 0
@@ -136,6 +138,8 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
         torch.set_num_threads(cfg.train.threads)
     encoder, meta = read_encoder(run.encoder)
     encoder.to(device).eval().requires_grad_(False)
+    if cfg.train.channels_last:
+        encoder.to(memory_format=torch.channels_last)
     branch = resolve_branch(cfg.finetune.branch, meta)
     data = load_split(cfg, "train")
     train_idx, val_idx = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
