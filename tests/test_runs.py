@@ -124,3 +124,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     state = _final_state(run)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_simclr_smoke_run_reads_through_the_benign_branch(tmp_path):
+    out = tmp_path / "simclr"
+    assert main(["run", "--config", "smoke", "--out", str(out), "--quiet", "method.name=simclr",
+                 "finetune.protocols=[slf]"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "simclr" and results["branch"] == "benign"
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["critic_optimizer"] is None and state["sam"] is None
+    assert not any(".adversarial." in k for k in state["model"])  # a single-BN encoder
+
+
+def test_overwrite_replaces_the_old_run(tmp_path):
+    out = tmp_path / "r"
+    assert main(["run", "--config", "smoke", "--out", str(out), "--quiet", "finetune.protocols=[slf]"]) == 0
+    assert (out / "heads" / "slf.pt").is_file()
+    assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "heads").exists() and not (out / "results.json").exists()
