@@ -707,3 +707,14 @@ def test_fetch_synthetic_and_bad_name(capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0 and "nothing to fetch" in out
     with pytest.raises(SystemExit):
         fetch.main(["imagenet"])
+
+
+def test_safe_extract_never_touches_outside_dest_even_without_member_checks(tmp_path: Path, monkeypatch) -> None:
+    # With the member check disabled, an absolute member must still not let extraction replace '/'.
+    monkeypatch.setattr(resolve, "_check_member", lambda member, tar_path: None)
+    tar_path = tmp_path / "evil.tar.gz"
+    _evil_tar(tar_path, "absolute")
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError, match="unsafe member"):
+        resolve.safe_extract(tar_path, dest)
+    assert Path("/usr").is_dir()

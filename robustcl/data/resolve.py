@@ -107,6 +107,10 @@ def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
         placed = []
         for top in tops:
             target = dest / top
+            if target.parent.resolve() != dest.resolve() or top in ("", ".", "..", "/"):
+                # Defence in depth: never replace anything but a direct child of dest (a top of '/'
+                # would otherwise make the replacement below delete the filesystem root).
+                raise DataError(f"unsafe member {top!r} in tarball {tar_path}; refusing to extract")
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             elif target.exists() or target.is_symlink():
