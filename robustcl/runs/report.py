@@ -1,0 +1,93 @@
+"""report.md and plots/*.png for one run or a comparison of runs (matplotlib, headless)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from robustcl.runs.rundir import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
+
+LOSS_KEYS_SKIP = {"phase", "step", "epoch", "lr", "images_per_s"}
+
+
+def _save(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_loss_terms(runs: Sequence[tuple[str, RunDir]], path: Path) -> None:
+    """One panel per logged phase-1 term (loss terms, critic accuracy), a line per run."""
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for label, run in runs:
+        for record in run.iter_metrics("pretrain"):
+            for key, value in record.items():
+                if key not in LOSS_KEYS_SKIP and isinstance(value, (int, float)):
+                    xs, ys = series.setdefault(key, {}).setdefault(label, ([], []))
+                    xs.append(record["step"])
+                    ys.append(value)
+    if not series:
+        return
+    keys = sorted(series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, (xs, ys) in series[key].items():
+            ax.plot(xs, ys, label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_eps_curves(entries: Sequence[tuple[str, list[dict[str, float]]]], path: Path, eps_mark: float) -> None:
+    """Robust accuracy against eps, a line per (run, protocol)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, curve in entries:
+        ax.plot([c["eps"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o", label=label)
+    ax.axvline(eps_mark, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("L-inf eps (pixel scale)")
+    ax.set_ylabel("PGD accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def results_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table: one row per (run, protocol) with branch, clean and robust accuracy."""
+    lines = ["| run | method | protocol | branch | clean acc (%) | robust acc (%) | attack | best epoch (val) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, results in rows:
+        for protocol, r in results.get("protocols", {}).items():
+            for attack, acc in r["robust"].items():
+                lines.append(f"| {label} | {results['method']} | {protocol.upper()} | {r['branch']} | "
+                             f"{100 * r['clean_acc']:.2f} | {100 * acc:.2f} | {attack} | "
+                             f"{r['best_epoch']} ({r['selected_on']}) |")
+    return "\n".join(lines)
+
+
+def write_report(run: RunDir, title: str | None = None) -> Path:
+    """report.md for one run from its results.json and metrics.jsonl, with plots."""
+    results = run.read_results()
+    plot_loss_terms([(run.root.name, run)], run.plots / "loss_terms.png")
+    curves = [(f"{p.upper()} ({r['branch']})", r["eps_curve"]) for p, r in results.get("protocols", {}).items()]
+    if curves:
+        plot_eps_curves(curves, run.plots / "robust_vs_eps.png", results["attack"]["eps"])
+    text = [f"# {title or run.root.name}", "",
+            f"Evaluated on {results.get('eval_subset', '?')}; attack: {describe_attack(results)}.",
+            f"{results.get('branch_note', '')}; epochs selected on a validation split held out from the training data.",
+            "", results_table([(run.root.name, results)]), "",
+            "![loss terms](plots/loss_terms.png)", "", "![robust accuracy vs eps](plots/robust_vs_eps.png)", ""]
+    atomic_write_text(run.report, "\n".join(text))
+    return run.report
+
+
+def describe_attack(results: dict[str, Any]) -> str:
+    a = results.get("attack", {})
+    return (f"{a.get('type')}-{a.get('steps')} {a.get('norm')}, eps {a.get('eps', 0):.4g}, step {a.get('alpha', 0):.4g}, "
+            f"random start {a.get('random_start')}, {a.get('precision')}")
