@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from robustcl.config import ConfigError
+from robustcl.methods.acl import Acl
+from robustcl.methods.advcl import Advcl
 from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext
+from robustcl.methods.clae import Clae
 from robustcl.methods.gbrcl import Gbrcl
+from robustcl.methods.rocl import Rocl
 from robustcl.methods.simclr import Simclr
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Gbrcl, Simclr)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Gbrcl, Simclr, Acl, Rocl, Clae, Advcl)}
 
 
 def method_class(name: str) -> type[Method]:

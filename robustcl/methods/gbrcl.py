@@ -6,7 +6,13 @@ One step, as in the paper:
   2. critic:  one step of D on L_D = 1/2 [BCE(D(z_b(q)), 1) + BCE(D(z_a(q')), 0)]
   3. encoder: minimise lambda_b NCE(z_b(p), z_b(q)) + NCE(z_b(p), z_a(q')) - lambda_D L_D
   4. with SAM/ASAM on the benign term (its gradient taken at theta + e).
-The 4-step order regenerates q' after the critic step.
+The 4-step order regenerates q' after the critic step. Branches: p and q through the benign BN
+branch, q' through the adversarial one.
+
+Switches for the ablations: `divergence` (js | kl | reverse_kl | pearson | hellinger) replaces the
+BCE terms by the f-GAN bound of that divergence (objectives/divergences.py; js is the BCE form:
+the critic minimises L_D - log 2, the encoder's "divergence" term is log 2 - L_D, the attack term
+log 2 + log(1 - D)); `attack_view` (weak | strong) picks the augmentation of q, the attacked view.
 """
 from __future__ import annotations
 
@@ -15,43 +21,27 @@ from typing import Literal
 
 import torch
 
-from robustcl.config import AttackConfig, ConfigError
-from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext, Terms
-from robustcl.objectives import critic_loss, divergence_attack_term, info_nce, pgd
-from robustcl.objectives.critic import critic_accuracy
-from robustcl.views import strong_view, weak_view
+from robustcl.config import AttackConfig
+from robustcl.methods.base import Method, SamConfig, StepContext, Terms
+from robustcl.methods.components import (CriticConfig, OursConfig, critic_attack_term, critic_update,
+                                         divergence_term, draw_view, eval_pgd, fixed_embedding, ours_weights,
+                                         uses_critic)
+from robustcl.objectives import info_nce
+
+__all__ = ["CriticConfig", "Gbrcl", "GbrclConfig"]
 
 
 @dataclass
-class CriticConfig:
-    """The critic D: on/off, weight lambda_D, its SGD optimiser, in the attack or not, step order."""
-    enabled: bool = True
-    weight: float = 0.1
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    in_attack: bool = True
-    order: Literal[3, 4] = 3
-
-    def validate(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"config value method.critic.weight={self.weight!r} must be >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"config value method.critic.lr={self.lr!r} must be > 0")
-
-
-@dataclass
-class GbrclConfig(MethodConfig):
+class GbrclConfig(OursConfig):
     name: str = "gbrcl"
     benign_weight: float = 2.0
-    attack: AttackConfig = field(default_factory=AttackConfig)
     sam: SamConfig = field(default_factory=lambda: SamConfig("asam", 1.0, ("benign",)))
     critic: CriticConfig = field(default_factory=CriticConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    attack_view: Literal["weak", "strong"] = "weak"
 
     def validate(self) -> None:
         super().validate()
-        if self.benign_weight < 0:
-            raise ConfigError(f"config value method.benign_weight={self.benign_weight!r} must be >= 0")
         self.attack.validate("method.attack")
 
 
@@ -64,38 +54,25 @@ class Gbrcl(Method):
 
     @classmethod
     def wants_critic(cls, cfg: GbrclConfig) -> bool:  # type: ignore[override]
-        return cfg.critic.enabled and cfg.critic.weight > 0
+        return uses_critic(cfg)
 
     def attack(self, p: torch.Tensor, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Step 1: PGD on q in eval mode, parameters frozen, against the fixed target z_b(p)."""
-        a, c = self.cfg.attack, self.cfg.critic
-        use_critic = self.critic is not None and c.in_attack
-        with self.evaluating(), torch.no_grad(), ctx.autocast():
-            target = self.embed(p, "benign")
+        target = fixed_embedding(self, p, "benign", ctx)
 
         def objective(x: torch.Tensor) -> torch.Tensor:
-            with ctx.autocast():
-                z = self.embed(x, "adversarial")
-                value = info_nce(target, z, self.cfg.temperature)
-                if use_critic:
-                    value = value + c.weight * divergence_attack_term(self.critic(z))
-            return value
+            z = self.embed(x, "adversarial")
+            return info_nce(target, z, self.cfg.temperature) + critic_attack_term(self, z)
 
-        with self.evaluating():
-            return pgd(objective, q, a.eps, a.alpha, a.steps, a.random_start, ctx.generator, modules=[self])
+        return eval_pgd(self, objective, q, self.cfg.attack, ctx)
 
     def critic_update(self, q: torch.Tensor, q_adv: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Step 2: one optimiser step of D on detached eval-mode features of q and q'."""
-        with self.evaluating(), torch.no_grad(), ctx.autocast():
-            z_b, z_a = self.embed(q, "benign"), self.embed(q_adv, "adversarial")
-        logits_b, logits_a = self.critic(z_b.float()), self.critic(z_a.float())
-        loss = critic_loss(logits_b, logits_a)
-        ctx.critic_step(loss)
-        return {"critic_loss": loss.detach(), "critic_acc": critic_accuracy(logits_b, logits_a).detach()}
+        return critic_update(self, q, q_adv, ctx)
 
     def loss_terms(self, p: torch.Tensor, q: torch.Tensor, q_adv: torch.Tensor,
                    only: tuple[str, ...] | None = None) -> Terms:
-        """Step 3's named terms: benign NCE, adversarial NCE, and -L_D (the divergence term)."""
+        """Step 3's named terms: benign NCE, adversarial NCE, and the divergence bound (js: log 2 - L_D)."""
         want = lambda name: only is None or name in only  # noqa: E731
         tau, terms = self.cfg.temperature, {}
         need_benign = want("benign") and self.cfg.benign_weight > 0
@@ -112,19 +89,18 @@ class Gbrcl(Method):
             if want("divergence") and self.critic is not None:
                 if not need_benign:
                     z_q = self.embed(q, "benign")
-                terms["divergence"] = -critic_loss(self.critic(z_q), self.critic(z_adv))
+                terms["divergence"] = divergence_term(self, z_q, z_adv)
         return terms
 
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        p = ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
-        q = ctx.prepare(weak_view(images, ctx.generator, ctx.weak))
+        p = draw_view("strong", images, ctx)
+        q = draw_view(self.cfg.attack_view, images, ctx)
         q_adv = self.attack(p, q, ctx)                                   # 1. attack
         stats: dict[str, torch.Tensor] = {}
         if self.critic is not None:
             stats = self.critic_update(q, q_adv, ctx)                    # 2. critic step
             if self.cfg.critic.order == 4:
                 q_adv = self.attack(p, q, ctx)                           #    4-step: new q'
-        weights = {"benign": self.cfg.benign_weight, "adversarial": 1.0,
-                   "divergence": self.cfg.critic.weight}
+        weights = ours_weights(self.cfg, {"adversarial": 1.0})
         terms = ctx.encoder_step(lambda only: self.loss_terms(p, q, q_adv, only), weights)  # 3 + 4. SAM
         return {**terms, **stats}

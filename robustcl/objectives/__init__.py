@@ -1,16 +1,22 @@
 """Loss terms, attacks and optimiser pieces shared by every method."""
 from robustcl.objectives.attacks import fgsm_rs, frozen_parameters, pgd
 from robustcl.objectives.critic import critic_loss, divergence_attack_term
-from robustcl.objectives.infonce import gather_with_grad, info_nce
+from robustcl.objectives.divergences import DIVERGENCES, Divergence, f_divergence_attack_term, f_divergence_bound
+from robustcl.objectives.infonce import gather_with_grad, info_nce, multi_positive_nce
 from robustcl.objectives.sam import SAM
 
 __all__ = [
+    "DIVERGENCES",
+    "Divergence",
     "SAM",
     "critic_loss",
     "divergence_attack_term",
+    "f_divergence_attack_term",
+    "f_divergence_bound",
     "fgsm_rs",
     "frozen_parameters",
     "gather_with_grad",
     "info_nce",
+    "multi_positive_nce",
     "pgd",
 ]

@@ -53,3 +53,38 @@ def info_nce(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.5,
     logits = logits.masked_fill(F.one_hot(rows, 2 * n).bool(), float("-inf"))
     loss = F.cross_entropy(logits, positives, reduction="sum") / (2 * n_local)
     return loss
+
+
+def multi_positive_nce(views: list[torch.Tensor] | tuple[torch.Tensor, ...], temperature: float = 0.5,
+                       gather: Gather | None = None) -> torch.Tensor:
+    """NT-Xent with V views per image (SupCon's "out" form): every other view of a row's image is a positive.
+
+    Rows are the V*N stacked embeddings; for row i with positives P(i) (the V-1 other views of its
+    image) the loss is mean_{p in P(i)} -log( exp(s_ip/tau) / sum_{k != i} exp(s_ik/tau) ),
+    averaged over all rows. With V = 2 it equals `info_nce`. `gather` works as in `info_nce`.
+    """
+    views = list(views)
+    if len(views) < 2 or any(v.dim() != 2 or v.shape != views[0].shape for v in views):
+        shapes = [tuple(v.shape) for v in views]
+        raise ValueError(f"multi_positive_nce needs >= 2 (N, d) tensors of equal shape, got {shapes}")
+    zs = [F.normalize(v.float(), dim=1) for v in views]
+    n_views, n_local = len(zs), zs[0].shape[0]
+    offset = 0
+    if gather is not None:
+        key_views = [gather(z) for z in zs]
+        if dist.is_available() and dist.is_initialized():
+            offset = dist.get_rank() * n_local
+    else:
+        key_views = zs
+    n = key_views[0].shape[0]
+    keys, queries = torch.cat(key_views), torch.cat(zs)             # (V n, d), (V N_local, d)
+    logits = queries @ keys.T / temperature
+    local = torch.arange(n_local, device=queries.device) + offset
+    rows = torch.cat([local + a * n for a in range(n_views)])      # each query's own index in keys
+    self_mask = F.one_hot(rows, n_views * n).bool()
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    key_image = torch.arange(n, device=queries.device).repeat(n_views)
+    positive = (local.repeat(n_views)[:, None] == key_image[None, :]) & ~self_mask
+    per_row = log_prob.masked_fill(~positive, 0.0).sum(1) / (n_views - 1)
+    return -per_row.mean()

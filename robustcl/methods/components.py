@@ -1,0 +1,115 @@
+"""Pieces several methods share: the paper's additions ("ours", SPEC 2) and the PGD-in-eval-mode helper.
+
+The additions are a benign InfoNCE term with weight lambda_b, SAM/ASAM on named terms, and a critic D
+that estimates an f-divergence between benign and adversarial features (JS by default, where it is
+the BCE critic of SPEC 2). gbrcl has them on by default; advcl accepts them as optional config, so
+"AdvCL + ours" is a preset, not another file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from robustcl.config import AttackConfig, ConfigError
+from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext
+from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, pgd
+from robustcl.objectives.divergences import f_critic_accuracy
+from robustcl.views import strong_view, weak_view
+
+
+@dataclass
+class CriticConfig:
+    """The critic D: on/off, weight lambda_D, its SGD optimiser, in the attack or not, step order."""
+    enabled: bool = True
+    weight: float = 0.1
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    in_attack: bool = True
+    order: Literal[3, 4] = 3
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"config value method.critic.weight={self.weight!r} must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"config value method.critic.lr={self.lr!r} must be > 0")
+
+
+@dataclass
+class OursConfig(MethodConfig):
+    """The paper's additions, all off by default: benign weight, SAM section, critic and its divergence."""
+    benign_weight: float = 0.0
+    sam: SamConfig = field(default_factory=SamConfig)
+    critic: CriticConfig = field(default_factory=lambda: CriticConfig(enabled=False))
+    divergence: Divergence = "js"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.benign_weight < 0:
+            raise ConfigError(f"config value method.benign_weight={self.benign_weight!r} must be >= 0")
+
+
+def uses_critic(cfg: OursConfig) -> bool:
+    """Whether the config needs a critic D (enabled with a positive weight)."""
+    return cfg.critic.enabled and cfg.critic.weight > 0
+
+
+def ours_weights(cfg: OursConfig, main: dict[str, float]) -> dict[str, float]:
+    """Loss weights: the method's own terms plus lambda_b for "benign" and lambda_D for "divergence"."""
+    return {**main, "benign": cfg.benign_weight, "divergence": cfg.critic.weight}
+
+
+def critic_attack_term(method: Method, z_adv: torch.Tensor) -> torch.Tensor | float:
+    """lambda_D * the divergence's attack term on D(z_a(x')) when the critic is in the attack, else 0."""
+    cfg: OursConfig = method.cfg  # type: ignore[assignment]
+    if method.critic is None or not cfg.critic.in_attack:
+        return 0.0
+    return cfg.critic.weight * f_divergence_attack_term(cfg.divergence, method.critic(z_adv))
+
+
+def critic_update(method: Method, x_benign: torch.Tensor, x_adv: torch.Tensor,
+                  ctx: StepContext) -> dict[str, torch.Tensor]:
+    """One optimiser step of D maximising the divergence bound on detached eval-mode z_b(x), z_a(x')."""
+    cfg: OursConfig = method.cfg  # type: ignore[assignment]
+    assert method.critic is not None
+    with method.evaluating(), torch.no_grad(), ctx.autocast():
+        z_b, z_a = method.embed(x_benign, "benign"), method.embed(x_adv, "adversarial")
+    logits_b, logits_a = method.critic(z_b.float()), method.critic(z_a.float())
+    loss = -f_divergence_bound(cfg.divergence, logits_b, logits_a)  # js: L_D - log 2
+    ctx.critic_step(loss)
+    return {"critic_loss": loss.detach(),
+            "critic_acc": f_critic_accuracy(cfg.divergence, logits_b, logits_a).detach()}
+
+
+def divergence_term(method: Method, z_benign: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
+    """The encoder's "divergence" term: the critic's bound on D_f(benign || adversarial) (js: log 2 - L_D)."""
+    cfg: OursConfig = method.cfg  # type: ignore[assignment]
+    assert method.critic is not None
+    return f_divergence_bound(cfg.divergence, method.critic(z_benign), method.critic(z_adv))
+
+
+def fixed_embedding(method: Method, x: torch.Tensor, branch: str, ctx: StepContext) -> torch.Tensor:
+    """g(f_branch(x)) in eval mode without gradients: an attack's fixed target."""
+    with method.evaluating(), torch.no_grad(), ctx.autocast():
+        return method.embed(x, branch)  # type: ignore[arg-type]
+
+
+def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             attack: AttackConfig, ctx: StepContext) -> torch.Tensor:
+    """PGD maximising `objective` (run under autocast) from x, in eval mode with parameters frozen."""
+    def wrapped(x_adv: torch.Tensor) -> torch.Tensor:
+        with ctx.autocast():
+            return objective(x_adv)
+
+    with method.evaluating():
+        return pgd(wrapped, x, attack.eps, attack.alpha, attack.steps, attack.random_start, ctx.generator,
+                   modules=[method])
+
+
+def draw_view(kind: Literal["strong", "weak"], images: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """The strong (SimCLR) or weak (pad-crop-flip) view of a uint8 batch, from the run's generator."""
+    if kind == "strong":
+        return ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
+    return ctx.prepare(weak_view(images, ctx.generator, ctx.weak))
