@@ -169,6 +169,7 @@ class EvalConfig:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 20))
     eps_curve: tuple[float, ...] = ()  # extra eps values for the robustness curve (PGD, same steps)
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
+    subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
     batch_size: int = 500
     precision: Literal["fp32", "bf16"] = "fp32"  # fp32 by default: attacks in low precision can under-report
 
@@ -177,6 +178,57 @@ class EvalConfig:
         _check(all(e >= 0 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, "must be >= 0")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Phase-1 health checks every `every` optimiser steps on the held-out validation split (0: off).
+
+    Measures cosine k-NN accuracy (exp(cos/knn_temperature)-weighted votes of the k nearest bank
+    features), the same under a `attack_steps`-step PGD feature attack (eps: the method's attack eps,
+    else `eps`), and the critic's benign-vs-adversarial accuracy. Warning rules and thresholds:
+    critic_high for critic_high_checks checks (D overfits), within critic_chance for the first
+    critic_chance_checks checks (D not learning), a loss term above loss_rise x its minimum or
+    non-decreasing over loss_rising_checks checks once loss_warmup_checks have passed (diverging),
+    robust k-NN below (1 - robust_drop) x its best or below robust_floor x chance while clean k-NN is
+    above clean_floor x chance (catastrophic overfitting). See robustcl/train/diagnostics.py.
+    """
+    every: int = 0                      # optimiser steps between checks (and one at the end); 0 disables
+    k: int = 20
+    knn_temperature: float = 0.07       # vote weight exp(cos / T) (Wu et al. 2018)
+    bank: int = 2000                    # feature-bank images (validation split)
+    queries: int = 500                  # query images (validation split, disjoint from the bank)
+    attack_batch: int = 128             # queries attacked for the robust k-NN and the critic check
+    attack_steps: int = 3
+    eps: float = 8 / 255                # used only when the method has no attack of its own
+    critic_high: float = 0.95
+    critic_high_checks: int = 2
+    critic_chance: tuple[float, float] = (0.45, 0.55)
+    critic_chance_checks: int = 3
+    loss_rise: float = 1.5
+    loss_warmup_checks: int = 3
+    loss_rising_checks: int = 6
+    loss_ignore: tuple[str, ...] = ("divergence", "critic_loss", "critic_acc")  # min-max game terms, not minimised
+    robust_drop: float = 0.5
+    robust_floor: float = 1.5           # x chance
+    clean_floor: float = 3.0            # x chance
+
+    def validate(self) -> None:
+        for key in ("every", "loss_warmup_checks"):
+            _check(getattr(self, key) >= 0, f"diagnostics.{key}", getattr(self, key), "must be >= 0")
+        for key in ("k", "bank", "queries", "attack_batch", "attack_steps", "critic_high_checks",
+                    "critic_chance_checks"):
+            _check(getattr(self, key) >= 1, f"diagnostics.{key}", getattr(self, key), "must be >= 1")
+        _check(self.knn_temperature > 0, "diagnostics.knn_temperature", self.knn_temperature, "must be > 0")
+        _check(self.eps >= 0, "diagnostics.eps", self.eps, "must be >= 0")
+        _check(0 < self.critic_high <= 1, "diagnostics.critic_high", self.critic_high, "must be in (0, 1]")
+        lo, hi = self.critic_chance
+        _check(0 <= lo <= hi <= 1, "diagnostics.critic_chance", self.critic_chance, "must satisfy 0 <= low <= high <= 1")
+        _check(self.loss_rise > 1, "diagnostics.loss_rise", self.loss_rise, "must be > 1")
+        _check(self.loss_rising_checks >= 2, "diagnostics.loss_rising_checks", self.loss_rising_checks, "must be >= 2")
+        _check(0 < self.robust_drop < 1, "diagnostics.robust_drop", self.robust_drop, "must be in (0, 1)")
+        for key in ("robust_floor", "clean_floor"):
+            _check(getattr(self, key) > 0, f"diagnostics.{key}", getattr(self, key), "must be > 0")
 
 
 @dataclass
@@ -190,6 +242,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (tuples as lists) for YAML/JSON."""

@@ -24,8 +24,10 @@ def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
     test = load_split(cfg, "test")
     if cfg.eval.limit is None or cfg.eval.limit >= len(test):
         return test.images, test.labels, f"full test set ({len(test)} images)"
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 104_729))[: cfg.eval.limit]
-    return test.images[idx], test.labels[idx], f"random subset of {cfg.eval.limit} of {len(test)} test images (seed {cfg.seed})"
+    gen = torch.Generator().manual_seed(cfg.eval.subset_seed + 104_729)
+    idx = torch.randperm(len(test), generator=gen)[: cfg.eval.limit]
+    return (test.images[idx], test.labels[idx],
+            f"random subset of {cfg.eval.limit} of {len(test)} test images (subset seed {cfg.eval.subset_seed})")
 
 
 def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, Any]:

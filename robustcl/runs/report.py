@@ -45,6 +45,54 @@ def plot_loss_terms(runs: Sequence[tuple[str, RunDir]], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_diagnostics(runs: Sequence[tuple[str, RunDir]], path: Path) -> bool:
+    """k-NN clean / robust accuracy and critic accuracy against step (phase-1 diagnostics); False if none."""
+    panels = {"k-NN accuracy (validation)": ("knn_clean", "knn_robust"),
+              "critic accuracy (validation)": ("critic_acc",)}
+    records = [(label, list(run.iter_metrics("diagnostics"))) for label, run in runs]
+    if not any(rs for _, rs in records):
+        return False
+    present = {k for _, rs in records for r in rs for k in r}
+    shown = {title: keys for title, keys in panels.items() if present & set(keys)}
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], shown.items()):
+        for label, rs in records:
+            for key in keys:
+                points = [(r["step"], 100 * r[key]) for r in rs if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), marker=".", label=f"{label} {key}" if len(runs) > 1 else key)
+        if "knn_clean" in keys and records[0][1]:
+            ax.axhline(100 * records[0][1][-1].get("chance", 0), color="grey", lw=0.8, ls="--", label="chance")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def diagnostics_section(run: RunDir) -> list[str]:
+    """report.md lines for the phase-1 diagnostics (empty when the run logged none)."""
+    records = list(run.iter_metrics("diagnostics"))
+    if not records:
+        return []
+    last = records[-1]
+    critic = f", critic {100 * last['critic_acc']:.1f}%" if last.get("critic_acc") is not None else ""
+    lines = ["## Diagnostics", "",
+             f"k-NN (cosine, k={last.get('k')}, exp(cos/T)-weighted votes) of {last.get('branch')}-branch encoder "
+             f"features on held-out validation images ({last.get('n_bank')} bank, {last.get('n_queries')} queries, "
+             f"{last.get('n_attack')} attacked by feature-space PGD at eps {last.get('eps', 0):.4g}); "
+             f"{len(records)} checks. At step {last['step']}: clean {100 * last['knn_clean']:.1f}%, "
+             f"robust {100 * last['knn_robust']:.1f}%{critic}.", "", "![diagnostics](plots/diagnostics.png)", ""]
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for r in records:
+        for w in r.get("warnings", []):
+            groups.setdefault(w.split(": ", 1)[0], []).append((r["step"], w))
+    lines += [f"- {len(g)} check(s), steps {g[0][0]}-{g[-1][0]}; latest: {g[-1][1]}" for g in groups.values()]
+    return lines + ([""] if groups else ["No warnings.", ""])
+
+
 def plot_eps_curves(entries: Sequence[tuple[str, list[dict[str, float]]]], path: Path, eps_mark: float) -> None:
     """Robust accuracy against eps, a line per (run, protocol)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -83,6 +131,8 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
             f"{results.get('branch_note', '')}; epochs selected on a validation split held out from the training data.",
             "", results_table([(run.root.name, results)]), "",
             "![loss terms](plots/loss_terms.png)", "", "![robust accuracy vs eps](plots/robust_vs_eps.png)", ""]
+    if plot_diagnostics([(run.root.name, run)], run.plots / "diagnostics.png"):
+        text += diagnostics_section(run)
     atomic_write_text(run.report, "\n".join(text))
     return run.report
 

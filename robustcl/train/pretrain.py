@@ -17,6 +17,7 @@ from robustcl.methods import Method, StepContext
 from robustcl.objectives import SAM
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.train.common import autocast_factory, build_method, load_split, resolve_device, train_val_indices
+from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.views import StrongViewConfig, WeakViewConfig
 
 
@@ -50,7 +51,7 @@ class Pretrainer:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
         data = load_split(cfg, "train")
-        train_idx, _ = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
+        train_idx, val_idx = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
         if cfg.data.train_limit is not None:
             train_idx = train_idx[: cfg.data.train_limit]
         self.images = data.images[train_idx].to(self.device)
@@ -84,6 +85,9 @@ class Pretrainer:
                                                        blur_sigma=v.strong.blur_sigma),
                                weak=WeakViewConfig(padding=v.weak.padding, flip_p=v.weak.flip_p),
                                channels_last=t.channels_last)
+        self.diagnostics = (Diagnostics(cfg, self.method, data.images[val_idx], data.labels[val_idx],
+                                        data.info.num_classes, self.device, self.ctx.autocast, self.ctx.prepare)
+                            if cfg.diagnostics.every > 0 else None)  # held-out labels: measured, never trained on
         self.step = 0
 
     # ------------------------------------------------------------------ state
@@ -126,6 +130,9 @@ class Pretrainer:
         state = torch.load(self.run.checkpoint, map_location=self.device, weights_only=True)
         self.load_state_dict(state)
         self.run.truncate_metrics(self.step)
+        drop_after(self.run, self.step)
+        if self.diagnostics is not None:
+            self.diagnostics.restore(self.run.read_metrics())
 
     # ------------------------------------------------------------------ loop
     def batch(self, step: int) -> torch.Tensor:
@@ -169,6 +176,10 @@ class Pretrainer:
                               "lr": lr, "images_per_s": ips, **last})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
                 sums, count, window_start = {}, 0, now
+            if self.diagnostics is not None and self.diagnostics.due(self.step, self.total_steps):
+                record = self.diagnostics.check(self.step, last)
+                self.run.log(record)
+                window_start += record["seconds"]  # images_per_s keeps measuring training alone
             if self.step % t.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                 self.save_checkpoint()
         bar.close()
