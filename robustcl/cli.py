@@ -1,4 +1,4 @@
-"""The `robustcl` command line: pretrain, finetune, evaluate, run, demo, configs, data."""
+"""The `robustcl` command line: pretrain, finetune, evaluate, run, sweep, demo, configs, data."""
 from __future__ import annotations
 
 import argparse
@@ -86,9 +86,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
+    from robustcl.sweep import list_sweeps
+
     for name, description in list_presets().items():
         print(f"{name:24s} {description}")
+    print("\nsweep specs (robustcl sweep --spec NAME):")
+    for name, description in list_sweeps().items():
+        print(f"{name:24s} {description}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A list or grid of configs, pretrain -> finetune -> evaluate each, one comparison table."""
+    from robustcl.sweep import format_plan, plan_sweep, run_sweep
+
+    if args.dry_run:
+        print(format_plan(plan_sweep(args.spec, args.out, args.overrides, args.overwrite, args.seeds)))
+        return 0
+    try:
+        outcome = run_sweep(args.spec, args.out, args.overrides, args.overwrite, progress=not args.quiet,
+                            seeds=args.seeds)
+    except KeyboardInterrupt:
+        print("robustcl: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+    for name, message in outcome.failed.items():
+        print(f"robustcl: run {name} failed: {message}", file=sys.stderr)
+    print(f"summary: {outcome.summary}")
+    return 1 if outcome.failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -135,7 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("configs", help="list the shipped presets")
+    p = sub.add_parser("sweep", help="a list or grid of configs x seeds, end to end, with one comparison table")
+    p.add_argument("--spec", required=True, help="shipped sweep spec name (robustcl configs) or YAML path")
+    p.add_argument("--out", help="sweep directory (default runs/sweeps/<spec name>)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (name, config, overrides, status) and exit")
+    p.add_argument("--overwrite", action="store_true", help="redo every run, finished ones included")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run instead of the spec's list (e.g. --seeds 0)")
+    add_common(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("configs", help="list the shipped presets and sweep specs")
     p.set_defaults(fn=cmd_configs)
 
     p = sub.add_parser("demo", help="gbrcl vs simclr on Fashion-MNIST, end to end, with a report")
