@@ -62,6 +62,13 @@ class StrongViewSection:
         _check(0 < lo <= hi <= 1, "views.strong.crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
         for key in ("flip_p", "jitter_p", "gray_p", "blur_p"):
             _check(0 <= getattr(self, key) <= 1, f"views.strong.{key}", getattr(self, key), "must be a probability in [0, 1]")
+        from robustcl.views import StrongViewConfig
+
+        try:
+            StrongViewConfig(crop_scale=self.crop_scale, flip_p=self.flip_p, jitter=self.jitter, jitter_p=self.jitter_p,
+                             gray_p=self.gray_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma)
+        except ValueError as exc:
+            raise ConfigError(f"config section views.strong: {exc}") from None
 
 
 @dataclass
@@ -90,6 +97,7 @@ class ModelConfig:
     def validate(self) -> None:
         _check(self.proj_dim > 0, "model.proj_dim", self.proj_dim, "must be > 0")
         _check(len(self.widths) > 0 and min(self.widths) > 0, "model.widths", self.widths, "must be positive widths")
+        _check(self.critic_hidden >= 0, "model.critic_hidden", self.critic_hidden, "must be >= 0 (0: a linear critic)")
 
 
 @dataclass
@@ -131,6 +139,9 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.warmup_epochs < self.epochs or self.max_steps is not None, "train.warmup_epochs",
+               self.warmup_epochs, f"must be below train.epochs={self.epochs}")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -155,6 +166,10 @@ class FinetuneConfig:
     def validate(self) -> None:
         _check(self.epochs >= 1, "finetune.epochs", self.epochs, "must be >= 1")
         _check(self.lr > 0, "finetune.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "finetune.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(set(self.protocols)) == len(self.protocols), "finetune.protocols", self.protocols,
+               "must not repeat a protocol")
         _check(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "must be >= 1")
         _check(self.val_limit >= 1, "finetune.val_limit", self.val_limit, "must be >= 1")
         for key in ("train_limit", "alf_train_limit"):
@@ -175,6 +190,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         self.attack.validate("eval.attack")
+        _check(self.attack.eps > 0, "eval.attack.eps", self.attack.eps, "must be > 0 (eps 0 is clean accuracy)")
         _check(all(e >= 0 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, "must be >= 0")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
@@ -431,6 +447,8 @@ def from_mapping(data: dict[str, Any]) -> Config:
         raise ConfigError("config needs method.name (e.g. method.name=gbrcl); see `robustcl configs`")
     cfg = build(Config, data)
     cfg.method = build(method_config_class(str(method["name"])), method, "method")
+    _check(cfg.data.val_size >= 1 or not (cfg.finetune.protocols or cfg.diagnostics.every), "data.val_size",
+           cfg.data.val_size, "must be >= 1: phase-2 epoch selection and diagnostics use the held-out split")
     return cfg
 
 
@@ -444,6 +462,27 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for item in overrides:
         apply_override(data, item)
     return from_mapping(data)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "", ignore: tuple[str, ...] = ()) -> str | None:
+    """The first dotted key where two plain mappings differ, as 'key: old -> new' (None when equal).
+
+    Keys equal to or under an entry of `ignore` (e.g. 'train.device', 'eval') are skipped.
+    """
+    if prefix and any(prefix == k or prefix.startswith(k + ".") for k in ignore):
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key), ignore)
+            if found:
+                return found
+        return None
+    return None if a == b else f"{prefix}: {a!r} -> {b!r}"
+
+
+# Settings that do not change what phase 1 computes: a resumed run may change these.
+PHASE1_FREE = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
+               "diagnostics", "finetune", "eval")
 
 
 def dump_yaml(cfg: Config) -> str:

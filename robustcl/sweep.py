@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from robustcl.config import Config, ConfigError, build, dump_yaml, load_config
+from robustcl.config import Config, ConfigError, build, dump_yaml, first_difference, load_config
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
 SWEEP_PACKAGE = "robustcl.presets"
@@ -242,17 +242,6 @@ def _config_ref(ref: str, folder: Path | None) -> str:
     return ref
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The first dotted key where two plain mappings differ (None when equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
-            if found:
-                return found
-        return None
-    return None if a == b else f"{prefix}: {a!r} -> {b!r}"
-
-
 def _is_finished(run: RunDir, cfg: Config) -> bool:
     """results.json exists and covers every protocol the config fine-tunes."""
     results = run.read_results()
@@ -269,7 +258,7 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
     if overwrite:
         return "new"
     stored = yaml.safe_load(run.config.read_text()) or {}
-    diff = _first_difference(stored, yaml.safe_load(dump_yaml(cfg)))
+    diff = first_difference(stored, yaml.safe_load(dump_yaml(cfg)))
     if diff:
         return f"conflict: {run.root} was made with another config ({diff}); pass --overwrite to redo it or choose another --out"
     if _is_finished(run, cfg):

@@ -8,9 +8,9 @@ import torch
 
 from robustcl import load_encoder
 from robustcl.cli import main
-from robustcl.config import load_config
+from robustcl.config import dump_yaml, load_config
 from robustcl.methods.gbrcl import Gbrcl
-from robustcl.runs import RunDir
+from robustcl.runs import RunDir, RunError
 from robustcl.train.pretrain import NonFiniteLoss, pretrain
 
 
@@ -143,3 +143,37 @@ def test_overwrite_replaces_the_old_run(tmp_path):
     assert (out / "heads" / "slf.pt").is_file()
     assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert not (out / "heads").exists() and not (out / "results.json").exists()
+
+
+def test_resume_refuses_a_changed_phase1_setting_but_allows_operational_ones(tmp_path, monkeypatch):
+    cfg = load_config("smoke", ["train.max_steps=4", "train.checkpoint_every=2"])
+    run = RunDir(tmp_path / "r")
+    original = Gbrcl.training_step
+    calls = {"n": 0}
+
+    def dying(self, images, ctx):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, images, ctx)
+
+    monkeypatch.setattr(Gbrcl, "training_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, run, progress=False)
+    monkeypatch.setattr(Gbrcl, "training_step", original)
+    changed = load_config("smoke", ["train.max_steps=4", "train.checkpoint_every=2", "method.benign_weight=0.5"])
+    with pytest.raises(RunError, match=r"changed phase-1 setting \(method.benign_weight: 2.0 -> 0.5\)"):
+        pretrain(changed, run, resume=True, progress=False)
+    allowed = load_config("smoke", ["train.max_steps=4", "train.checkpoint_every=2", "eval.limit=32"])
+    pretrain(allowed, run, resume=True, progress=False)
+    assert load_config(str(run.config)).eval.limit == 32
+
+
+def test_demo_refuses_to_reuse_a_run_made_with_other_settings(tmp_path):
+    from robustcl.demo import run_demo
+
+    out = tmp_path / "demo"
+    (out / "gbrcl").mkdir(parents=True)
+    (out / "gbrcl" / "config.yaml").write_text(dump_yaml(load_config("fmnist-gbrcl", ["train.max_steps=7"])))
+    with pytest.raises(RunError, match=r"other settings \(train.max_steps: 7 -> 300\)"):
+        run_demo(out, progress=False)

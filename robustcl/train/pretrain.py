@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from robustcl.config import Config, dump_yaml
+from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference
 from robustcl.export import export_encoder
 from robustcl.methods import Method, StepContext
 from robustcl.objectives import SAM
-from robustcl.runs import RunDir, RunError, save_torch_atomic
+from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.train.common import autocast_factory, build_method, load_split, resolve_device, train_val_indices
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.views import StrongViewConfig, WeakViewConfig
@@ -126,8 +126,12 @@ class Pretrainer:
         save_torch_atomic(self.state_dict(), self.run.checkpoint)
 
     def resume(self) -> None:
-        """Load checkpoints/last.pt and drop metrics logged after it."""
+        """Load checkpoints/last.pt (refusing a config that changes phase 1) and drop later metrics."""
         state = torch.load(self.run.checkpoint, map_location=self.device, weights_only=True)
+        changed = first_difference(state["config"], self.cfg.to_dict(), ignore=PHASE1_FREE)
+        if changed:
+            raise RunError(f"cannot resume {self.run.root} with a changed phase-1 setting ({changed}); "
+                           "resume without it, or start a new run (--out) or --overwrite")
         self.load_state_dict(state)
         self.run.truncate_metrics(self.step)
         drop_after(self.run, self.step)
@@ -202,4 +206,5 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
     trainer = Pretrainer(cfg, run)
     if resuming:
         trainer.resume()
+        atomic_write_text(run.config, dump_yaml(cfg))  # only PHASE1_FREE settings can differ here
     return trainer.fit(progress)
