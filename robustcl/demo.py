@@ -8,9 +8,11 @@ from typing import Sequence
 
 import torch
 
-from robustcl.config import load_config
+import yaml
+
+from robustcl.config import dump_yaml, first_difference, load_config
 from robustcl.evaluation.run_eval import evaluate_run
-from robustcl.runs import RunDir, atomic_write_text
+from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.runs.report import describe_attack, plot_eps_curves, plot_loss_terms, results_table
 from robustcl.train.finetune import finetune
 from robustcl.train.pretrain import pretrain
@@ -32,6 +34,11 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
     for preset in DEMO_PRESETS:
         cfg = load_config(preset, list(overrides))
         run = RunDir(out / cfg.method.name)
+        if run.config.is_file() and not overwrite:
+            changed = first_difference(yaml.safe_load(run.config.read_text()), yaml.safe_load(dump_yaml(cfg)))
+            if changed:
+                raise RunError(f"{run.root} holds a run with other settings ({changed}); "
+                               "pass --overwrite to redo it or choose another --out")
         t0 = time.perf_counter()
         if overwrite or not _complete(run, cfg.finetune.protocols):
             resume = not overwrite and run.checkpoint.is_file()
