@@ -67,3 +67,19 @@ def test_unknown_preset_lists_the_known_ones():
 def test_missing_yaml_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["method.benign_weight=0"], "method.sam.terms=['benign'] names a term that method.benign_weight=0 removes"),
+    (["method.critic.momentum=7"], "method.critic.momentum=7.0 must be in [0, 1)"),
+    (["train.min_lr=1.0"], "train.min_lr=1.0 must be in [0, train.lr=0.1]"),
+    (["finetune.protocols=[slf, slf]"], "must not repeat a protocol"),
+    (["model.critic_hidden=-3"], "model.critic_hidden=-3 must be >= 0"),
+    (["eval.attack.eps=0"], "eval.attack.eps=0.0 must be > 0"),
+    (["data.val_size=0"], "data.val_size=0 must be >= 1"),
+    (["views.strong.blur_sigma=[2.0, 0.1]"], "config section views.strong:"),
+])
+def test_impossible_values_are_rejected_at_load_time(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", override)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -147,3 +147,11 @@ def test_four_step_order_regenerates_the_adversarial_view():
     method.attack = lambda p, q, c: calls.append(1) or original(p, q, c)  # type: ignore[method-assign]
     method.training_step(torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8), ctx)
     assert len(calls) == 2
+
+
+def test_sam_on_terms_the_method_does_not_produce_is_a_clear_error():
+    from robustcl.config import ConfigError
+
+    method, ctx = _gbrcl("method.sam.terms=[nope]", "method.critic.enabled=false")
+    with pytest.raises(ConfigError, match=r"method.sam.terms=\['nope'\] names none of this method's loss terms"):
+        method.training_step(torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8), ctx)

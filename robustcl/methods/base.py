@@ -94,6 +94,9 @@ class StepContext:
                 weighted_sum(terms, weights).backward()
             else:
                 sharp_names = tuple(k for k in self.sam_terms if k in terms)
+                if not sharp_names:
+                    raise ConfigError(f"method.sam.terms={list(self.sam_terms)} names none of this method's loss "
+                                      f"terms ({', '.join(terms)}); name one of them or set method.sam.mode=off")
                 sharp = weighted_sum({k: terms[k] for k in sharp_names}, weights)
                 rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
                 grads = torch.autograd.grad(sharp, self.sam.params, retain_graph=rest.requires_grad,

@@ -35,6 +35,10 @@ class CriticConfig:
             raise ConfigError(f"config value method.critic.weight={self.weight!r} must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"config value method.critic.lr={self.lr!r} must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"config value method.critic.momentum={self.momentum!r} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config value method.critic.weight_decay={self.weight_decay!r} must be >= 0")
 
 
 @dataclass
@@ -49,6 +53,9 @@ class OursConfig(MethodConfig):
         super().validate()
         if self.benign_weight < 0:
             raise ConfigError(f"config value method.benign_weight={self.benign_weight!r} must be >= 0")
+        if self.sam.mode != "off" and self.benign_weight == 0 and set(self.sam.terms) <= {"benign"}:
+            raise ConfigError("config value method.sam.terms=['benign'] names a term that method.benign_weight=0 "
+                              "removes; set method.sam.mode=off or name other terms")
 
 
 def uses_critic(cfg: OursConfig) -> bool:
