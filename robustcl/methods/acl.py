@@ -22,10 +22,6 @@ class AclConfig(MethodConfig):
     name: str = "acl"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
 
-    def validate(self) -> None:
-        super().validate()
-        self.attack.validate("method.attack")
-
 
 class Acl(Method):
     """Dual-stream ACL: benign pair and jointly attacked pair, averaged."""

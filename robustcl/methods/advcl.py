@@ -53,7 +53,6 @@ class AdvclConfig(OursConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.attack.validate("method.attack")
         if self.hf_radius <= 0:
             raise ConfigError(f"config value method.hf_radius={self.hf_radius!r} must be > 0")
 

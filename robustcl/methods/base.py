@@ -44,6 +44,9 @@ class MethodConfig:
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"config value method.temperature={self.temperature!r} must be > 0")
+        attack = getattr(self, "attack", None)  # every attacking method's `attack` section
+        if isinstance(attack, AttackConfig):
+            attack.validate("method.attack")
 
 
 class StepContext:

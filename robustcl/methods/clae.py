@@ -27,7 +27,6 @@ class ClaeConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.attack.validate("method.attack")
         if self.adversarial_weight < 0:
             raise ConfigError(f"config value method.adversarial_weight={self.adversarial_weight!r} must be >= 0")
 

@@ -40,10 +40,6 @@ class GbrclConfig(OursConfig):
     attack: AttackConfig = field(default_factory=AttackConfig)
     attack_view: Literal["weak", "strong"] = "weak"
 
-    def validate(self) -> None:
-        super().validate()
-        self.attack.validate("method.attack")
-
 
 class Gbrcl(Method):
     """Adversarial contrastive learning with benign InfoNCE, SAM and a divergence critic."""

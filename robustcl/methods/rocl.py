@@ -28,7 +28,6 @@ class RoclConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.attack.validate("method.attack")
         if self.regularizer_weight < 0:
             raise ConfigError(f"config value method.regularizer_weight={self.regularizer_weight!r} must be >= 0")
 
