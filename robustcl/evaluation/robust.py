@@ -34,34 +34,39 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device
         yield x, labels[i:i + batch_size].to(device)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
-             autocast: Autocast = _no_autocast) -> float:
-    """Clean top-1 accuracy; the model must be in eval mode (asserted)."""
+Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, perturb: Perturb | None,
+                   batch_size: int = 500, autocast: Autocast = _no_autocast) -> float:
+    """Top-1 accuracy on perturb(x, y) (on x itself when None); the model must be in eval mode."""
     if model.training:
         raise RuntimeError("evaluation needs the model in eval mode (call model.eval())")
     device = next(model.parameters()).device
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # summed on device: one sync at the end
     for x, y in _batches(images, labels, batch_size, device):
-        with autocast():
-            correct += (model(x).argmax(1) == y).sum().item()
-    return correct / max(1, len(images))
+        if perturb is not None:
+            x = perturb(x, y)
+        with torch.no_grad(), autocast():
+            correct += (model(x).argmax(1) == y).sum()
+    return correct.item() / max(1, len(images))
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+             autocast: Autocast = _no_autocast) -> float:
+    """Clean top-1 accuracy (eval mode asserted)."""
+    return accuracy_under(model, images, labels, None, batch_size, autocast)
 
 
 def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
                  batch_size: int = 500, generator: torch.Generator | None = None,
                  autocast: Autocast = _no_autocast) -> float:
     """Accuracy under L-inf PGD on the cross-entropy (parameters frozen, eval mode)."""
-    if model.training:
-        raise RuntimeError("evaluation needs the model in eval mode (call model.eval())")
-    device = next(model.parameters()).device
-    correct = 0
-    for x, y in _batches(images, labels, batch_size, device):
-        x_adv = pgd(ce_objective(model, y, autocast), x, attack.eps, attack.alpha, attack.steps,
-                    attack.random_start, generator, modules=[model])
-        with torch.no_grad(), autocast():
-            correct += (model(x_adv).argmax(1) == y).sum().item()
-    return correct / max(1, len(images))
+    def perturb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pgd(ce_objective(model, y, autocast), x, attack.eps, attack.alpha, attack.steps,
+                   attack.random_start, generator, modules=[model])
+
+    return accuracy_under(model, images, labels, perturb, batch_size, autocast)
 
 
 def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
