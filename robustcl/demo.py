@@ -13,7 +13,8 @@ import yaml
 from robustcl.config import dump_yaml, first_difference, load_config
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.runs import RunDir, RunError, atomic_write_text
-from robustcl.runs.report import describe_attack, plot_eps_curves, plot_loss_terms, results_table
+from robustcl.runs.report import (describe_attack, integrity_lines, plot_eps_curves, plot_loss_terms,
+                                  results_table)
 from robustcl.train.finetune import finetune
 from robustcl.train.pretrain import pretrain
 
@@ -75,7 +76,9 @@ def write_demo_report(out: Path, runs: list[tuple[str, RunDir]], timings: dict[s
         "Each method is read through its headline BN branch (gbrcl: adversarial; SimCLR has only the benign one), "
         "the same branch for clean and robust accuracy. Linear-head epochs were selected on a validation split "
         "held out from the training data, never on the test set.", "",
-        results_table(results), "", "Robust-accuracy gap:", *gaps, "",
+        results_table(results), "", "Integrity checks (every evaluation):",
+        *[line for label, res in results for line in integrity_lines(label, res)], "",
+        "Robust-accuracy gap:", *gaps, "",
         "Wall time per method (pretrain + fine-tune + evaluate; 0 when a finished run was reused): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

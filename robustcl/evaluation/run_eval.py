@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from robustcl.config import Config
+from robustcl.evaluation.integrity import run_integrity_checks
 from robustcl.evaluation.robust import accuracy, pgd_accuracy, robustness_curve
 from robustcl.export import read_encoder
 from robustcl.models import BranchModel, LinearHead
@@ -58,10 +59,12 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, A
         robust = {attack_name(a.steps, a.eps): pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast)}
         known = {0.0: clean, a.eps: robust[attack_name(a.steps, a.eps)]}
         curve = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
+        integrity = run_integrity_checks(model, images, labels, a, clean, robust[attack_name(a.steps, a.eps)], curve,
+                                         head.out_features, e.batch_size, cfg.seed, autocast)
         per_protocol[protocol] = {
             "protocol": protocol, "branch": saved["branch"], "clean_acc": clean, "robust": robust,
             "eps_curve": curve, "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"],
-            "selected_on": saved["selected_on"], "seconds": time.perf_counter() - t0,
+            "selected_on": saved["selected_on"], "integrity": integrity, "seconds": time.perf_counter() - t0,
         }
     headline = per_protocol[protocols[0]]
     results = {
@@ -72,6 +75,7 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, A
         "attack": {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
                    "random_start": a.random_start, "loss": "cross-entropy", "precision": e.precision},
         "branch_note": "clean and robust accuracy are read through the same BN branch",
+        "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
         "protocols": per_protocol,
     }
     run.write_json(run.results, results)

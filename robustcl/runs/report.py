@@ -129,12 +129,28 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
     text = [f"# {title or run.root.name}", "",
             f"Evaluated on {results.get('eval_subset', '?')}; attack: {describe_attack(results)}.",
             f"{results.get('branch_note', '')}; epochs selected on a validation split held out from the training data.",
-            "", results_table([(run.root.name, results)]), "",
+            "", results_table([(run.root.name, results)]), "", *integrity_lines(run.root.name, results), "",
             "![loss terms](plots/loss_terms.png)", "", "![robust accuracy vs eps](plots/robust_vs_eps.png)", ""]
     if plot_diagnostics([(run.root.name, run)], run.plots / "diagnostics.png"):
         text += diagnostics_section(run)
     atomic_write_text(run.report, "\n".join(text))
     return run.report
+
+
+def integrity_lines(label: str, results: dict[str, Any]) -> list[str]:
+    """Report lines: a bold SUSPECT line per protocol whose integrity checks failed, else one pass line."""
+    lines = []
+    for protocol, r in results.get("protocols", {}).items():
+        integrity = r.get("integrity")
+        if integrity is None:
+            continue
+        if integrity["passed"]:
+            lines.append(f"- {label} {protocol.upper()}: integrity checks passed ({len(integrity['checks'])}: "
+                         + ", ".join(c["name"] for c in integrity["checks"]) + ")")
+        else:
+            failed = "; ".join(f"{c['name']}: {c['detail']}" for c in integrity["checks"] if not c["passed"])
+            lines.append(f"- **SUSPECT: {label} {protocol.upper()} failed integrity checks: {failed}**")
+    return lines
 
 
 def describe_attack(results: dict[str, Any]) -> str:

@@ -1,0 +1,100 @@
+"""Checks that catch evaluations which can fool you (gradient masking, train-mode BN, weak attacks).
+
+Run with every evaluation; a failed check marks the result as suspect in results.json and the
+report. Tolerances allow sampling noise: an attack with random starts can differ by a few images.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustcl.config import AttackConfig
+from robustcl.evaluation.robust import Autocast, _no_autocast, pgd_accuracy
+
+LARGE_EPS = 0.5  # half the pixel range: any honest classifier should fall to chance or below
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def noise_tolerance(n: int) -> float:
+    """Allowed slack between two attack runs on n images: 2 images or 1%, whichever is larger."""
+    return max(2.0 / max(n, 1), 0.01)
+
+
+def check_eps_zero(model: nn.Module, images, labels, clean: float, attack: AttackConfig, batch_size: int,
+                   autocast: Autocast) -> Check:
+    """PGD with eps = 0 must reproduce clean accuracy exactly (a deterministic model in eval mode)."""
+    zero = AttackConfig(eps=0.0, alpha=attack.alpha, steps=attack.steps, random_start=attack.random_start)
+    acc = pgd_accuracy(model, images, labels, zero, batch_size, autocast=autocast)
+    return Check("eps-zero-equals-clean", acc == clean, f"PGD at eps 0: {acc:.4f}, clean: {clean:.4f}")
+
+
+def check_monotone(values: list[tuple[float, float]], what: str, n: int) -> Check:
+    """Accuracy must not rise (beyond noise) as eps or attack strength grows; values are (x, acc)."""
+    tol = noise_tolerance(n)
+    rises = [(a, b) for (a, b) in zip(values, values[1:]) if b[1] > a[1] + tol]
+    detail = ", ".join(f"{x:g}: {acc:.3f}" for x, acc in values)
+    if rises:
+        (x0, a0), (x1, a1) = rises[0]
+        detail = f"accuracy rises from {a0:.3f} at {what} {x0:g} to {a1:.3f} at {x1:g} (tolerance {tol:.3f}); {detail}"
+    return Check(f"non-increasing-in-{what}", not rises, detail)
+
+
+def check_large_eps(model, images, labels, attack: AttackConfig, num_classes: int, batch_size: int,
+                    seed: int, autocast: Autocast) -> Check:
+    """At eps = 0.5 an honest classifier falls to chance or below; more means masked gradients."""
+    big = AttackConfig(eps=LARGE_EPS, alpha=LARGE_EPS * attack.alpha / attack.eps, steps=attack.steps,
+                       random_start=True)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    acc = pgd_accuracy(model, images, labels, big, batch_size, gen, autocast)
+    limit = 1.0 / num_classes + noise_tolerance(len(images)) + 0.05
+    return Check("large-eps-to-chance", acc <= limit,
+                 f"PGD-{attack.steps} at eps {LARGE_EPS}: {acc:.3f} (chance {1 / num_classes:.3f}, limit {limit:.3f})")
+
+
+@torch.no_grad()
+def check_batch_independence(model: nn.Module, images, autocast: Autocast, k: int = 8) -> Check:
+    """Eval mode, and each image's logits do not depend on the other images in its batch."""
+    if model.training:
+        return Check("eval-mode-batch-independent", False, "the model is in train mode")
+    device = next(model.parameters()).device
+    x = images[: max(2 * k, 2)].to(device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    with autocast():
+        together = model(x)[:k].float()
+        alone = model(x[:k]).float()
+    diff = (together - alone).abs().max().item()
+    ok = diff <= 1e-3 * max(1.0, together.abs().max().item())
+    return Check("eval-mode-batch-independent", ok, f"max logit change when batch-mates change: {diff:.2e}")
+
+
+def run_integrity_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
+                         clean: float, robust: float, curve: list[dict[str, float]], num_classes: int,
+                         batch_size: int = 500, seed: int = 0,
+                         autocast: Autocast = _no_autocast) -> dict[str, Any]:
+    """All checks for one evaluated model; returns {'passed', 'failed', 'checks'} for results.json."""
+    n = len(images)
+    weak = AttackConfig(eps=attack.eps, alpha=attack.alpha, steps=max(1, attack.steps // 4),
+                        random_start=attack.random_start)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    weak_acc = pgd_accuracy(model, images, labels, weak, batch_size, gen, autocast)
+    checks = [
+        check_batch_independence(model, images, autocast),
+        check_eps_zero(model, images, labels, clean, attack, batch_size, autocast),
+        check_monotone([(c["eps"], c["accuracy"]) for c in curve], "eps", n),
+        check_monotone([(0, clean), (weak.steps, weak_acc), (attack.steps, robust)], "steps", n),
+        check_large_eps(model, images, labels, attack, num_classes, batch_size, seed, autocast),
+    ]
+    failed = [c.name for c in checks if not c.passed]
+    return {"passed": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
+
+
+__all__ = ["Check", "run_integrity_checks"]
