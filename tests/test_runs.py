@@ -181,3 +181,11 @@ def test_demo_refuses_to_reuse_a_run_made_with_other_settings(tmp_path):
     (out / "gbrcl" / "config.yaml").write_text(dump_yaml(load_config("fmnist-gbrcl", ["train.max_steps=7"])))
     with pytest.raises(RunError, match=r"other settings \(train.max_steps: 7 -> 300\)"):
         run_demo(out, progress=False)
+
+
+def test_a_run_that_cannot_start_leaves_no_directory_behind(tmp_path, capsys):
+    out = tmp_path / "missing-data"
+    assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", "data.name=fashion-mnist",
+                 f"data.root={tmp_path / 'empty'}"]) == 2
+    assert "fashion-mnist not found in root" in capsys.readouterr().err
+    assert not out.exists()

@@ -200,10 +200,10 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
 
     Returns None when the run's phase 1 had already finished (nothing to do).
     """
-    resuming = run.prepare(dump_yaml(cfg), resume, overwrite)
-    if resuming and run.pretrain_done.is_file() and run.encoder.is_file():
+    if resume and run.pretrain_done.is_file() and run.encoder.is_file():
         return None
-    trainer = Pretrainer(cfg, run)
+    trainer = Pretrainer(cfg, run)  # reads the data and builds the model: bad input fails before any write
+    resuming = run.prepare(dump_yaml(cfg), resume, overwrite)
     if resuming:
         trainer.resume()
         atomic_write_text(run.config, dump_yaml(cfg))  # only PHASE1_FREE settings can differ here
