@@ -54,7 +54,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     run = RunDir(args.run)
     cfg = _run_config(run.root, args.overrides)
-    out = finetune(cfg, run, tuple(args.protocol) if args.protocol else None, progress=not args.quiet)
+    out = finetune(cfg, run, tuple(args.protocol) if args.protocol else None, progress=not args.quiet,
+                   overwrite=args.overwrite)
     for protocol, record in out.items():
         print(f"{protocol.upper()} ({record['branch']} branch): best epoch {record['best_epoch']}, "
               f"{record['selected_on']} {100 * record['val_acc']:.2f}%; head at {run.head(protocol)}")
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cmd_pretrain(args)
     cfg = load_config(args.config, args.overrides) if not args.resume else _run_config(Path(args.out), args.overrides)
     run_dir = args.out or str(Path("runs") / cfg.name)
-    ns = argparse.Namespace(run=run_dir, overrides=[], protocol=None, quiet=args.quiet)
+    ns = argparse.Namespace(run=run_dir, overrides=[], protocol=None, quiet=args.quiet, overwrite=True)
     cmd_finetune(ns)
     return cmd_evaluate(ns)
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="phase 2: fit SLF/ALF linear heads on a run's frozen encoder")
     p.add_argument("--run", required=True, help="run directory written by pretrain")
     p.add_argument("--protocol", nargs="+", choices=["slf", "alf"], help="protocols (default: finetune.protocols)")
+    p.add_argument("--overwrite", action="store_true", help="refit heads that already exist")
     add_common(p)
     p.set_defaults(fn=cmd_finetune)
 

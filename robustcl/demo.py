@@ -44,7 +44,7 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
         if overwrite or not _complete(run, cfg.finetune.protocols):
             resume = not overwrite and run.checkpoint.is_file()
             pretrain(cfg, run, resume=resume, overwrite=overwrite or not resume, progress=progress)
-            finetune(cfg, run, progress=progress)
+            finetune(cfg, run, progress=progress, overwrite=True)  # this flow owns the run
             evaluate_run(cfg, run, progress=progress)
         timings[cfg.method.name] = time.perf_counter() - t0
         runs.append((cfg.method.name, run))

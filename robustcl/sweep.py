@@ -343,7 +343,7 @@ def execute_run(planned: PlannedRun, progress: bool) -> None:
     resume = planned.status == "resume"
     redo = not resume and run.root.exists() and any(run.root.iterdir())  # checked: our run, unfinished or --overwrite
     pretrain(cfg, run, resume=resume, overwrite=redo, progress=progress)
-    finetune(cfg, run, progress=progress)
+    finetune(cfg, run, progress=progress, overwrite=True)  # this flow owns the run
     evaluate_run(cfg, run, progress=progress)
     write_report(run)
 

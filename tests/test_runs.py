@@ -189,3 +189,12 @@ def test_a_run_that_cannot_start_leaves_no_directory_behind(tmp_path, capsys):
                  f"data.root={tmp_path / 'empty'}"]) == 2
     assert "fashion-mnist not found in root" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_finetune_does_not_refit_existing_heads_unless_asked(smoke_run, capsys):
+    before = smoke_run.head("slf").read_bytes()
+    assert main(["finetune", "--run", str(smoke_run.root), "--quiet", "--protocol", "slf"]) == 2
+    assert "heads/slf.pt already exists; pass --overwrite" in capsys.readouterr().err
+    assert smoke_run.head("slf").read_bytes() == before
+    saved = torch.load(smoke_run.head("slf"), weights_only=True)
+    assert saved["finetune"]["epochs"] == 2

@@ -129,10 +129,17 @@ TRAINERS = {"slf": train_slf, "alf": train_alf}
 
 
 def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
-             progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Fit each protocol's head on the run's frozen encoder; heads saved to heads/<protocol>.pt."""
+             progress: bool = True, overwrite: bool = False) -> dict[str, dict[str, Any]]:
+    """Fit each protocol's head on the run's frozen encoder; heads saved to heads/<protocol>.pt.
+
+    An existing head is refitted only with `overwrite` (the CLI's --overwrite).
+    """
     if not run.encoder.is_file():
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first (or --resume it)")
+    fitted = [p for p in (protocols or cfg.finetune.protocols) if run.head(p).is_file()]
+    if fitted and not overwrite:
+        raise RunError(f"{run.head(fitted[0])} already exists; pass --overwrite to refit "
+                       f"{', '.join(fitted)} or choose other --protocol values")
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -160,7 +167,8 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
         best = TRAINERS[protocol](encoder, head, branch, train, val, cfg, device, autocast, gen, run.log, progress)
         record = {"protocol": protocol, "branch": branch, "best_epoch": best["epoch"], "val_acc": best["val_acc"],
                   "selected_on": "validation " + ("clean accuracy" if protocol == "slf" else "PGD accuracy"),
-                  "n_train": len(train[0]), "n_val": len(val[0]), "seconds": time.perf_counter() - t0}
+                  "n_train": len(train[0]), "n_val": len(val[0]), "seconds": time.perf_counter() - t0,
+                  "finetune": cfg.to_dict()["finetune"]}  # the settings this head was fitted with
         save_torch_atomic({"head": best["state"], **record}, run.head(protocol))
         out[protocol] = record
     return out
