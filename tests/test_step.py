@@ -144,7 +144,7 @@ def test_four_step_order_regenerates_the_adversarial_view():
     method, ctx = _gbrcl("method.critic.order=4")
     calls = []
     original = method.attack
-    method.attack = lambda p, q, c: calls.append(1) or original(p, q, c)  # type: ignore[method-assign]
+    method.attack = lambda p, q, c, target=None: calls.append(1) or original(p, q, c, target)  # type: ignore[method-assign]
     method.training_step(torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8), ctx)
     assert len(calls) == 2
 

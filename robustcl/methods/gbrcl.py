@@ -52,9 +52,14 @@ class Gbrcl(Method):
     def wants_critic(cls, cfg: GbrclConfig) -> bool:  # type: ignore[override]
         return uses_critic(cfg)
 
-    def attack(self, p: torch.Tensor, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """Step 1: PGD on q in eval mode, parameters frozen, against the fixed target z_b(p)."""
-        target = fixed_embedding(self, p, "benign", ctx)
+    def attack(self, p: torch.Tensor, q: torch.Tensor, ctx: StepContext,
+               target: torch.Tensor | None = None) -> torch.Tensor:
+        """Step 1: PGD on q in eval mode, parameters frozen, against the fixed target z_b(p).
+
+        `target` is z_b(p) in eval mode when the caller already has it (the 4-step order attacks twice).
+        """
+        if target is None:
+            target = fixed_embedding(self, p, "benign", ctx)
 
         def objective(x: torch.Tensor) -> torch.Tensor:
             z = self.embed(x, "adversarial")
@@ -72,31 +77,34 @@ class Gbrcl(Method):
         want = lambda name: only is None or name in only  # noqa: E731
         tau, terms = self.cfg.temperature, {}
         need_benign = want("benign") and self.cfg.benign_weight > 0
-        if need_benign:  # one benign-branch forward for p and q (BN statistics over both views)
+        need_divergence = want("divergence") and self.critic is not None
+        need_p, need_q = need_benign or want("adversarial"), need_benign or need_divergence
+        if need_p and need_q:  # one benign-branch forward: BN statistics (and their update) over both views
             z_p, z_q = self.embed(torch.cat([p, q]), "benign").chunk(2)
-        elif want("adversarial"):
+        elif need_p:
             z_p = self.embed(p, "benign")
+        elif need_q:
+            z_q = self.embed(q, "benign")
         if need_benign:
             terms["benign"] = info_nce(z_p, z_q, tau)
-        if want("adversarial") or want("divergence"):
+        if want("adversarial") or need_divergence:
             z_adv = self.embed(q_adv, "adversarial")
             if want("adversarial"):
                 terms["adversarial"] = info_nce(z_p, z_adv, tau)
-            if want("divergence") and self.critic is not None:
-                if not need_benign:
-                    z_q = self.embed(q, "benign")
+            if need_divergence:
                 terms["divergence"] = divergence_term(self, z_q, z_adv)
         return terms
 
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         p = draw_view("strong", images, ctx)
         q = draw_view(self.cfg.attack_view, images, ctx)
-        q_adv = self.attack(p, q, ctx)                                   # 1. attack
+        target = fixed_embedding(self, p, "benign", ctx)
+        q_adv = self.attack(p, q, ctx, target)                           # 1. attack
         stats: dict[str, torch.Tensor] = {}
         if self.critic is not None:
             stats = self.critic_update(q, q_adv, ctx)                    # 2. critic step
             if self.cfg.critic.order == 4:
-                q_adv = self.attack(p, q, ctx)                           #    4-step: new q'
+                q_adv = self.attack(p, q, ctx, target)                   #    4-step: new q'
         weights = ours_weights(self.cfg, {"adversarial": 1.0})
         terms = ctx.encoder_step(lambda only: self.loss_terms(p, q, q_adv, only), weights)  # 3 + 4. SAM
         return {**terms, **stats}
