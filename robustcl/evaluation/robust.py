@@ -27,6 +27,21 @@ def ce_objective(model: nn.Module, labels: torch.Tensor, autocast: Autocast = _n
     return objective
 
 
+def cw_margin_objective(model: nn.Module, labels: torch.Tensor, autocast: Autocast = _no_autocast):
+    """x -> summed Carlini-Wagner margin max_{j != y} z_j - z_y (positive iff misclassified).
+
+    Unlike cross-entropy it does not saturate on confident predictions, so it still finds
+    adversarial examples where a softmax's gradient vanishes.
+    """
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            logits = model(x).float()
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+        return (other - true).sum()
+    return objective
+
+
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device)

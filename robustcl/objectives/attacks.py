@@ -65,3 +65,42 @@ def fgsm_rs(objective: Objective, x: torch.Tensor, eps: float, alpha: float | No
             generator: torch.Generator | None = None, modules: Iterable[nn.Module] = ()) -> torch.Tensor:
     """FGSM with random start (Wong et al. 2020): one PGD step of size alpha (default 1.25 eps)."""
     return pgd(objective, x, eps, 1.25 * eps if alpha is None else alpha, 1, True, generator, modules)
+
+
+def _l2_normalise(v: torch.Tensor) -> torch.Tensor:
+    """Each sample of v scaled to unit L2 norm (zero stays zero)."""
+    norms = v.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return v / norms.view(-1, *([1] * (v.dim() - 1)))
+
+
+def _project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip each sample's perturbation to the L2 ball of radius eps, then to the image box [0, 1]."""
+    delta = x_adv - x
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (eps / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta * factor).clamp_(0.0, 1.0)
+
+
+def pgd_l2(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: int,
+           random_start: bool = True, generator: torch.Generator | None = None,
+           modules: Iterable[nn.Module] = ()) -> torch.Tensor:
+    """L2 PGD: x' <- Proj_{||x'-x||_2 <= eps}(x' + alpha * g / ||g||_2), parameters of `modules` frozen.
+
+    The random start is uniform in direction with a radius drawn uniformly in [0, eps].
+    """
+    if eps < 0 or alpha < 0 or steps < 0:
+        raise ValueError(f"pgd_l2 needs eps, alpha, steps >= 0, got eps={eps}, alpha={alpha}, steps={steps}")
+    x = x.detach()
+    x_adv = x.clone()
+    if random_start and eps > 0:
+        direction = _l2_normalise(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype) * eps
+        x_adv = (x + direction * radius.view(-1, *([1] * (x.dim() - 1)))).clamp_(0.0, 1.0)
+    if eps == 0 or steps == 0:
+        return x_adv
+    with frozen_parameters(*modules), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+            x_adv = _project_l2(x_adv.detach() + alpha * _l2_normalise(grad), x, eps)
+    return x_adv
