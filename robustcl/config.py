@@ -182,6 +182,10 @@ class FinetuneConfig:
 @dataclass
 class EvalConfig:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 20))
+    # attacks reported in results.json's `robust` map: PGD (cross-entropy, L-inf, `attack`), CW (the
+    # margin loss, same budget), PGD-L2 (budget `l2`); the eps curve and integrity checks use PGD
+    attacks: tuple[Literal["pgd", "cw", "pgd-l2"], ...] = ("pgd",)
+    l2: AttackConfig = field(default_factory=lambda: AttackConfig(0.5, 0.0625, 20))
     eps_curve: tuple[float, ...] = ()  # extra eps values for the robustness curve (PGD, same steps)
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
     subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
@@ -190,6 +194,9 @@ class EvalConfig:
 
     def validate(self) -> None:
         self.attack.validate("eval.attack")
+        self.l2.validate("eval.l2")
+        _check("pgd" in self.attacks, "eval.attacks", self.attacks, "must include pgd (the curve and checks use it)")
+        _check(len(set(self.attacks)) == len(self.attacks), "eval.attacks", self.attacks, "must not repeat an attack")
         _check(self.attack.eps > 0, "eval.attack.eps", self.attack.eps, "must be > 0 (eps 0 is clean accuracy)")
         _check(all(e >= 0 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, "must be >= 0")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")

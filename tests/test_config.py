@@ -83,3 +83,8 @@ def test_impossible_values_are_rejected_at_load_time(override, message):
     with pytest.raises(ConfigError) as info:
         load_config("smoke", override)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_eval_attacks_must_include_pgd():
+    with pytest.raises(ConfigError, match="eval.attacks=.* must include pgd"):
+        load_config("smoke", ["eval.attacks=[cw]"])

@@ -198,3 +198,10 @@ def test_finetune_does_not_refit_existing_heads_unless_asked(smoke_run, capsys):
     assert smoke_run.head("slf").read_bytes() == before
     saved = torch.load(smoke_run.head("slf"), weights_only=True)
     assert saved["finetune"]["epochs"] == 2
+
+
+def test_evaluate_reports_cw_and_l2_attacks_when_asked(smoke_run):
+    assert main(["evaluate", "--run", str(smoke_run.root), "--quiet", "eval.attacks=[pgd, cw, pgd-l2]"]) == 0
+    robust = json.loads(smoke_run.results.read_text())["robust"]
+    assert set(robust) == {"pgd3-linf-0.1", "cw3-linf-0.1", "pgd20-l2-0.5"}
+    assert all(0 <= v <= 1 for v in robust.values())

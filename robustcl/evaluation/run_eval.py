@@ -8,16 +8,34 @@ import torch
 
 from robustcl.config import Config
 from robustcl.evaluation.integrity import run_integrity_checks
-from robustcl.evaluation.robust import accuracy, pgd_accuracy, robustness_curve
+from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, cw_margin_objective,
+                                       pgd_accuracy, robustness_curve)
+from robustcl.objectives import pgd, pgd_l2
 from robustcl.export import read_encoder
 from robustcl.models import BranchModel, LinearHead
 from robustcl.runs import RunDir, RunError
 from robustcl.train.common import autocast_factory, load_split, resolve_device
 
 
-def attack_name(steps: int, eps: float) -> str:
-    """A stable key for results.json's `robust` map, e.g. pgd20-linf-0.1."""
-    return f"pgd{steps}-linf-{eps:.4g}"
+def attack_name(steps: int, eps: float, kind: str = "pgd", norm: str = "linf") -> str:
+    """A stable key for results.json's `robust` map, e.g. pgd20-linf-0.1, cw20-linf-0.1, pgd20-l2-0.5."""
+    return f"{kind}{steps}-{norm}-{eps:.4g}"
+
+
+def extra_attack(kind: str, model, images, labels, cfg: Config, gen, autocast) -> tuple[str, float]:
+    """Accuracy under the CW-margin L-inf attack or PGD-L2, keyed like attack_name."""
+    a, e = (cfg.eval.l2 if kind == "pgd-l2" else cfg.eval.attack), cfg.eval
+    if kind == "cw":
+        def perturb(x, y):
+            return pgd(cw_margin_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen,
+                       modules=[model])
+        return attack_name(a.steps, a.eps, "cw"), accuracy_under(model, images, labels, perturb, e.batch_size, autocast)
+
+    def perturb_l2(x, y):
+        return pgd_l2(ce_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen,
+                      modules=[model])
+    return attack_name(a.steps, a.eps, "pgd", "l2"), accuracy_under(model, images, labels, perturb_l2, e.batch_size,
+                                                                    autocast)
 
 
 def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -57,6 +75,10 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, A
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         clean = accuracy(model, images, labels, e.batch_size, autocast)
         robust = {attack_name(a.steps, a.eps): pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast)}
+        for kind in e.attacks:
+            if kind != "pgd":
+                key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
+                robust[key] = acc
         known = {0.0: clean, a.eps: robust[attack_name(a.steps, a.eps)]}
         curve = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
         integrity = run_integrity_checks(model, images, labels, a, clean, robust[attack_name(a.steps, a.eps)], curve,
