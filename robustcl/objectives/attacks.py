@@ -35,6 +35,22 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+def _check_budget(name: str, eps: float, alpha: float, steps: int) -> None:
+    if eps < 0 or alpha < 0 or steps < 0:
+        raise ValueError(f"{name} needs eps, alpha, steps >= 0, got eps={eps}, alpha={alpha}, steps={steps}")
+
+
+def _ascend(objective: Objective, x_adv: torch.Tensor, steps: int,
+            update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], modules: Iterable[nn.Module]) -> torch.Tensor:
+    """`steps` times x' <- update(x', grad objective(x')), with the parameters of `modules` frozen."""
+    with frozen_parameters(*modules), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+            x_adv = update(x_adv.detach(), grad)
+    return x_adv
+
+
 def pgd(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: int,
         random_start: bool = True, generator: torch.Generator | None = None,
         modules: Iterable[nn.Module] = ()) -> torch.Tensor:
@@ -43,8 +59,7 @@ def pgd(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: 
     Starts from x + U(-eps, eps) when `random_start` (clipped to [0, 1]). Parameters of `modules`
     are frozen while attacking. Returns a detached tensor inside the eps-ball and [0, 1].
     """
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError(f"pgd needs eps, alpha, steps >= 0, got eps={eps}, alpha={alpha}, steps={steps}")
+    _check_budget("pgd", eps, alpha, steps)
     x = x.detach()
     if random_start and eps > 0:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -53,12 +68,7 @@ def pgd(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: 
         x_adv = x.clone()
     if eps == 0 or steps == 0:
         return x_adv
-    with frozen_parameters(*modules), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
-            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
-    return x_adv
+    return _ascend(objective, x_adv, steps, lambda z, g: _project(z + alpha * g.sign(), x, eps), modules)
 
 
 def fgsm_rs(objective: Objective, x: torch.Tensor, eps: float, alpha: float | None = None,
@@ -88,8 +98,7 @@ def pgd_l2(objective: Objective, x: torch.Tensor, eps: float, alpha: float, step
 
     The random start is uniform in direction with a radius drawn uniformly in [0, eps].
     """
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError(f"pgd_l2 needs eps, alpha, steps >= 0, got eps={eps}, alpha={alpha}, steps={steps}")
+    _check_budget("pgd_l2", eps, alpha, steps)
     x = x.detach()
     x_adv = x.clone()
     if random_start and eps > 0:
@@ -98,9 +107,4 @@ def pgd_l2(objective: Objective, x: torch.Tensor, eps: float, alpha: float, step
         x_adv = (x + direction * radius.view(-1, *([1] * (x.dim() - 1)))).clamp_(0.0, 1.0)
     if eps == 0 or steps == 0:
         return x_adv
-    with frozen_parameters(*modules), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
-            x_adv = _project_l2(x_adv.detach() + alpha * _l2_normalise(grad), x, eps)
-    return x_adv
+    return _ascend(objective, x_adv, steps, lambda z, g: _project_l2(z + alpha * _l2_normalise(g), x, eps), modules)
