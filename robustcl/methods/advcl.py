@@ -20,8 +20,8 @@ import torch
 
 from robustcl.config import AttackConfig, ConfigError
 from robustcl.methods.base import Method, StepContext, Terms
-from robustcl.methods.components import (OursConfig, critic_attack_term, critic_update, divergence_term, draw_view,
-                                         eval_pgd, fixed_embedding, ours_weights, uses_critic)
+from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
+                                         fixed_embedding, ours_step, uses_critic)
 from robustcl.objectives import info_nce, multi_positive_nce
 
 
@@ -68,9 +68,15 @@ class Advcl(Method):
     def wants_critic(cls, cfg: AdvclConfig) -> bool:  # type: ignore[override]
         return uses_critic(cfg)
 
-    def attack(self, x: torch.Tensor, clean: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """PGD from x maximising the 4-view loss (+ the critic's term) against fixed z_b of clean = [p; q; HF(x)]."""
-        z_p, z_q, z_h = fixed_embedding(self, clean, "benign", ctx).chunk(3)
+    def attack(self, x: torch.Tensor, clean: torch.Tensor, ctx: StepContext,
+               targets: torch.Tensor | None = None) -> torch.Tensor:
+        """PGD from x maximising the 4-view loss (+ the critic's term) against fixed z_b of clean = [p; q; HF(x)].
+
+        `targets` is that fixed embedding when the caller already has it (the 4-step order attacks twice).
+        """
+        if targets is None:
+            targets = fixed_embedding(self, clean, "benign", ctx)
+        z_p, z_q, z_h = targets.chunk(3)
 
         def objective(x_adv: torch.Tensor) -> torch.Tensor:
             z = self.embed(x_adv, "adversarial")
@@ -100,12 +106,6 @@ class Advcl(Method):
         x = draw_view("weak", images, ctx)
         p, q = draw_view("strong", images, ctx), draw_view("strong", images, ctx)
         clean = ctx.prepare(torch.cat([p, q, high_frequency(x, self.cfg.hf_radius)]))
-        x_adv = self.attack(x, clean, ctx)
-        stats: dict[str, torch.Tensor] = {}
-        if self.critic is not None:
-            stats = critic_update(self, x, x_adv, ctx)
-            if self.cfg.critic.order == 4:
-                x_adv = self.attack(x, clean, ctx)
-        weights = ours_weights(self.cfg, {"contrastive": 1.0})
-        terms = ctx.encoder_step(lambda only: self.loss_terms(x, clean, x_adv, only), weights)
-        return {**terms, **stats}
+        targets = fixed_embedding(self, clean, "benign", ctx)
+        return ours_step(self, lambda: self.attack(x, clean, ctx, targets), x,
+                         lambda x_adv, only: self.loss_terms(x, clean, x_adv, only), {"contrastive": 1.0}, ctx)

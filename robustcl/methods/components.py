@@ -13,7 +13,7 @@ from typing import Callable, Literal
 import torch
 
 from robustcl.config import AttackConfig, ConfigError
-from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext
+from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext, Terms
 from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, pgd
 from robustcl.objectives.divergences import f_critic_accuracy
 from robustcl.views import strong_view, weak_view
@@ -95,6 +95,26 @@ def divergence_term(method: Method, z_benign: torch.Tensor, z_adv: torch.Tensor)
     cfg: OursConfig = method.cfg  # type: ignore[assignment]
     assert method.critic is not None
     return f_divergence_bound(cfg.divergence, method.critic(z_benign), method.critic(z_adv))
+
+
+def ours_step(method: Method, attack: Callable[[], torch.Tensor], x_benign: torch.Tensor,
+              terms_fn: Callable[[torch.Tensor, tuple[str, ...] | None], Terms], main_weights: dict[str, float],
+              ctx: StepContext) -> dict[str, torch.Tensor]:
+    """The paper's step order around any method's attack and loss terms (SPEC 2).
+
+    1. attack -> x'; 2. one critic step on (x_benign, x') if there is a critic (the 4-step order then
+    attacks again); 3 + 4. the encoder step on terms_fn(x', only) with lambda_b / lambda_D weights and
+    SAM on the configured terms.
+    """
+    cfg: OursConfig = method.cfg  # type: ignore[assignment]
+    x_adv = attack()                                                       # 1. attack
+    stats: dict[str, torch.Tensor] = {}
+    if method.critic is not None:
+        stats = critic_update(method, x_benign, x_adv, ctx)                # 2. critic step
+        if cfg.critic.order == 4:
+            x_adv = attack()                                               #    4-step: new x'
+    terms = ctx.encoder_step(lambda only: terms_fn(x_adv, only), ours_weights(cfg, main_weights))  # 3 + 4
+    return {**terms, **stats}
 
 
 def fixed_embedding(method: Method, x: torch.Tensor, branch: str, ctx: StepContext) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 
 from robustcl.config import AttackConfig
 from robustcl.methods.base import Method, SamConfig, StepContext, Terms
-from robustcl.methods.components import (CriticConfig, OursConfig, critic_attack_term, critic_update,
-                                         divergence_term, draw_view, eval_pgd, fixed_embedding, ours_weights,
+from robustcl.methods.components import (CriticConfig, OursConfig, critic_attack_term,
+                                         divergence_term, draw_view, eval_pgd, fixed_embedding, ours_step,
                                          uses_critic)
 from robustcl.objectives import info_nce
 
@@ -67,10 +67,6 @@ class Gbrcl(Method):
 
         return eval_pgd(self, objective, q, self.cfg.attack, ctx)
 
-    def critic_update(self, q: torch.Tensor, q_adv: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Step 2: one optimiser step of D on detached eval-mode features of q and q'."""
-        return critic_update(self, q, q_adv, ctx)
-
     def loss_terms(self, p: torch.Tensor, q: torch.Tensor, q_adv: torch.Tensor,
                    only: tuple[str, ...] | None = None) -> Terms:
         """Step 3's named terms: benign NCE, adversarial NCE, and the divergence bound (js: log 2 - L_D)."""
@@ -98,13 +94,7 @@ class Gbrcl(Method):
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         p = draw_view("strong", images, ctx)
         q = draw_view(self.cfg.attack_view, images, ctx)
-        target = fixed_embedding(self, p, "benign", ctx)
-        q_adv = self.attack(p, q, ctx, target)                           # 1. attack
-        stats: dict[str, torch.Tensor] = {}
-        if self.critic is not None:
-            stats = self.critic_update(q, q_adv, ctx)                    # 2. critic step
-            if self.cfg.critic.order == 4:
-                q_adv = self.attack(p, q, ctx, target)                   #    4-step: new q'
-        weights = ours_weights(self.cfg, {"adversarial": 1.0})
-        terms = ctx.encoder_step(lambda only: self.loss_terms(p, q, q_adv, only), weights)  # 3 + 4. SAM
-        return {**terms, **stats}
+        target = fixed_embedding(self, p, "benign", ctx)  # z_b(p): computed once, attacked against twice in 4-step
+        return ours_step(self, lambda: self.attack(p, q, ctx, target), q,        # 1. attack, 2. critic on (q, q')
+                         lambda q_adv, only: self.loss_terms(p, q, q_adv, only),  # 3. encoder terms, 4. SAM
+                         {"adversarial": 1.0}, ctx)
