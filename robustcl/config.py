@@ -62,13 +62,16 @@ class StrongViewSection:
         _check(0 < lo <= hi <= 1, "views.strong.crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
         for key in ("flip_p", "jitter_p", "gray_p", "blur_p"):
             _check(0 <= getattr(self, key) <= 1, f"views.strong.{key}", getattr(self, key), "must be a probability in [0, 1]")
-        from robustcl.views import StrongViewConfig
-
         try:
-            StrongViewConfig(crop_scale=self.crop_scale, flip_p=self.flip_p, jitter=self.jitter, jitter_p=self.jitter_p,
-                             gray_p=self.gray_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma)
+            self.build()
         except ValueError as exc:
             raise ConfigError(f"config section views.strong: {exc}") from None
+
+    def build(self) -> Any:
+        """The views module's StrongViewConfig with these values (its own checks run here too)."""
+        from robustcl.views import StrongViewConfig
+
+        return StrongViewConfig(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -79,6 +82,12 @@ class WeakViewSection:
     def validate(self) -> None:
         _check(self.padding >= 0, "views.weak.padding", self.padding, "must be >= 0")
         _check(0 <= self.flip_p <= 1, "views.weak.flip_p", self.flip_p, "must be a probability in [0, 1]")
+
+    def build(self) -> Any:
+        """The views module's WeakViewConfig with these values."""
+        from robustcl.views import WeakViewConfig
+
+        return WeakViewConfig(**dataclasses.asdict(self))
 
 
 @dataclass

@@ -18,7 +18,6 @@ from robustcl.objectives import SAM
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.train.common import autocast_factory, build_method, load_split, resolve_device, train_val_indices
 from robustcl.train.diagnostics import Diagnostics, drop_after
-from robustcl.views import StrongViewConfig, WeakViewConfig
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,14 +75,9 @@ class Pretrainer:
         self.steps_per_epoch = len(self.images) // t.batch_size
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
-        v = cfg.views
         self.ctx = StepContext(self.method, self.optimizer, self.critic_optimizer, self.sam, sam_cfg.terms,
                                self.generator, autocast_factory(self.device, t.precision),
-                               strong=StrongViewConfig(crop_scale=v.strong.crop_scale, flip_p=v.strong.flip_p,
-                                                       jitter=v.strong.jitter, jitter_p=v.strong.jitter_p,
-                                                       gray_p=v.strong.gray_p, blur_p=v.strong.blur_p,
-                                                       blur_sigma=v.strong.blur_sigma),
-                               weak=WeakViewConfig(padding=v.weak.padding, flip_p=v.weak.flip_p),
+                               strong=cfg.views.strong.build(), weak=cfg.views.weak.build(),
                                channels_last=t.channels_last)
         self.diagnostics = (Diagnostics(cfg, self.method, data.images[val_idx], data.labels[val_idx],
                                         data.info.num_classes, self.device, self.ctx.autocast, self.ctx.prepare)
