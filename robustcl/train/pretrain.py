@@ -113,10 +113,11 @@ class Pretrainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> None:
-        for p in self.method.parameters():
-            if not torch.isfinite(p).all():
-                raise NonFiniteLoss(f"non-finite parameters at step {self.step}; kept the last good checkpoint "
-                                    f"{self.run.checkpoint}; lower train.lr or use train.precision=fp32")
+        """Write checkpoints/last.pt atomically, refusing non-finite parameters (one host sync)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.method.parameters()]).all()
+        if not finite:
+            raise NonFiniteLoss(f"non-finite parameters at step {self.step}; kept the last good checkpoint "
+                                f"{self.run.checkpoint}; lower train.lr or use train.precision=fp32")
         save_torch_atomic(self.state_dict(), self.run.checkpoint)
 
     def resume(self) -> None:
@@ -184,7 +185,7 @@ class Pretrainer:
         seconds = time.perf_counter() - t0
         done = self.step - start_step
         export_encoder(self.method.encoder, self.run.encoder, self.info, self.cfg)
-        self.run.pretrain_done.write_text(f"{self.step}\n")
+        atomic_write_text(self.run.pretrain_done, f"{self.step}\n")
         return PretrainResult(self.step, seconds, done * t.batch_size / max(seconds, 1e-9), last)
 
 
