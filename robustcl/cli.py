@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,10 @@ from typing import Sequence
 from robustcl.config import Config, ConfigError, list_presets, load_config
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+# Modules that add their own subcommand through `register(subparsers)`; one line each.
+EXTRA_COMMANDS: tuple[str, ...] = (
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["fetch"])
     p.add_argument("name", help="dataset name, e.g. fashion-mnist")
     p.set_defaults(fn=cmd_data)
+    for module in EXTRA_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -90,7 +90,7 @@ class StepContext:
         method.train()
         opt.zero_grad(set_to_none=True)
         critic = [method.critic] if method.critic is not None else []
-        with frozen_parameters(*critic):
+        with frozen_parameters(*critic), phase("encoder_step"):
             with self.autocast():
                 terms = terms_fn(None)
             if self.sam is None:
@@ -106,13 +106,23 @@ class StepContext:
                                             allow_unused=True)
                 if rest.requires_grad:
                     rest.backward()
-                self.sam.ascend(grads)
-                with frozen_bn_stats(method), self.autocast():
-                    perturbed = terms_fn(sharp_names)
-                weighted_sum(perturbed, weights).backward()
-                self.sam.descend()
+                with phase("sam_second_pass"):
+                    self.sam.ascend(grads)
+                    with frozen_bn_stats(method), self.autocast():
+                        perturbed = terms_fn(sharp_names)
+                    weighted_sum(perturbed, weights).backward()
+                    self.sam.descend()
         opt.step()
         return {k: v.detach() for k, v in terms.items()}
+
+
+PHASES: tuple[str, ...] = ("views", "attack", "critic", "encoder_step", "sam_second_pass")
+
+
+def phase(name: str) -> torch.profiler.record_function:
+    """A named profiler range for one part of the step (free when no profiler runs); `robustcl bench` sums them."""
+    assert name in PHASES, name
+    return torch.profiler.record_function(f"robustcl::{name}")
 
 
 def weighted_sum(terms: Terms, weights: dict[str, float]) -> torch.Tensor:

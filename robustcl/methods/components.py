@@ -13,7 +13,7 @@ from typing import Callable, Literal
 import torch
 
 from robustcl.config import AttackConfig, ConfigError
-from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext, Terms
+from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext, Terms, phase
 from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, pgd
 from robustcl.objectives.divergences import f_critic_accuracy
 from robustcl.views import strong_view, weak_view
@@ -81,11 +81,12 @@ def critic_update(method: Method, x_benign: torch.Tensor, x_adv: torch.Tensor,
     """One optimiser step of D maximising the divergence bound on detached eval-mode z_b(x), z_a(x')."""
     cfg: OursConfig = method.cfg  # type: ignore[assignment]
     assert method.critic is not None
-    with method.evaluating(), torch.no_grad(), ctx.autocast():
-        z_b, z_a = method.embed(x_benign, "benign"), method.embed(x_adv, "adversarial")
-    logits_b, logits_a = method.critic(z_b.float()), method.critic(z_a.float())
-    loss = -f_divergence_bound(cfg.divergence, logits_b, logits_a)  # js: L_D - log 2
-    ctx.critic_step(loss)
+    with phase("critic"):
+        with method.evaluating(), torch.no_grad(), ctx.autocast():
+            z_b, z_a = method.embed(x_benign, "benign"), method.embed(x_adv, "adversarial")
+        logits_b, logits_a = method.critic(z_b.float()), method.critic(z_a.float())
+        loss = -f_divergence_bound(cfg.divergence, logits_b, logits_a)  # js: L_D - log 2
+        ctx.critic_step(loss)
     return {"critic_loss": loss.detach(),
             "critic_acc": f_critic_accuracy(cfg.divergence, logits_b, logits_a).detach()}
 
@@ -130,13 +131,14 @@ def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], 
         with ctx.autocast():
             return objective(x_adv)
 
-    with method.evaluating():
+    with method.evaluating(), phase("attack"):
         return pgd(wrapped, x, attack.eps, attack.alpha, attack.steps, attack.random_start, ctx.generator,
                    modules=[method])
 
 
 def draw_view(kind: Literal["strong", "weak"], images: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """The strong (SimCLR) or weak (pad-crop-flip) view of a uint8 batch, from the run's generator."""
-    if kind == "strong":
-        return ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
-    return ctx.prepare(weak_view(images, ctx.generator, ctx.weak))
+    with phase("views"):
+        if kind == "strong":
+            return ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
+        return ctx.prepare(weak_view(images, ctx.generator, ctx.weak))

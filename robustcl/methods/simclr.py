@@ -7,7 +7,7 @@ import torch
 
 from robustcl.methods.base import Method, MethodConfig, StepContext
 from robustcl.objectives import info_nce
-from robustcl.views import strong_view
+from robustcl.methods.components import draw_view
 
 
 @dataclass
@@ -24,8 +24,7 @@ class Simclr(Method):
     headline_branch = "benign"
 
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        p1 = ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
-        p2 = ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
+        p1, p2 = draw_view("strong", images, ctx), draw_view("strong", images, ctx)
 
         def terms(only: tuple[str, ...] | None) -> dict[str, torch.Tensor]:
             z1, z2 = self.embed(torch.cat([p1, p2]), "benign").chunk(2)
