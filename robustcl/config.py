@@ -41,10 +41,21 @@ class DataConfig:
     val_size: int = 5000          # held out from the training split for phase-2 epoch selection
     train_limit: int | None = None  # use only the first N (shuffled) training images in phase 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Reader options, e.g. data.options.size=32 for stl10/imagefolder. None (not {}) by default so configs
+    # stored before this field existed still compare equal on resume.
+    options: dict[str, Any] | None = None
 
     def validate(self) -> None:
         _check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0")
         _check(self.train_limit is None or self.train_limit > 0, "data.train_limit", self.train_limit, "must be > 0 or null")
+        if self.options:
+            from robustcl.data import DataError
+            from robustcl.data.base import _check_options, get_reader
+
+            try:
+                _check_options(get_reader(self.name), self.options)
+            except DataError as exc:
+                raise ConfigError(f"config value data.options: {exc}") from None
 
 
 @dataclass
@@ -158,9 +169,34 @@ class TrainConfig:
 
 
 @dataclass
+class AffConfig:
+    """AFF: full adversarial fine-tuning of encoder + head (TRADES or PGD-AT), epoch chosen on validation PGD."""
+    loss: Literal["trades", "pgd-at"] = "trades"
+    beta: float = 6.0                  # TRADES: CE(f(x), y) + beta * KL(f(x) || f(x'))
+    epochs: int = 25
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    train_limit: int | None = None     # fine-tune on at most N training images
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 10))
+
+    def validate(self) -> None:
+        _check(self.beta >= 0, "finetune.aff.beta", self.beta, "must be >= 0")
+        _check(self.epochs >= 1, "finetune.aff.epochs", self.epochs, "must be >= 1")
+        _check(self.lr > 0, "finetune.aff.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "finetune.aff.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "finetune.aff.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.batch_size >= 2, "finetune.aff.batch_size", self.batch_size, "must be >= 2 (BN in train mode)")
+        _check(self.train_limit is None or self.train_limit >= 2, "finetune.aff.train_limit", self.train_limit,
+               "must be >= 2 or null")
+        self.attack.validate("finetune.aff.attack")
+
+
+@dataclass
 class FinetuneConfig:
-    """Phase 2: linear heads on the frozen encoder, epoch chosen on a held-out validation split."""
-    protocols: tuple[Literal["slf", "alf"], ...] = ("slf", "alf")
+    """Phase 2: SLF/ALF linear heads on the frozen encoder, or AFF (encoder and head), epoch chosen on a held-out split."""
+    protocols: tuple[Literal["slf", "alf", "aff"], ...] = ("slf", "alf")
     branch: Literal["headline", "benign", "adversarial"] = "headline"
     epochs: int = 25
     lr: float = 0.01
@@ -171,6 +207,7 @@ class FinetuneConfig:
     alf_train_limit: int | None = None  # ALF only: at most N images (each costs a PGD attack per epoch)
     val_limit: int = 1000              # validation images used for epoch selection
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 0.007, 10))
+    aff: AffConfig = field(default_factory=AffConfig)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "finetune.epochs", self.epochs, "must be >= 1")
@@ -184,18 +221,26 @@ class FinetuneConfig:
         for key in ("train_limit", "alf_train_limit"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"finetune.{key}", value, "must be >= 1 or null")
-        _check(len(self.protocols) > 0, "finetune.protocols", self.protocols, "must name at least one of slf, alf")
+        _check(len(self.protocols) > 0, "finetune.protocols", self.protocols, "must name at least one of slf, alf, aff")
         self.attack.validate("finetune.attack")
+        self.aff.validate()
+
+
+EvalAttack = Literal["pgd", "cw", "pgd-l2", "autoattack"]
 
 
 @dataclass
 class EvalConfig:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 20))
     # attacks reported in results.json's `robust` map: PGD (cross-entropy, L-inf, `attack`), CW (the
-    # margin loss, same budget), PGD-L2 (budget `l2`); the eps curve and integrity checks use PGD
-    attacks: tuple[Literal["pgd", "cw", "pgd-l2"], ...] = ("pgd",)
+    # margin loss, same budget), PGD-L2 (budget `l2`), standard AutoAttack (L-inf, `attack.eps`, the
+    # official pyautoattack code); the eps curve and integrity checks use PGD
+    attacks: tuple[EvalAttack, ...] = ("pgd",)
     l2: AttackConfig = field(default_factory=lambda: AttackConfig(0.5, 0.0625, 20))
+    restarts: int = 1                  # PGD/CW/L2: an image is robust only if it survives every restart
     eps_curve: tuple[float, ...] = ()  # extra eps values for the robustness curve (PGD, same steps)
+    steps_curve: tuple[int, ...] = ()  # PGD step counts for the accuracy-vs-steps curve (same eps, alpha)
+    mixed_reading: bool = False        # also report the reference protocol's labelled clean-benign/robust-adv reading
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
     subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
     batch_size: int = 500
@@ -207,7 +252,11 @@ class EvalConfig:
         _check("pgd" in self.attacks, "eval.attacks", self.attacks, "must include pgd (the curve and checks use it)")
         _check(len(set(self.attacks)) == len(self.attacks), "eval.attacks", self.attacks, "must not repeat an attack")
         _check(self.attack.eps > 0, "eval.attack.eps", self.attack.eps, "must be > 0 (eps 0 is clean accuracy)")
+        _check(self.restarts >= 1, "eval.restarts", self.restarts, "must be >= 1")
+        _check(self.restarts == 1 or self.attack.random_start, "eval.restarts", self.restarts,
+               "needs eval.attack.random_start=true (restarts without a random start repeat the same attack)")
         _check(all(e >= 0 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, "must be >= 0")
+        _check(all(k >= 1 for k in self.steps_curve), "eval.steps_curve", self.steps_curve, "must be >= 1")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
@@ -323,6 +372,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
             raise ConfigError(f"config key {key} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key {key} must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key} must be a list, got {value!r}")
@@ -408,6 +461,34 @@ def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin} must hold a YAML mapping at the top level")
     return data, origin
+
+
+SCHEDULE_PACKAGE = "robustcl.presets.schedules"
+
+
+def list_schedules() -> dict[str, str]:
+    """Phase-2 schedule preset name -> its first comment line (what it is and where it comes from)."""
+    return {entry.name[:-5]: entry.read_text().splitlines()[0].lstrip("# ").strip()
+            for entry in sorted(resources.files(SCHEDULE_PACKAGE).iterdir(), key=lambda p: p.name)
+            if entry.name.endswith(".yaml")}
+
+
+def schedule_overrides(name: str) -> list[str]:
+    """A schedule preset as `finetune.key=value` overrides, to apply on top of a run's config."""
+    entry = resources.files(SCHEDULE_PACKAGE) / f"{name}.yaml"
+    if not entry.is_file():
+        raise ConfigError(f"unknown schedule {name!r}; known schedules: {', '.join(list_schedules())}")
+    data = yaml.safe_load(entry.read_text()) or {}
+
+    def flatten(node: dict[str, Any], prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out += flatten(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        return out
+    return flatten(data, "")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

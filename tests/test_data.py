@@ -211,7 +211,7 @@ def _closed_port_url() -> str:
 # ---------------------------------------------------------------- registry, info, ArrayDataset
 
 def test_registry_names_and_static_info() -> None:
-    assert DATASETS == ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+    assert DATASETS == ("fashion-mnist", "cifar10", "cifar100", "synthetic", "stl10", "imagefolder")
     assert dataset_info("fashion-mnist") == DatasetInfo("fashion-mnist", 10, 1, 28, 28, (0.2860,), (0.3530,))
     c10, c100 = dataset_info("cifar10"), dataset_info("cifar100")
     assert (c10.num_classes, c10.channels, c10.height, c10.width) == (10, 3, 32, 32)

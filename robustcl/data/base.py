@@ -95,6 +95,8 @@ _REGISTRY: dict[str, str] = {
     "cifar10": "robustcl.data.cifar:CIFAR10",
     "cifar100": "robustcl.data.cifar:CIFAR100",
     "synthetic": "robustcl.data.synthetic:SYNTHETIC",
+    "stl10": "robustcl.data.stl10:STL10",
+    "imagefolder": "robustcl.data.imagefolder:IMAGEFOLDER",
 }
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 

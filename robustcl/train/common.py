@@ -29,11 +29,12 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], conte
 
 
 def load_split(cfg: Config, split: str) -> ArrayDataset:
-    """The configured dataset's split (synthetic options passed through)."""
+    """The configured dataset's split (synthetic options, then data.options, passed through)."""
     d = cfg.data
     options = vars(d.synthetic).copy() if d.name == "synthetic" else {}
     if d.name == "synthetic":
         options["seed"] = cfg.seed
+    options.update(d.options or {})
     return load_dataset(d.name, split, root=d.root, download=d.download, **options)
 
 
