@@ -14,6 +14,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 # Modules that add their own subcommand through `register(subparsers)`; one line each.
 EXTRA_COMMANDS: tuple[str, ...] = (
+    "robustcl.transfer",
 )
 
 
@@ -57,8 +58,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from robustcl.runs import RunDir
     from robustcl.train.finetune import finetune
 
+    from robustcl.config import schedule_overrides
+
     run = RunDir(args.run)
-    cfg = _run_config(run.root, args.overrides)
+    schedule = schedule_overrides(args.schedule) if getattr(args, "schedule", None) else []
+    cfg = _run_config(run.root, [*schedule, *args.overrides])
     out = finetune(cfg, run, tuple(args.protocol) if args.protocol else None, progress=not args.quiet,
                    overwrite=args.overwrite)
     for protocol, record in out.items():
@@ -73,12 +77,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from robustcl.runs.report import results_table, write_report
 
     run = RunDir(args.run)
-    cfg = _run_config(run.root, args.overrides)
-    results = evaluate_run(cfg, run, progress=not args.quiet)
+    cfg = _run_config(run.root, [*evaluate_overrides(args), *args.overrides])
+    results = evaluate_run(cfg, run, progress=not args.quiet,
+                           protocols=tuple(args.protocol) if getattr(args, "protocol", None) else None)
     report = write_report(run)
     print(results_table([(run.root.name, results)]))
     print(f"results: {run.results}\nreport: {report}")
     return 0
+
+
+def evaluate_overrides(args: argparse.Namespace) -> list[str]:
+    """The `evaluate` options as eval.* overrides (explicit key=value overrides still win)."""
+    out = []
+    if getattr(args, "attacks", None):
+        out.append(f"eval.attacks=[{', '.join(dict.fromkeys(['pgd', *args.attacks]))}]")
+    if getattr(args, "eps", None):
+        out.append(f"eval.eps_curve=[{', '.join(args.eps)}]")
+    if getattr(args, "steps", None):
+        out.append(f"eval.steps_curve=[{', '.join(str(s) for s in args.steps)}]")
+    for flag, key in (("limit", "eval.limit"), ("batch_size", "eval.batch_size"), ("seed", "seed"),
+                      ("restarts", "eval.restarts")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if getattr(args, "mixed_reading", False):
+        out.append("eval.mixed_reading=true")
+    return out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,13 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="phase 2: fit SLF/ALF linear heads on a run's frozen encoder")
     p.add_argument("--run", required=True, help="run directory written by pretrain")
-    p.add_argument("--protocol", nargs="+", choices=["slf", "alf"], help="protocols (default: finetune.protocols)")
+    p.add_argument("--protocol", nargs="+", choices=["slf", "alf", "aff"],
+                   help="protocols (default: finetune.protocols); aff fine-tunes the encoder too (TRADES or PGD-AT)")
+    p.add_argument("--schedule", help="a phase-2 schedule preset: linear-reference (100 epochs, lr 0.1) or "
+                                      "linear-benchmark (25 epochs, lr 0.01)")
     p.add_argument("--overwrite", action="store_true", help="refit heads that already exist")
     add_common(p)
     p.set_defaults(fn=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="clean and PGD accuracy of a run's heads; results.json and report.md")
+    p = sub.add_parser("evaluate", help="clean and robust accuracy of a run's heads; results.json and report.md")
     p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--protocol", nargs="+", choices=["slf", "alf", "aff"], help="evaluate only these fitted models")
+    p.add_argument("--attacks", nargs="+", choices=["pgd", "cw", "pgd-l2", "autoattack"],
+                   help="attacks to report besides PGD (eval.attacks)")
+    p.add_argument("--eps", nargs="+", help="eps values for the robustness curve, e.g. 2/255 4/255 (eval.eps_curve)")
+    p.add_argument("--steps", nargs="+", type=int, help="PGD step counts for the steps curve (eval.steps_curve)")
+    p.add_argument("--limit", type=int, help="evaluate on a seeded random subset of N test images (eval.limit)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (eval.batch_size)")
+    p.add_argument("--seed", type=int, help="seed of the attacks' random starts (the run's seed by default)")
+    p.add_argument("--restarts", type=int, help="PGD/CW/L2 random restarts, worst case per image (eval.restarts)")
+    p.add_argument("--mixed-reading", action="store_true",
+                   help="also report the reference protocol's mixed reading (clean via benign BN, robust via "
+                        "adversarial BN), labelled as such")
     add_common(p)
     p.set_defaults(fn=cmd_evaluate)
 

@@ -35,7 +35,7 @@ def test_run_directory_holds_everything(smoke_run):
     for r in results["protocols"].values():
         assert {c["name"] for c in r["integrity"]["checks"]} == {
             "eval-mode-batch-independent", "eps-zero-equals-clean", "non-increasing-in-eps",
-            "non-increasing-in-steps", "large-eps-to-chance"}
+            "non-increasing-in-steps", "large-eps-to-chance", "square-not-beating-white-box"}
         assert 0 <= r["robust"]["pgd3-linf-0.1"] <= r["clean_acc"] <= 1 or r["clean_acc"] == 0
         assert r["eps_curve"][0] == {"eps": 0.0, "accuracy": r["clean_acc"]}
     records = [json.loads(line) for line in smoke_run.metrics.read_text().splitlines()]

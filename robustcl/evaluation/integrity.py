@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from robustcl.config import AttackConfig
-from robustcl.evaluation.robust import Autocast, _no_autocast, pgd_accuracy
+from robustcl.evaluation.robust import Autocast, _no_autocast, ce_objective, pgd_accuracy
+from robustcl.objectives import pgd
 
 LARGE_EPS = 0.5  # half the pixel range: any honest classifier should fall to chance or below
 
@@ -76,6 +77,56 @@ def check_batch_independence(model: nn.Module, images, autocast: Autocast, k: in
     return Check("eval-mode-batch-independent", ok, f"max logit change when batch-mates change: {diff:.2e}")
 
 
+def check_autoattack_below_pgd(autoattack: float, pgd: float, n: int, steps: int) -> Check:
+    """AutoAttack is the stronger attack: its accuracy must not exceed PGD's beyond sampling noise."""
+    tol = noise_tolerance(n)
+    return Check("autoattack-at-most-pgd", autoattack <= pgd + tol,
+                 f"AutoAttack {autoattack:.3f} vs PGD-{steps} {pgd:.3f} (tolerance {tol:.3f})")
+
+
+def check_square_vs_whitebox(after: dict[str, float], n: int) -> Check:
+    """Square (black-box) must not break many points that the white-box attacks left standing (masking)."""
+    white = [after[k] for k in ("apgd-ce", "apgd-t", "fab-t") if k in after]
+    if "square" not in after or not white:
+        return Check("square-not-beating-white-box", True, "AutoAttack stopped before Square (no robust points left)")
+    gain, tol = min(white) - after["square"], noise_tolerance(n)
+    return Check("square-not-beating-white-box", gain <= tol,
+                 f"Square lowered accuracy after the white-box attacks by {gain:.3f} (tolerance {tol:.3f})")
+
+
+SQUARE_QUERIES = 1000
+SQUARE_MAX_IMAGES = 200
+
+
+def square_survivors(model: nn.Module, images, labels, attack: AttackConfig, batch_size: int, seed: int,
+                     autocast: Autocast) -> Check:
+    """Square (official code, 1000 queries) on up to 200 images that survive PGD: it should break almost none.
+
+    Run with every evaluation that has no AutoAttack; a black-box attack succeeding where the
+    gradient failed is the signature of masked gradients.
+    """
+    from robustcl.evaluation.autoattack import square_attack
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = images[:SQUARE_MAX_IMAGES].to(device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    y = labels[:SQUARE_MAX_IMAGES].to(device)
+    x_pgd = pgd(ce_objective(model, y, autocast), x, attack.eps, attack.alpha, attack.steps, attack.random_start,
+                gen, modules=[model])
+    with torch.no_grad(), autocast():
+        alive = model(x_pgd).argmax(1) == y
+    if not alive.any():
+        return Check("square-not-beating-white-box", True, f"no image of {len(y)} survives PGD-{attack.steps}")
+    x_sq = square_attack(model, x[alive], y[alive], attack.eps, SQUARE_QUERIES, seed)
+    with torch.no_grad(), autocast():
+        broken = int((model(x_sq).argmax(1) != y[alive]).sum())
+    rate, tol = broken / len(y), noise_tolerance(len(y))
+    return Check("square-not-beating-white-box", rate <= tol,
+                 f"Square-{SQUARE_QUERIES} broke {broken} of the {int(alive.sum())} images that survived "
+                 f"PGD-{attack.steps} (of {len(y)}; {rate:.3f} vs tolerance {tol:.3f})")
+
+
 def run_integrity_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
                          clean: float, robust: float, curve: list[dict[str, float]], num_classes: int,
                          batch_size: int = 500, seed: int = 0,
@@ -97,4 +148,5 @@ def run_integrity_checks(model: nn.Module, images: torch.Tensor, labels: torch.T
     return {"passed": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
 
 
-__all__ = ["Check", "run_integrity_checks"]
+__all__ = ["Check", "check_autoattack_below_pgd", "check_square_vs_whitebox", "run_integrity_checks",
+           "square_survivors"]

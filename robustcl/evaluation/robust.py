@@ -53,17 +53,32 @@ Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def accuracy_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, perturb: Perturb | None,
-                   batch_size: int = 500, autocast: Autocast = _no_autocast) -> float:
-    """Top-1 accuracy on perturb(x, y) (on x itself when None); the model must be in eval mode."""
+                   batch_size: int = 500, autocast: Autocast = _no_autocast, restarts: int = 1) -> float:
+    """Top-1 accuracy on perturb(x, y) (on x itself when None); the model must be in eval mode.
+
+    With `restarts` > 1 an image counts as robust only if it survives every restart; each restart
+    attacks only the images still classified correctly (the per-example worst case).
+    """
     if model.training:
         raise RuntimeError("evaluation needs the model in eval mode (call model.eval())")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on device: one sync at the end
     for x, y in _batches(images, labels, batch_size, device):
-        if perturb is not None:
-            x = perturb(x, y)
-        with torch.no_grad(), autocast():
-            correct += (model(x).argmax(1) == y).sum()
+        if perturb is None:
+            with torch.no_grad(), autocast():
+                correct += (model(x).argmax(1) == y).sum()
+            continue
+        alive = torch.ones_like(y, dtype=torch.bool)
+        for _ in range(restarts):
+            idx = alive.nonzero().squeeze(1)
+            if restarts > 1 and idx.numel() == 0:
+                break
+            x_adv = perturb(x[idx], y[idx])
+            with torch.no_grad(), autocast():
+                alive[idx] = model(x_adv).argmax(1) == y[idx]
+        correct += alive.sum()
     return correct.item() / max(1, len(images))
 
 
@@ -75,13 +90,13 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
                  batch_size: int = 500, generator: torch.Generator | None = None,
-                 autocast: Autocast = _no_autocast) -> float:
-    """Accuracy under L-inf PGD on the cross-entropy (parameters frozen, eval mode)."""
+                 autocast: Autocast = _no_autocast, restarts: int = 1) -> float:
+    """Accuracy under L-inf PGD on the cross-entropy (parameters frozen, eval mode), worst over restarts."""
     def perturb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd(ce_objective(model, y, autocast), x, attack.eps, attack.alpha, attack.steps,
                    attack.random_start, generator, modules=[model])
 
-    return accuracy_under(model, images, labels, perturb, batch_size, autocast)
+    return accuracy_under(model, images, labels, perturb, batch_size, autocast, restarts)
 
 
 def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
@@ -103,4 +118,23 @@ def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
             acc = pgd_accuracy(model, images, labels, cfg, batch_size, gen, autocast)
         out.append({"eps": eps, "accuracy": acc})
+    return out
+
+
+def steps_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
+                steps_values: list[int], batch_size: int = 500, seed: int = 0, autocast: Autocast = _no_autocast,
+                known: dict[int, float] | None = None) -> list[dict[str, float]]:
+    """PGD accuracy against the number of steps at the attack's eps and alpha (a converged attack flattens out).
+
+    `known` maps step counts already measured with this very attack (same seed) to their accuracy.
+    """
+    out = []
+    for steps in steps_values:
+        if known is not None and steps in known:
+            acc = known[steps]
+        else:
+            cfg = AttackConfig(eps=attack.eps, alpha=attack.alpha, steps=steps, random_start=attack.random_start)
+            gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+            acc = pgd_accuracy(model, images, labels, cfg, batch_size, gen, autocast)
+        out.append({"steps": steps, "accuracy": acc})
     return out

@@ -1,41 +1,58 @@
-"""Evaluate a run's heads on the test set: clean and PGD accuracy through one stated branch."""
+"""Evaluate a run's fitted models on the test set: clean and robust accuracy through one stated branch.
+
+Every number in the headline comes from one model read through one BN branch. The reference
+protocol's mixed reading (clean through the benign branch, robust through the adversarial one) is
+computed only on request and stored apart, labelled as such.
+"""
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import torch
 
 from robustcl.config import Config
-from robustcl.evaluation.integrity import run_integrity_checks
+from robustcl.evaluation.autoattack import autoattack_accuracy, state_key
+from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_square_vs_whitebox,
+                                           run_integrity_checks, square_survivors)
 from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, cw_margin_objective,
-                                       pgd_accuracy, robustness_curve)
-from robustcl.objectives import pgd, pgd_l2
+                                       pgd_accuracy, robustness_curve, steps_curve)
 from robustcl.export import read_encoder
-from robustcl.models import BranchModel, LinearHead
-from robustcl.runs import RunDir, RunError
+from robustcl.models import BranchModel, Encoder, LinearHead
+from robustcl.objectives import pgd, pgd_l2
+from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.train.common import autocast_factory, load_split, resolve_device
 
+MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
+               "accuracy through the adversarial branch; these are two different models, not one model's trade-off")
 
-def attack_name(steps: int, eps: float, kind: str = "pgd", norm: str = "linf") -> str:
-    """A stable key for results.json's `robust` map, e.g. pgd20-linf-0.1, cw20-linf-0.1, pgd20-l2-0.5."""
-    return f"{kind}{steps}-{norm}-{eps:.4g}"
+
+def attack_name(steps: int, eps: float, kind: str = "pgd", norm: str = "linf", restarts: int = 1) -> str:
+    """A stable key for results.json's `robust` map, e.g. pgd20-linf-0.1, cw20-linf-0.1, pgd20-l2-0.5-r5."""
+    return f"{kind}{steps}-{norm}-{eps:.4g}" + (f"-r{restarts}" if restarts > 1 else "")
+
+
+def autoattack_name(eps: float) -> str:
+    """results.json key of standard AutoAttack in L-inf at `eps`."""
+    return f"autoattack-linf-{eps:.4g}"
 
 
 def extra_attack(kind: str, model, images, labels, cfg: Config, gen, autocast) -> tuple[str, float]:
-    """Accuracy under the CW-margin L-inf attack or PGD-L2, keyed like attack_name."""
+    """Accuracy under the CW-margin L-inf attack or PGD-L2 (worst over eval.restarts), keyed like attack_name."""
     a, e = (cfg.eval.l2 if kind == "pgd-l2" else cfg.eval.attack), cfg.eval
     if kind == "cw":
         def perturb(x, y):
             return pgd(cw_margin_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen,
                        modules=[model])
-        return attack_name(a.steps, a.eps, "cw"), accuracy_under(model, images, labels, perturb, e.batch_size, autocast)
+        return (attack_name(a.steps, a.eps, "cw", restarts=e.restarts),
+                accuracy_under(model, images, labels, perturb, e.batch_size, autocast, e.restarts))
 
     def perturb_l2(x, y):
         return pgd_l2(ce_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen,
                       modules=[model])
-    return attack_name(a.steps, a.eps, "pgd", "l2"), accuracy_under(model, images, labels, perturb_l2, e.batch_size,
-                                                                    autocast)
+    return (attack_name(a.steps, a.eps, "pgd", "l2", e.restarts),
+            accuracy_under(model, images, labels, perturb_l2, e.batch_size, autocast, e.restarts))
 
 
 def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -49,13 +66,98 @@ def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
             f"random subset of {cfg.eval.limit} of {len(test)} test images (subset seed {cfg.eval.subset_seed})")
 
 
-def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every fitted head of `run`; writes and returns results.json's content."""
+def protocol_model(run: RunDir, protocol: str, encoder: Encoder, device: torch.device,
+                   branch: str | None = None) -> tuple[BranchModel, dict[str, Any]]:
+    """The evaluated model of one protocol: the frozen encoder (or AFF's fine-tuned copy) + its head, eval mode."""
+    saved = torch.load(run.head(protocol), map_location=device, weights_only=True)
+    if "encoder" in saved:  # AFF fine-tuned the encoder too
+        encoder = copy.deepcopy(encoder)
+        encoder.load_state_dict(saved["encoder"])
+        encoder.eval().requires_grad_(False)
+    head = LinearHead(encoder.feature_dim, int(saved["head"]["weight"].shape[0])).to(device)
+    head.load_state_dict(saved["head"])
+    return BranchModel(encoder, head, branch or saved["branch"]).eval(), saved
+
+
+def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: str) -> dict[str, Any]:
+    """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/."""
+    e = cfg.eval
+    key = state_key(protocol, e.attack.eps, len(images), e.limit, e.subset_seed, cfg.seed, e.precision,
+                    files=(run.head(protocol), run.encoder))
+    state = run.root / "eval_state" / f"autoattack-{protocol}-{key}.json"
+    return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state).to_dict()
+
+
+def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
+                   autocast, run: RunDir, protocol: str) -> dict[str, Any]:
+    """Clean accuracy, every configured attack, the eps and steps curves and the integrity checks of one model."""
+    a, e = cfg.eval.attack, cfg.eval
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    clean = accuracy(model, images, labels, e.batch_size, autocast)
+    pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
+    robust = {pgd_key: pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)}
+    for kind in e.attacks:
+        if kind in ("cw", "pgd-l2"):
+            key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
+            robust[key] = acc
+    record: dict[str, Any] = {"clean_acc": clean, "robust": robust}
+    if "autoattack" in e.attacks:
+        aa = run_autoattack(model, images, labels, cfg, run, protocol)
+        robust[autoattack_name(a.eps)] = aa["accuracy"]
+        record["autoattack"] = aa
+    eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
+    known = {0.0: clean, a.eps: robust[pgd_key]} if e.restarts == 1 else {0.0: clean}
+    record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
+    if e.steps_curve:
+        steps_known = {a.steps: robust[pgd_key]} if e.restarts == 1 else {}
+        record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
+                                            e.batch_size, cfg.seed, autocast, steps_known)
+    single = robust[pgd_key] if e.restarts == 1 else pgd_accuracy(model, images, labels, a, e.batch_size,
+                                                                  torch.Generator(device=device).manual_seed(cfg.seed),
+                                                                  autocast)
+    curve_single = [c if c["eps"] != a.eps else {"eps": a.eps, "accuracy": single} for c in record["eps_curve"]]
+    integrity = run_integrity_checks(model, images, labels, a, clean, single, curve_single, num_classes,
+                                     e.batch_size, cfg.seed, autocast)
+    extra = []
+    if "autoattack" in record:
+        extra.append(check_autoattack_below_pgd(record["autoattack"]["accuracy"], robust[pgd_key], len(images),
+                                                a.steps))
+        extra.append(check_square_vs_whitebox(record["autoattack"]["after"], len(images)))
+    else:
+        extra.append(square_survivors(model, images, labels, a, e.batch_size, cfg.seed, autocast))
+    for check in extra:
+        integrity["checks"].append(check.__dict__)
+        if not check.passed:
+            integrity["failed"].append(check.name)
+    integrity["passed"] = not integrity["failed"]
+    record["integrity"] = integrity
+    return record
+
+
+def write_curves_csv(run: RunDir, per_protocol: dict[str, Any]) -> None:
+    """eps_curve.csv and steps_curve.csv (protocol, x, accuracy) beside results.json."""
+    for name, x_key in (("eps_curve", "eps"), ("steps_curve", "steps")):
+        rows = [f"{p},{c[x_key]:g},{c['accuracy']:.6f}" for p, r in per_protocol.items() for c in r.get(name, [])]
+        if rows:
+            atomic_write_text(run.root / f"{name}.csv", "\n".join([f"protocol,{x_key},accuracy", *rows]) + "\n")
+
+
+def evaluate_run(cfg: Config, run: RunDir, progress: bool = True,
+                 protocols: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Evaluate every fitted model of `run` (or the given protocols); writes and returns results.json's content."""
     device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     if not run.encoder.is_file():
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first")
-    protocols = [p for p in cfg.finetune.protocols if run.head(p).is_file()]
-    if not protocols:
+    wanted = protocols or tuple(p for p in ("slf", "alf", "aff") if p in cfg.finetune.protocols or run.head(p).is_file())
+    missing = [p for p in wanted if not run.head(p).is_file()]
+    if protocols and missing:
+        raise RunError(f"{run.root} has no fitted {', '.join(missing)} model; run `robustcl finetune --run {run.root} "
+                       f"--protocol {' '.join(missing)}` first")
+    chosen = [p for p in ("slf", "alf", "aff") if p in wanted and run.head(p).is_file()]  # headline: first
+    if not chosen:
         raise RunError(f"{run.root} has no fitted heads; run `robustcl finetune --run {run.root}` first")
     encoder, meta = read_encoder(run.encoder)
     encoder.to(device).eval().requires_grad_(False)
@@ -64,41 +166,52 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True) -> dict[str, A
     images, labels, subset = test_subset(cfg)
     autocast = autocast_factory(device, cfg.eval.precision)
     a, e = cfg.eval.attack, cfg.eval
-    eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
     per_protocol: dict[str, Any] = {}
-    for protocol in protocols:
+    for protocol in chosen:
         t0 = time.perf_counter()
-        saved = torch.load(run.head(protocol), map_location=device, weights_only=True)
-        head = LinearHead(encoder.feature_dim, int(saved["head"]["weight"].shape[0])).to(device)
-        head.load_state_dict(saved["head"])
-        model = BranchModel(encoder, head, saved["branch"]).eval()
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        clean = accuracy(model, images, labels, e.batch_size, autocast)
-        robust = {attack_name(a.steps, a.eps): pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast)}
-        for kind in e.attacks:
-            if kind != "pgd":
-                key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
-                robust[key] = acc
-        known = {0.0: clean, a.eps: robust[attack_name(a.steps, a.eps)]}
-        curve = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
-        integrity = run_integrity_checks(model, images, labels, a, clean, robust[attack_name(a.steps, a.eps)], curve,
-                                         head.out_features, e.batch_size, cfg.seed, autocast)
+        model, saved = protocol_model(run, protocol, encoder, device)
+        num_classes = model.head.out_features
+        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol)
         per_protocol[protocol] = {
-            "protocol": protocol, "branch": saved["branch"], "clean_acc": clean, "robust": robust,
-            "eps_curve": curve, "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"],
-            "selected_on": saved["selected_on"], "integrity": integrity, "seconds": time.perf_counter() - t0,
+            "protocol": protocol, "branch": saved["branch"], **record,
+            "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
+            **({"aff": saved["aff"]} if "aff" in saved else {}),
         }
-    headline = per_protocol[protocols[0]]
+        if e.mixed_reading and meta["dual_bn"]:
+            benign_model, _ = protocol_model(run, protocol, encoder, device, branch="benign")
+            adversarial_model, _ = protocol_model(run, protocol, encoder, device, branch="adversarial")
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            per_protocol[protocol]["mixed_reading"] = {
+                "label": MIXED_LABEL,
+                "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast),
+                "robust_acc_adversarial_branch": pgd_accuracy(adversarial_model, images, labels, a, e.batch_size,
+                                                              gen, autocast, e.restarts),
+                "head_trained_on": saved["branch"]}
+        per_protocol[protocol]["seconds"] = time.perf_counter() - t0
+    attack_record = {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
+                     "random_start": a.random_start, "restarts": e.restarts, "loss": "cross-entropy",
+                     "precision": e.precision}
+    if protocols and run.results.is_file():  # keep the other protocols' results when they used the same evaluation
+        earlier = run.read_results()
+        if earlier.get("attack") == attack_record and earlier.get("eval_subset") == subset:
+            per_protocol = {**{p: r for p, r in earlier.get("protocols", {}).items() if p not in per_protocol},
+                            **per_protocol}
+            per_protocol = {p: per_protocol[p] for p in ("slf", "alf", "aff") if p in per_protocol}
+    headline = next(iter(per_protocol.values()))
     results = {
         "method": meta["method"], "dataset": meta["dataset"],
         "protocol": headline["protocol"], "branch": headline["branch"],
         "clean_acc": headline["clean_acc"], "robust": headline["robust"],
         "n_eval": int(len(images)), "eval_subset": subset,
-        "attack": {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
-                   "random_start": a.random_start, "loss": "cross-entropy", "precision": e.precision},
+        "attack": attack_record,
         "branch_note": "clean and robust accuracy are read through the same BN branch",
         "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
         "protocols": per_protocol,
     }
+    write_curves_csv(run, per_protocol)
     run.write_json(run.results, results)
     return results
+
+
+__all__ = ["MIXED_LABEL", "attack_name", "autoattack_name", "evaluate_model", "evaluate_run", "protocol_model",
+           "test_subset"]

@@ -131,10 +131,60 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
             f"{results.get('branch_note', '')}; epochs selected on a validation split held out from the training data.",
             "", results_table([(run.root.name, results)]), "", *integrity_lines(run.root.name, results), "",
             "![loss terms](plots/loss_terms.png)", "", "![robust accuracy vs eps](plots/robust_vs_eps.png)", ""]
+    steps = [(f"{p.upper()} ({r['branch']})", r["steps_curve"]) for p, r in results.get("protocols", {}).items()
+             if r.get("steps_curve")]
+    if steps:
+        plot_steps_curves(steps, run.plots / "robust_vs_steps.png")
+        text += ["![robust accuracy vs PGD steps](plots/robust_vs_steps.png)", ""]
+    extra = autoattack_lines(run.root.name, results)
+    if extra:
+        text += ["## AutoAttack", "", *extra, ""]
+    mixed = mixed_reading_lines(run.root.name, results)
+    if mixed:
+        text += ["## Mixed-branch reading (reference protocol; not a headline number)", "", *mixed, ""]
     if plot_diagnostics([(run.root.name, run)], run.plots / "diagnostics.png"):
         text += diagnostics_section(run)
     atomic_write_text(run.report, "\n".join(text))
     return run.report
+
+
+def autoattack_lines(label: str, results: dict[str, Any]) -> list[str]:
+    """Report lines: AutoAttack's accuracy after each of its attacks, per protocol that ran it."""
+    lines = []
+    for protocol, r in results.get("protocols", {}).items():
+        aa = r.get("autoattack")
+        if aa:
+            steps = ", ".join(f"{k.upper()} {100 * v:.1f}" for k, v in aa["after"].items())
+            lines.append(f"- {label} {protocol.upper()}: standard AutoAttack ({aa['implementation']}, L-inf eps "
+                         f"{aa['eps']:.4g}, {aa['n']} images, {aa['seconds']:.0f} s): **{100 * aa['accuracy']:.2f}%**; "
+                         f"accuracy after each attack: {steps}" + (f"; library warnings: {'; '.join(aa['warnings'])}"
+                                                                   if aa["warnings"] else ""))
+    return lines
+
+
+def mixed_reading_lines(label: str, results: dict[str, Any]) -> list[str]:
+    """Report lines for the reference protocol's mixed-branch reading, always labelled as such."""
+    lines = []
+    for protocol, r in results.get("protocols", {}).items():
+        m = r.get("mixed_reading")
+        if m:
+            lines.append(f"- {label} {protocol.upper()}: clean {100 * m['clean_acc_benign_branch']:.2f}% (benign branch) / "
+                         f"robust {100 * m['robust_acc_adversarial_branch']:.2f}% (adversarial branch), head trained on "
+                         f"the {m['head_trained_on']} branch. **{m['label']}**")
+    return lines
+
+
+def plot_steps_curves(entries: Sequence[tuple[str, list[dict[str, float]]]], path: Path) -> None:
+    """PGD accuracy against the number of attack steps, a line per protocol (a converged attack is flat)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, curve in entries:
+        ax.plot([c["steps"] for c in curve], [100 * c["accuracy"] for c in curve], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("PGD steps")
+    ax.set_ylabel("PGD accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    _save(fig, path)
 
 
 def integrity_lines(label: str, results: dict[str, Any]) -> list[str]:

@@ -1,11 +1,13 @@
-"""Phase 2: SLF and ALF linear heads on the frozen encoder, epoch selected on a validation split.
+"""Phase 2: SLF and ALF linear heads on the frozen encoder, or AFF, epoch selected on a validation split.
 
-SLF trains the head on clean features, ALF on PGD examples made against the current head; both
-read features through one stated BN branch, and the best epoch is chosen by validation accuracy
-(clean for SLF, PGD for ALF), never on the test set.
+SLF trains the head on clean features, ALF on PGD examples made against the current head, AFF
+fine-tunes encoder and head with TRADES (or PGD-AT); all read features through one stated BN
+branch, and the best epoch is chosen by validation accuracy (clean for SLF, PGD for ALF and AFF),
+never on the test set.
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -20,8 +22,10 @@ from robustcl.evaluation import accuracy, ce_objective, pgd_accuracy
 from robustcl.export import read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
+from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.train.common import autocast_factory, load_split, resolve_device, train_val_indices
+from robustcl.views import weak_view
 
 
 def resolve_branch(requested: str, meta: dict[str, Any]) -> str:
@@ -125,7 +129,79 @@ def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     return best
 
 
-TRAINERS = {"slf": train_slf, "alf": train_alf}
+def _aff_example(model: BranchModel, x: torch.Tensor, y: torch.Tensor, aff, autocast, gen) -> torch.Tensor:
+    """The adversarial example AFF trains on: TRADES's KL maximiser or PGD on the cross-entropy (eval mode)."""
+    a = aff.attack
+    model.eval()
+    if aff.loss == "trades":
+        def logits(z: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return model(z).float()
+        return trades_attack(logits, x, a.eps, a.alpha, a.steps, gen, modules=[model])
+    return pgd(ce_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen, modules=[model])
+
+
+def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log, progress) -> dict[str, Any]:
+    """Adversarial full fine-tuning: encoder and head trained with TRADES (or PGD-AT) through one branch.
+
+    Examples are made in eval mode with parameters frozen, the update runs in train mode (BN
+    statistics of the chosen branch adapt); weak augmentation (pad-crop-flip) as in the reference.
+    """
+    aff, f = cfg.finetune.aff, cfg.finetune
+    encoder = copy.deepcopy(encoder).requires_grad_(True)
+    model = BranchModel(encoder, head, branch)
+    images, labels = train
+    if aff.train_limit is not None:
+        images, labels = images[: aff.train_limit], labels[: aff.train_limit]
+    params = [*encoder.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=aff.lr, momentum=aff.momentum, weight_decay=aff.weight_decay, foreach=True)
+    steps_per_epoch = len(images) // aff.batch_size  # full batches only: BN in train mode needs them
+    if steps_per_epoch == 0:
+        raise RunError(f"finetune.aff.batch_size={aff.batch_size} exceeds the {len(images)} AFF training images; lower it")
+    view_gen = torch.Generator(device=device).manual_seed(cfg.seed + 31)
+    weak = cfg.views.weak.build()
+    total, step = aff.epochs * steps_per_epoch, 0
+    best: dict[str, Any] = {"val_acc": -1.0}
+    bar = tqdm(total=total, desc=f"AFF-{aff.loss} ({branch})", disable=not progress, file=sys.stderr, mininterval=1.0)
+    for epoch in range(aff.epochs):
+        perm = torch.randperm(len(images), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * aff.batch_size:(i + 1) * aff.batch_size]
+            x = weak_view(images[idx].to(device), view_gen, weak)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[idx].to(device)
+            x_adv = _aff_example(model, x, y, aff, autocast, gen if device.type == "cpu" else None)
+            for group in opt.param_groups:
+                group["lr"] = _cosine(step, total, aff.lr)
+            model.train()
+            with autocast():
+                if aff.loss == "trades":
+                    logits_clean, logits_adv = model(torch.cat([x, x_adv])).float().chunk(2)
+                else:
+                    logits_adv = model(x_adv).float()
+            loss = (trades_loss(logits_clean, logits_adv, y, aff.beta) if aff.loss == "trades"
+                    else F.cross_entropy(logits_adv, y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+        model.eval()
+        val_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        val_acc = pgd_accuracy(model, val[0], val[1], f.attack, 500, val_gen, autocast)
+        log({"phase": "finetune", "protocol": "aff", "epoch": epoch + 1, "loss": loss.item(), "val_robust_acc": val_acc})
+        bar.set_postfix(loss=f"{loss.item():.3f}", val_robust=f"{val_acc:.3f}", refresh=False)
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1,
+                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()},
+                    "encoder": {k: v.detach().clone() for k, v in encoder.state_dict().items()}}
+    bar.close()
+    model.eval()
+    return best
+
+
+TRAINERS = {"slf": train_slf, "alf": train_alf, "aff": train_aff}
 
 
 def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
@@ -169,6 +245,9 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
                   "selected_on": "validation " + ("clean accuracy" if protocol == "slf" else "PGD accuracy"),
                   "n_train": len(train[0]), "n_val": len(val[0]), "seconds": time.perf_counter() - t0,
                   "finetune": cfg.to_dict()["finetune"]}  # the settings this head was fitted with
-        save_torch_atomic({"head": best["state"], **record}, run.head(protocol))
+        if protocol == "aff":
+            record["aff"] = {"loss": cfg.finetune.aff.loss, "beta": cfg.finetune.aff.beta}
+        extra = {"encoder": best["encoder"]} if "encoder" in best else {}  # AFF: the fine-tuned encoder too
+        save_torch_atomic({"head": best["state"], **extra, **record}, run.head(protocol))
         out[protocol] = record
     return out

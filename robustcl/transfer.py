@@ -1,0 +1,66 @@
+"""`robustcl transfer`: phase 2 and evaluation of a trained encoder on another dataset (e.g. CIFAR-10 -> STL-10).
+
+The encoder is copied unchanged (its own normalisation inside) into a new run directory whose
+config is the source run's with the data section replaced; SLF/ALF/AFF then run there as usual,
+so the source run's heads and results are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from robustcl.config import Config, dump_yaml, load_config
+
+
+def transfer_config(source: Path, dataset: str, size: int | None, root: str | None, val_size: int,
+                    overrides: list[str]) -> Config:
+    """The source run's config with data.* replaced by the target dataset (and any further overrides)."""
+    if not (source / "config.yaml").is_file():
+        raise FileNotFoundError(f"{source} is not a robustcl run (no config.yaml); pass the --out of a pretrain run")
+    options = f"data.options={{size: {size}}}" if size is not None else "data.options=null"
+    data = [f"data.name={dataset}", options, f"data.val_size={val_size}", "data.train_limit=null",
+            f"data.root={root if root is not None else 'null'}"]
+    return load_config(str(source / "config.yaml"), [*data, *overrides])
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from robustcl.evaluation.run_eval import evaluate_run
+    from robustcl.runs import RunDir, RunError, atomic_write_bytes
+    from robustcl.runs.report import results_table, write_report
+    from robustcl.train.common import load_split
+    from robustcl.train.finetune import finetune
+
+    source = RunDir(args.run)
+    if not source.encoder.is_file():
+        raise RunError(f"{source.root} has no encoder.safetensors; finish `robustcl pretrain` first")
+    cfg = transfer_config(source.root, args.data, args.size, args.root, args.val_size, args.overrides)
+    target = RunDir(args.out or source.root / (f"transfer-{args.data}" + (f"-{args.size}px" if args.size else "")))
+    for split in ("train", "test"):  # bad or missing target data fails before anything is written
+        load_split(cfg, split)
+    target.prepare(dump_yaml(cfg), resume=False, overwrite=args.overwrite)
+    atomic_write_bytes(target.encoder, source.encoder.read_bytes())
+    finetune(cfg, target, tuple(args.protocol) if args.protocol else None, progress=not args.quiet, overwrite=True)
+    results = evaluate_run(cfg, target, progress=not args.quiet)
+    write_report(target, title=f"{source.root.name} -> {args.data}")
+    print(results_table([(target.root.name, results)]))
+    print(f"results: {target.results}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `robustcl transfer` to the command line."""
+    p = sub.add_parser("transfer", help="fine-tune and evaluate a run's encoder on another dataset (e.g. STL-10)")
+    p.add_argument("--run", required=True, help="source run directory (its encoder.safetensors is used)")
+    p.add_argument("--data", required=True, help="target dataset name, e.g. stl10 or imagefolder")
+    p.add_argument("--size", type=int, help="resize target images to SIZE x SIZE (32 for a CIFAR encoder)")
+    p.add_argument("--root", help="directory holding the target dataset (data.root)")
+    p.add_argument("--val-size", type=int, default=500, help="held-out training images for epoch selection")
+    p.add_argument("--protocol", nargs="+", choices=["slf", "alf", "aff"], help="protocols (default: the run's)")
+    p.add_argument("--out", help="new run directory (default <run>/transfer-<data>[-<size>px])")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing transfer run in --out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="further overrides, e.g. finetune.epochs=10")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_transfer)
+
+
+__all__ = ["register", "transfer_config"]
