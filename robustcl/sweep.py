@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from robustcl.config import Config, ConfigError, build, dump_yaml, first_difference, load_config
+from robustcl.config import Config, ConfigError, build, dump_yaml, first_difference, from_mapping, load_config
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
 SWEEP_PACKAGE = "robustcl.presets"
@@ -258,6 +258,10 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
     if overwrite:
         return "new"
     stored = yaml.safe_load(run.config.read_text()) or {}
+    try:  # through today's schema: settings added since the run was made compare at their defaults
+        stored = yaml.safe_load(dump_yaml(from_mapping(stored)))
+    except ConfigError:
+        pass  # a key the schema no longer has: the raw comparison below names it
     diff = first_difference(stored, yaml.safe_load(dump_yaml(cfg)))
     if diff:
         return f"conflict: {run.root} was made with another config ({diff}); pass --overwrite to redo it or choose another --out"

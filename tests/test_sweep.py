@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 import robustcl.train.pretrain as pretrain_module
@@ -323,3 +324,20 @@ def test_cli_sweep_runs_prints_the_summary_and_overwrite_redoes(tmp_path, capsys
     assert main(["sweep", "--spec", str(spec), "--out", str(out), "--quiet", "--overwrite", *FAST]) == 0
     assert count_pretrain == [False, False]
     assert (out / "g-s0" / "results.json").stat().st_mtime_ns != first
+
+
+def test_a_run_made_before_a_setting_existed_is_still_reused(swept, count_pretrain):
+    """config.yaml written by an older robustcl lacks settings added since; at their defaults they are no change."""
+    spec, outcome = swept
+    out = outcome.plan.out
+    path = out / "simclr-s0" / "config.yaml"
+    original = path.read_text()
+    stored = yaml.safe_load(original)
+    del stored["eval"]["restarts"], stored["finetune"]["aff"]
+    path.write_text(yaml.safe_dump(stored, sort_keys=False))
+    try:
+        log: list[str] = []
+        run_sweep(str(spec), out, progress=False, echo=log.append)
+        assert count_pretrain == [] and all("done, skipped" in line for line in log)
+    finally:
+        path.write_text(original)
