@@ -122,16 +122,27 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    """An L-inf attack: eps and alpha in pixel units ([0,1]); YAML may write them as '8/255'."""
+    """An L-inf attack: eps and alpha in pixel units ([0,1]); YAML may write them as '8/255'.
+
+    mode: pgd (steps x alpha) or fgsm-rs (Wong et al. 2020: one step of 1.25 eps from a uniform
+    random start; needs steps=1, alpha is not used). Only phase-1 attacks may use fgsm-rs.
+    """
     eps: float = 8 / 255
     alpha: float = 2 / 255
     steps: int = 7
     random_start: bool = True
+    mode: Literal["pgd", "fgsm-rs"] = "pgd"
 
     def validate(self, where: str) -> None:
         _check(self.eps >= 0, f"{where}.eps", self.eps, "must be >= 0")
         _check(self.alpha > 0, f"{where}.alpha", self.alpha, "must be > 0")
         _check(self.steps >= 1, f"{where}.steps", self.steps, "must be >= 1")
+        _check(self.mode == "pgd" or where == "method.attack", f"{where}.mode", self.mode,
+               "must be pgd (fast attack modes are for phase-1 training only)")
+        _check(self.mode != "fgsm-rs" or self.steps == 1, f"{where}.steps", self.steps,
+               "must be 1 with mode fgsm-rs (one step of 1.25 eps)")
+        _check(self.mode != "fgsm-rs" or self.random_start, f"{where}.random_start", self.random_start,
+               "must be true with mode fgsm-rs (the random start is what prevents catastrophic overfitting)")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from robustcl.config import AttackConfig, ConfigError
 from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext, Terms, phase
-from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, pgd
+from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, fgsm_rs, pgd
 from robustcl.objectives.divergences import f_critic_accuracy
 from robustcl.views import strong_view, weak_view
 
@@ -126,12 +126,14 @@ def fixed_embedding(method: Method, x: torch.Tensor, branch: str, ctx: StepConte
 
 def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
              attack: AttackConfig, ctx: StepContext) -> torch.Tensor:
-    """PGD maximising `objective` (run under autocast) from x, in eval mode with parameters frozen."""
+    """PGD (or FGSM-RS) maximising `objective` (run under autocast) from x, eval mode, parameters frozen."""
     def wrapped(x_adv: torch.Tensor) -> torch.Tensor:
         with ctx.autocast():
             return objective(x_adv)
 
     with method.evaluating(), phase("attack"):
+        if attack.mode == "fgsm-rs":
+            return fgsm_rs(wrapped, x, attack.eps, None, ctx.generator, modules=[method])
         return pgd(wrapped, x, attack.eps, attack.alpha, attack.steps, attack.random_start, ctx.generator,
                    modules=[method])
 

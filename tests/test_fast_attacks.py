@@ -1,0 +1,61 @@
+"""FGSM-RS as a phase-1 attack mode: one step of 1.25 eps from a random start, validated config."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from robustcl.config import AttackConfig, ConfigError, load_config
+from robustcl.methods.base import StepContext
+from robustcl.methods.components import eval_pgd
+from robustcl.train.common import build_method
+
+
+def _method_and_ctx(overrides: list[str]):
+    cfg = load_config("smoke", overrides)
+    torch.manual_seed(0)
+    method = build_method(cfg, 1, (0.5,), (0.25,))
+    ctx = StepContext(method, torch.optim.SGD(method.encoder_parameters(), lr=0.1), None, None, (),
+                      torch.Generator().manual_seed(3), contextlib.nullcontext)
+    return cfg, method, ctx
+
+
+def test_fgsm_rs_mode_is_one_step_of_one_and_a_quarter_eps_from_a_uniform_start():
+    cfg, method, ctx = _method_and_ctx(["method.attack.mode=fgsm-rs", "method.attack.steps=1"])
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    direction = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return (z * direction).sum()  # gradient = direction everywhere
+    eps = cfg.method.attack.eps
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+    start = (x + (2 * noise - 1) * eps).clamp(0, 1)
+    expected = torch.min(torch.max(start + 1.25 * eps * direction.sign(), x - eps), x + eps).clamp(0, 1)
+    x_adv = eval_pgd(method, objective, x, cfg.method.attack, ctx)
+    assert torch.equal(x_adv, expected)
+    pgd_cfg = AttackConfig(eps=eps, alpha=cfg.method.attack.alpha, steps=1)
+    ctx.generator.manual_seed(3)
+    assert not torch.equal(eval_pgd(method, objective, x, pgd_cfg, ctx), expected)  # alpha, not 1.25 eps
+
+
+def test_fgsm_rs_mode_trains_every_attacking_method(tmp_path):
+    from robustcl.cli import main
+
+    for name in ("gbrcl", "acl"):
+        out = tmp_path / name
+        assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", f"method.name={name}",
+                     "method.attack.mode=fgsm-rs", "method.attack.steps=1", "train.max_steps=2"]) == 0
+        assert (out / "encoder.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.attack.mode=fgsm-rs"], "method.attack.steps=2 must be 1 with mode fgsm-rs"),
+    (["method.attack.mode=fgsm-rs", "method.attack.steps=1", "method.attack.random_start=false"],
+     "random_start=False must be true with mode fgsm-rs"),
+    (["eval.attack.mode=fgsm-rs", "eval.attack.steps=1"], "eval.attack.mode='fgsm-rs' must be pgd"),
+    (["method.attack.mode=free"], "method.attack.mode"),
+])
+def test_fast_attack_modes_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("smoke", overrides)
