@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from robustcl.config import AttackConfig, ConfigError
+from robustcl.distributed import Distributed
 from robustcl.models import Branch, Critic, Encoder, ProjectionHead, frozen_bn_stats
 from robustcl.objectives import SAM, frozen_parameters
 from robustcl.views import StrongViewConfig, WeakViewConfig
@@ -50,13 +51,20 @@ class MethodConfig:
 
 
 class StepContext:
-    """Optimisation mechanics for one phase-1 step: autocast, SAM, the two optimisers."""
+    """Optimisation mechanics for one phase-1 step: autocast, SAM, the two optimisers, cross-rank gradients.
+
+    With a `distributed` job of several ranks, every optimiser step is preceded by the mean
+    all-reduce of its parameters' gradients (coalesced; see `robustcl.distributed` for why the mean
+    of per-rank gradients is the single-process gradient of the global batch), so parameters stay
+    identical on every rank. A single process (the default) does no communication at all.
+    """
 
     def __init__(self, method: "Method", optimizer: torch.optim.Optimizer,
                  critic_optimizer: torch.optim.Optimizer | None, sam: SAM | None,
                  sam_terms: tuple[str, ...], generator: torch.Generator, autocast: Callable[[], contextlib.AbstractContextManager],
                  strong: StrongViewConfig = StrongViewConfig(), weak: WeakViewConfig = WeakViewConfig(),
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, distributed: Distributed | None = None) -> None:
+        self.distributed = distributed if distributed is not None else Distributed()
         self.method = method
         self.strong = strong
         self.weak = weak
@@ -73,10 +81,11 @@ class StepContext:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def critic_step(self, loss: torch.Tensor) -> None:
-        """One optimiser step of D on its own loss."""
+        """One optimiser step of D on its own loss (its gradient averaged over ranks first)."""
         assert self.critic_optimizer is not None
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.distributed.all_reduce_grads(optimizer_params(self.critic_optimizer))
         self.critic_optimizer.step()
 
     def encoder_step(self, terms_fn: Callable[[tuple[str, ...] | None], Terms],
@@ -85,6 +94,10 @@ class StepContext:
 
         `terms_fn(None)` computes every term at the current parameters; `terms_fn(names)` only the
         named ones (used for the SAM pass at theta + e, with BN running statistics frozen).
+        Across ranks, SAM's ascent direction is the ALL-REDUCED gradient of the sharp terms (that of
+        the global batch), so e is the same on every rank and the step equals the single-process one;
+        a rank-local e would save one all-reduce but perturb each rank differently. The accumulated
+        gradient is averaged over ranks once, just before the optimiser step.
         """
         method, opt = self.method, self.optimizer
         method.train()
@@ -104,6 +117,7 @@ class StepContext:
                 rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
                 grads = torch.autograd.grad(sharp, self.sam.params, retain_graph=rest.requires_grad,
                                             allow_unused=True)
+                self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
                 if rest.requires_grad:
                     rest.backward()
                 with phase("sam_second_pass"):
@@ -112,6 +126,7 @@ class StepContext:
                         perturbed = terms_fn(sharp_names)
                     weighted_sum(perturbed, weights).backward()
                     self.sam.descend()
+        self.distributed.all_reduce_grads(optimizer_params(opt))
         opt.step()
         return {k: v.detach() for k, v in terms.items()}
 
@@ -123,6 +138,11 @@ def phase(name: str) -> torch.profiler.record_function:
     """A named profiler range for one part of the step (free when no profiler runs); `robustcl bench` sums them."""
     assert name in PHASES, name
     return torch.profiler.record_function(f"robustcl::{name}")
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter an optimiser steps, in param-group order (the same order on every rank)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def weighted_sum(terms: Terms, weights: dict[str, float]) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """InfoNCE / NT-Xent (SimCLR) over two stacked views, with an optional cross-rank gather."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -9,18 +11,36 @@ import torch.nn.functional as F
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
+_DEFAULT_GATHER: contextvars.ContextVar[Gather | None] = contextvars.ContextVar("robustcl_gather", default=None)
+
+
+@contextlib.contextmanager
+def default_gather(gather: Gather | None) -> Iterator[None]:
+    """Inside the block, `info_nce` / `multi_positive_nce` calls that pass no `gather` use this one.
+
+    Phase-1 training enters it with `gather_with_grad` when the job has more than one rank, so every
+    method's contrastive terms (and its attack's) take their negatives from the global batch without
+    each method threading a `gather` argument through; None (a single process) changes nothing.
+    """
+    token = _DEFAULT_GATHER.set(gather)
+    try:
+        yield
+    finally:
+        _DEFAULT_GATHER.reset(token)
+
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0, keeping the gradient to the local rows.
+    """Concatenate `x` from every rank along dim 0 (rank order), keeping the gradient to the local rows.
 
-    `torch.distributed.nn.all_gather` back-propagates to each rank's own slice, so the loss on the
-    gathered batch equals the single-process loss on the concatenated global batch.
+    The backward sums, over ranks, the gradient each rank's loss sends to a slice and hands it to the
+    slice's owner: rank r receives d(sum_s L_s)/d x_r, where L_s is rank s's loss. See `info_nce`
+    for how that sum is scaled.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from robustcl.distributed import all_gather_with_grad
 
-    return torch.cat(all_gather(x), dim=0)
+    return all_gather_with_grad(x)
 
 
 def info_nce(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.5,
@@ -28,8 +48,12 @@ def info_nce(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.5,
     """NT-Xent over the 2N rows [u; v]: row i's positive is its twin, the other 2N-2 rows are negatives.
 
     `u`, `v` are (N, d) embeddings (normalised here, in fp32). The loss is averaged over the 2N rows.
-    With `gather` (e.g. `gather_with_grad`) the negatives come from the global batch across ranks
-    and the result equals the single-process loss on the concatenated global batch.
+    With `gather` (e.g. `gather_with_grad`; default: the one set by `default_gather`) the keys, hence
+    the negatives, are the global batch of all ranks (rank-order concatenation, equal N per rank),
+    while the queries stay this rank's 2N rows: rank r returns L_r, the mean over its own rows of
+    the global-batch loss, so mean_r L_r equals the single-process loss on the concatenated batch,
+    and (the gather's backward summing over ranks) the MEAN over ranks of the parameter gradients
+    equals the single-process gradient. `robustcl.distributed` relies on exactly this.
     """
     if u.shape != v.shape or u.dim() != 2:
         raise ValueError(f"info_nce needs two (N, d) tensors of equal shape, got {tuple(u.shape)} and {tuple(v.shape)}")
@@ -37,6 +61,7 @@ def info_nce(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.5,
     v = F.normalize(v.float(), dim=1)
     n_local = u.shape[0]
     offset = 0
+    gather = gather if gather is not None else _DEFAULT_GATHER.get()
     if gather is not None:
         u_all, v_all = gather(u), gather(v)
         if dist.is_available() and dist.is_initialized():
@@ -61,7 +86,8 @@ def multi_positive_nce(views: list[torch.Tensor] | tuple[torch.Tensor, ...], tem
 
     Rows are the V*N stacked embeddings; for row i with positives P(i) (the V-1 other views of its
     image) the loss is mean_{p in P(i)} -log( exp(s_ip/tau) / sum_{k != i} exp(s_ik/tau) ),
-    averaged over all rows. With V = 2 it equals `info_nce`. `gather` works as in `info_nce`.
+    averaged over all rows. With V = 2 it equals `info_nce`. `gather` (and its default from
+    `default_gather`) works as in `info_nce`: queries are this rank's rows, keys the global batch.
     """
     views = list(views)
     if len(views) < 2 or any(v.dim() != 2 or v.shape != views[0].shape for v in views):
@@ -70,6 +96,7 @@ def multi_positive_nce(views: list[torch.Tensor] | tuple[torch.Tensor, ...], tem
     zs = [F.normalize(v.float(), dim=1) for v in views]
     n_views, n_local = len(zs), zs[0].shape[0]
     offset = 0
+    gather = gather if gather is not None else _DEFAULT_GATHER.get()
     if gather is not None:
         key_views = [gather(z) for z in zs]
         if dist.is_available() and dist.is_initialized():

@@ -1,4 +1,9 @@
-"""Phase 1: the pre-training loop (SGD with warm-up + cosine, exact resume, metrics, checkpoints)."""
+"""Phase 1: the pre-training loop (SGD with warm-up + cosine, exact resume, metrics, checkpoints).
+
+Data-parallel over several processes when launched by torchrun (`robustcl.distributed`): each rank
+trains on its shard of the global batch with identical parameters; rank 0 alone shows progress,
+writes metrics, checkpoints and the encoder. A single process is the same code with world size 1.
+"""
 from __future__ import annotations
 
 import math
@@ -12,9 +17,12 @@ import torch
 from tqdm import tqdm
 
 from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference
+from robustcl.distributed import Distributed, job_from_env, rank_seed
 from robustcl.export import export_encoder
 from robustcl.methods import Method, StepContext
+from robustcl.models.dual_bn import cross_rank_batch_norm
 from robustcl.objectives import SAM
+from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.train.common import autocast_factory, build_method, load_split, resolve_device, train_val_indices
 from robustcl.train.diagnostics import Diagnostics, drop_after
@@ -41,14 +49,21 @@ class PretrainResult:
 
 
 class Pretrainer:
-    """Builds everything phase 1 needs from a Config and runs it inside a run directory."""
+    """Builds everything phase 1 needs from a Config and runs it inside a run directory.
 
-    def __init__(self, cfg: Config, run: RunDir) -> None:
+    `distributed` (default: the initialised process group, else a single process) is this
+    process's rank in a data-parallel job: it trains on its shard of every global batch, with
+    cross-rank batch norm, InfoNCE keys gathered from all ranks and gradients averaged over ranks.
+    """
+
+    def __init__(self, cfg: Config, run: RunDir, distributed: Distributed | None = None) -> None:
         self.cfg, self.run = cfg, run
+        self.dist = distributed if distributed is not None else Distributed.current()
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        self.device = self.dist.device(resolve_device(t.device))
+        self.dist.shard(t.batch_size)  # a batch the ranks cannot split evenly fails here, before any write
         data = load_split(cfg, "train")
         train_idx, val_idx = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
         if cfg.data.train_limit is not None:
@@ -58,7 +73,10 @@ class Pretrainer:
         if len(self.images) < t.batch_size:
             raise RunError(f"train.batch_size={t.batch_size} exceeds the {len(self.images)} training images; lower it")
         torch.manual_seed(cfg.seed)
-        self.method: Method = build_method(cfg, data.info.channels, data.info.mean, data.info.std).to(self.device)
+        self.method: Method = build_method(cfg, data.info.channels, data.info.mean, data.info.std)
+        if self.dist.world > 1:  # before the optimisers: the converted BNs keep the same Parameter objects
+            cross_rank_batch_norm(self.method)
+        self.method.to(self.device)
         if t.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.method.encoder_parameters(), lr=t.lr, momentum=t.momentum,
@@ -71,63 +89,99 @@ class Pretrainer:
         sam_cfg = self.method.sam_config()
         self.sam = (SAM(self.method.encoder_parameters(), sam_cfg.rho, adaptive=sam_cfg.mode == "asam")
                     if sam_cfg.mode != "off" else None)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.steps_per_epoch = len(self.images) // t.batch_size
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.ctx = StepContext(self.method, self.optimizer, self.critic_optimizer, self.sam, sam_cfg.terms,
                                self.generator, autocast_factory(self.device, t.precision),
                                strong=cfg.views.strong.build(), weak=cfg.views.weak.build(),
-                               channels_last=t.channels_last)
+                               channels_last=t.channels_last, distributed=self.dist)
         self.diagnostics = (Diagnostics(cfg, self.method, data.images[val_idx], data.labels[val_idx],
                                         data.info.num_classes, self.device, self.ctx.autocast, self.ctx.prepare)
-                            if cfg.diagnostics.every > 0 else None)  # held-out labels: measured, never trained on
+                            if cfg.diagnostics.every > 0 and self.dist.is_main else None)
+        # (held-out labels: measured, never trained on; rank 0 alone measures and logs)
         self.step = 0
+        self.sync_from_main()
+
+    def sync_from_main(self) -> None:
+        """Copy rank 0's parameters and buffers to every rank (a no-op for a single process)."""
+        self.dist.broadcast_(self.method.state_dict().values())
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs; loadable with torch.load(weights_only=True)."""
-        return {
+    def rng_state(self) -> dict[str, Any]:
+        """This rank's random state: its view generator, torch's and Python's global RNGs, CUDA's."""
+        return {"views": self.generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything an exact resume needs; loadable with torch.load(weights_only=True).
+
+        Model and optimiser state are the same on every rank. "rng" is this process's random state;
+        a job of several ranks also stores "rng_ranks", every rank's, in rank order (gathered by
+        `save_checkpoint`), and "world_size" says how many ranks wrote it.
+        """
+        state = {
             "step": self.step,
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
             "sam": {"rho": self.sam.rho, "adaptive": self.sam.adaptive} if self.sam else None,
             "scheduler": {"step": self.step, "total": self.total_steps, "warmup": self.warmup_steps},
-            "rng": {"views": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "rng": self.rng_state(),
+            "world_size": self.dist.world,
             "config": self.cfg.to_dict(),
         }
+        if rng_ranks is not None and self.dist.world > 1:
+            state["rng_ranks"] = rng_ranks
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore model, optimisers, step and this rank's random state ("rng_ranks"[rank] when present)."""
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic_optimizer is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.generator.set_state(state["rng"]["views"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"]
+        self.generator.set_state(rng["views"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> None:
-        """Write checkpoints/last.pt atomically, refusing non-finite parameters (one host sync)."""
+        """Write checkpoints/last.pt atomically (rank 0), refusing non-finite parameters (one host sync).
+
+        Every rank calls it: parameters are identical across ranks, so all of them stop together on
+        a non-finite one, and each contributes its random state to the checkpoint.
+        """
         finite = torch.stack([torch.isfinite(p).all() for p in self.method.parameters()]).all()
         if not finite:
             raise NonFiniteLoss(f"non-finite parameters at step {self.step}; kept the last good checkpoint "
                                 f"{self.run.checkpoint}; lower train.lr or use train.precision=fp32")
-        save_torch_atomic(self.state_dict(), self.run.checkpoint)
+        rng_ranks = self.dist.all_gather_object(self.rng_state()) if self.dist.world > 1 else None
+        self.dist.on_main(lambda: save_torch_atomic(self.state_dict(rng_ranks), self.run.checkpoint))
 
     def resume(self) -> None:
-        """Load checkpoints/last.pt (refusing a config that changes phase 1) and drop later metrics."""
+        """Load checkpoints/last.pt (refusing a config that changes phase 1, or another number of ranks)
+        and drop later metrics."""
         state = torch.load(self.run.checkpoint, map_location=self.device, weights_only=True)
         changed = first_difference(state["config"], self.cfg.to_dict(), ignore=PHASE1_FREE)
         if changed:
             raise RunError(f"cannot resume {self.run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world:
+            raise RunError(f"cannot resume {self.run.root}: its checkpoint was written by {saved_world} process(es) "
+                           f"and this job has {self.dist.world}; resume with the same number "
+                           f"(torchrun --nproc_per_node={saved_world}, or no torchrun for 1)")
         self.load_state_dict(state)
+        self.sync_from_main()
+        self.dist.on_main(self._rewind_logs)
+
+    def _rewind_logs(self) -> None:
+        """Drop metrics logged after the checkpoint's step and restore the diagnostics' history (rank 0)."""
         self.run.truncate_metrics(self.step)
         drop_after(self.run, self.step)
         if self.diagnostics is not None:
@@ -135,19 +189,33 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ loop
     def batch(self, step: int) -> torch.Tensor:
-        """The uint8 batch of global step `step`: a seeded permutation per epoch, so resume is exact."""
+        """This rank's uint8 rows of global step `step`'s batch: a seeded permutation per epoch (the same
+        on every rank), so resume is exact; rank r takes the r-th contiguous 1/world of the batch."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if getattr(self, "_perm_epoch", None) != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
             self._perm = torch.randperm(len(self.images), generator=gen).to(self.device)
             self._perm_epoch = epoch
         b = self.cfg.train.batch_size
-        return self.images[self._perm[i * b:(i + 1) * b]]
+        return self.images[self._perm[i * b:(i + 1) * b][self.dist.shard(b)]]
+
+    def mean_stats(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """The logged step statistics: per-step means over the window, averaged over ranks (one host sync).
+
+        Every statistic is a per-rank mean (InfoNCE over the rank's queries), so the average over
+        ranks is the value of the global batch.
+        """
+        if not sums:
+            return {}
+        values = torch.stack([v.float() for v in sums.values()]) / count
+        self.dist.all_reduce_mean_([values])
+        return dict(zip(sums, values.tolist()))
 
     def fit(self, progress: bool = True) -> PretrainResult:
         t = self.cfg.train
+        main = self.dist.is_main
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.cfg.method.name}",
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+                   disable=not (progress and main), file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         sums: dict[str, torch.Tensor] = {}
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
         start_step = self.step
@@ -155,7 +223,8 @@ class Pretrainer:
             lr = learning_rate(self.step, self.total_steps, self.warmup_steps, t.lr, t.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            stats = self.method.training_step(self.batch(self.step), self.ctx)
+            with default_gather(self.dist.gather):  # InfoNCE keys from every rank (none for one process)
+                stats = self.method.training_step(self.batch(self.step), self.ctx)
             for k, v in stats.items():  # accumulate on device: no host sync in the hot loop
                 sums[k] = sums[k] + v.float() if k in sums else v.float()
             count += 1
@@ -163,7 +232,7 @@ class Pretrainer:
             bar.update(1)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if self.step % t.log_every == 0 or self.step == self.total_steps or end_of_epoch:
-                last = {k: (v / count).item() for k, v in sums.items()}
+                last = self.mean_stats(sums, count)
                 bad = [k for k, v in last.items() if not math.isfinite(v)]
                 if bad:
                     bar.close()
@@ -171,11 +240,12 @@ class Pretrainer:
                                         f"and {self.run.checkpoint} keeps the last good state; lower train.lr")
                 now = time.perf_counter()
                 ips = count * t.batch_size / max(now - window_start, 1e-9)
-                self.run.log({"phase": "pretrain", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "lr": lr, "images_per_s": ips, **last})
+                if main:
+                    self.run.log({"phase": "pretrain", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                  "lr": lr, "images_per_s": ips, **last})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
                 sums, count, window_start = {}, 0, now
-            if self.diagnostics is not None and self.diagnostics.due(self.step, self.total_steps):
+            if self.diagnostics is not None and self.diagnostics.due(self.step, self.total_steps):  # rank 0 only
                 record = self.diagnostics.check(self.step, last)
                 self.run.log(record)
                 window_start += record["seconds"]  # images_per_s keeps measuring training alone
@@ -184,22 +254,29 @@ class Pretrainer:
         bar.close()
         seconds = time.perf_counter() - t0
         done = self.step - start_step
+        self.dist.on_main(self._finish)
+        return PretrainResult(self.step, seconds, done * t.batch_size / max(seconds, 1e-9), last)
+
+    def _finish(self) -> None:
+        """Export the encoder and mark phase 1 done (rank 0)."""
         export_encoder(self.method.encoder, self.run.encoder, self.info, self.cfg)
         atomic_write_text(self.run.pretrain_done, f"{self.step}\n")
-        return PretrainResult(self.step, seconds, done * t.batch_size / max(seconds, 1e-9), last)
 
 
 def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = False,
              progress: bool = True) -> PretrainResult | None:
     """Phase 1 for `cfg` in `run`; with resume, continue from checkpoints/last.pt.
 
-    Returns None when the run's phase 1 had already finished (nothing to do).
+    Under torchrun (or inside an initialised process group) every process calls this and they train
+    data-parallel (`robustcl.distributed`); rank 0 writes the run directory. Returns None when the
+    run's phase 1 had already finished (nothing to do).
     """
     if resume and run.pretrain_done.is_file() and run.encoder.is_file():
         return None
-    trainer = Pretrainer(cfg, run)  # reads the data and builds the model: bad input fails before any write
-    resuming = run.prepare(dump_yaml(cfg), resume, overwrite)
-    if resuming:
-        trainer.resume()
-        atomic_write_text(run.config, dump_yaml(cfg))  # only PHASE1_FREE settings can differ here
-    return trainer.fit(progress)
+    with job_from_env(resolve_device(cfg.train.device)) as job:
+        trainer = Pretrainer(cfg, run, job)  # reads the data and builds the model: bad input fails before any write
+        resuming = job.on_main(lambda: run.prepare(dump_yaml(cfg), resume, overwrite))
+        if resuming:
+            trainer.resume()
+            job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only PHASE1_FREE settings differ
+        return trainer.fit(progress)
