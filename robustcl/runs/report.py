@@ -144,6 +144,8 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
         text += ["## Mixed-branch reading (reference protocol; not a headline number)", "", *mixed, ""]
     if plot_diagnostics([(run.root.name, run)], run.plots / "diagnostics.png"):
         text += diagnostics_section(run)
+    if (run.root / "bound.md").is_file():  # the "Bound terms" section written by `robustcl bound`
+        text += [(run.root / "bound.md").read_text(encoding="utf-8"), ""]
     atomic_write_text(run.report, "\n".join(text))
     return run.report
 
