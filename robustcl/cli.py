@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     run = RunDir(args.out or Path("runs") / cfg.name)
     result = pretrain(cfg, run, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if not main_process():
+        return 0
     if result is None:
         print(f"{run.root}: phase 1 already finished; nothing to do")
     else:
@@ -106,9 +109,16 @@ def evaluate_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job: they train, rank 0 alone reports and goes on."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """pretrain -> finetune -> evaluate in one go."""
+    """pretrain -> finetune -> evaluate in one go (under torchrun: phase 1 on every rank, the rest on rank 0)."""
     cmd_pretrain(args)
+    if not main_process():
+        return 0
     cfg = load_config(args.config, args.overrides) if not args.resume else _run_config(Path(args.out), args.overrides)
     run_dir = args.out or str(Path("runs") / cfg.name)
     ns = argparse.Namespace(run=run_dir, overrides=[], protocol=None, quiet=args.quiet, overwrite=True)
@@ -238,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.fn(args)
     except _user_errors() as exc:
-        print(f"robustcl: error: {exc}", file=sys.stderr)
+        if main_process():  # under torchrun every rank raises the same error: say it once
+            print(f"robustcl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robustcl: interrupted; resume with --resume --out <run dir>", file=sys.stderr)

@@ -362,7 +362,8 @@ def test_torchrun_resume_continues_exactly(ranks, tmp_path):
     straight = RunDir(ranks[0]["dir"] / "straight")
     killed = RunDir(tmp_path / "killed")
     shutil.copytree(ranks[0]["dir"] / "killed", killed.root)  # stopped after step 3 by the spawned ranks
-    _torchrun("--resume", "--out", str(killed.root))
+    proc = _torchrun("--resume", "--out", str(killed.root))
+    assert proc.stdout.count("4 steps") == 1, proc.stdout  # rank 0 alone reports
     a, b = (torch.load(run.checkpoint, weights_only=True) for run in (straight, killed))
     assert a["step"] == b["step"] == 4 and a["world_size"] == b["world_size"] == WORLD
     for key in a["model"]:
