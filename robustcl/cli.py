@@ -23,9 +23,9 @@ EXTRA_COMMANDS: tuple[str, ...] = (
 def _user_errors() -> tuple[type[BaseException], ...]:
     from robustcl.data import DataError
     from robustcl.runs import RunError
-    from robustcl.train.pretrain import NonFiniteLoss
+    from robustcl.train.pretrain import CatastrophicOverfitting, NonFiniteLoss
 
-    return (ConfigError, DataError, RunError, NonFiniteLoss, FileNotFoundError)
+    return (ConfigError, DataError, RunError, NonFiniteLoss, CatastrophicOverfitting, FileNotFoundError)
 
 
 def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:

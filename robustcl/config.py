@@ -304,6 +304,7 @@ class DiagnosticsConfig:
     robust_drop: float = 0.5
     robust_floor: float = 1.5           # x chance
     clean_floor: float = 3.0            # x chance
+    on_collapse: Literal["warn", "stop"] = "warn"  # catastrophic-overfitting guard: stop keeps the last checkpoint
 
     def validate(self) -> None:
         for key in ("every", "loss_warmup_checks"):
@@ -318,6 +319,8 @@ class DiagnosticsConfig:
         _check(0 <= lo <= hi <= 1, "diagnostics.critic_chance", self.critic_chance, "must satisfy 0 <= low <= high <= 1")
         _check(self.loss_rise > 1, "diagnostics.loss_rise", self.loss_rise, "must be > 1")
         _check(self.loss_rising_checks >= 2, "diagnostics.loss_rising_checks", self.loss_rising_checks, "must be >= 2")
+        _check(self.on_collapse == "warn" or self.every > 0, "diagnostics.on_collapse", self.on_collapse,
+               "needs diagnostics.every > 0 (the guard acts on the held-out robust k-NN checks)")
         _check(0 < self.robust_drop < 1, "diagnostics.robust_drop", self.robust_drop, "must be in (0, 1)")
         for key in ("robust_floor", "clean_floor"):
             _check(getattr(self, key) > 0, f"diagnostics.{key}", getattr(self, key), "must be > 0")

@@ -59,3 +59,30 @@ def test_fgsm_rs_mode_trains_every_attacking_method(tmp_path):
 def test_fast_attack_modes_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("smoke", overrides)
+
+
+def test_the_overfitting_guard_stops_at_a_robust_collapse_and_keeps_the_checkpoint_before_it(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Held-out robust k-NN 0.8, 0.8, then 0.1 with clean 0.9: FGSM-RS's catastrophic overfitting signature."""
+    from robustcl.cli import main
+    from robustcl.train import diagnostics
+
+    robust = iter([0.8, 0.8, 0.1, 0.1])
+    monkeypatch.setattr(diagnostics.Diagnostics, "measure",
+                        lambda self, step: {"knn_clean": 0.9, "knn_robust": next(robust)})
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "smoke", "--out", str(out), "--quiet", "method.attack.mode=fgsm-rs",
+            "method.attack.steps=1", "train.checkpoint_every=1", "diagnostics.every=1"]
+    assert main([*args, "diagnostics.on_collapse=stop"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped at step 3: robust-collapse" in err and "method.attack.mode=pgd" in err
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 2  # the state before it
+    assert not (out / "encoder.safetensors").exists()
+    robust = iter([0.1, 0.1])
+    assert main(["pretrain", "--out", str(out), "--resume", "--quiet", "diagnostics.on_collapse=warn"]) == 0
+    assert (out / "encoder.safetensors").exists()
+
+
+def test_the_overfitting_guard_needs_diagnostics():
+    with pytest.raises(ConfigError, match="diagnostics.on_collapse='stop' needs diagnostics.every > 0"):
+        load_config("smoke", ["diagnostics.on_collapse=stop", "diagnostics.every=0"])

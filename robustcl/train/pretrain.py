@@ -32,6 +32,10 @@ class NonFiniteLoss(RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is kept."""
 
 
+class CatastrophicOverfitting(RuntimeError):
+    """The held-out robust k-NN accuracy collapsed (diagnostics.on_collapse=stop); the last checkpoint is kept."""
+
+
 def learning_rate(step: int, total: int, warmup: int, base: float, floor: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine from `base` to `floor` at `total`."""
     if warmup > 0 and step < warmup:
@@ -211,6 +215,14 @@ class Pretrainer:
         self.dist.all_reduce_mean_([values])
         return dict(zip(sums, values.tolist()))
 
+    def _diagnose(self, last: dict[str, float]) -> tuple[float, str | None]:
+        """One diagnostics check (rank 0): logged; returns its seconds and the robust-collapse warning if any."""
+        assert self.diagnostics is not None
+        record = self.diagnostics.check(self.step, last)
+        self.run.log(record)
+        collapse = next((w for w in record["warnings"] if w.startswith("robust-collapse")), None)
+        return record["seconds"], collapse
+
     def fit(self, progress: bool = True) -> PretrainResult:
         t = self.cfg.train
         main = self.dist.is_main
@@ -245,10 +257,16 @@ class Pretrainer:
                                   "lr": lr, "images_per_s": ips, **last})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
                 sums, count, window_start = {}, 0, now
-            if self.diagnostics is not None and self.diagnostics.due(self.step, self.total_steps):  # rank 0 only
-                record = self.diagnostics.check(self.step, last)
-                self.run.log(record)
-                window_start += record["seconds"]  # images_per_s keeps measuring training alone
+            every = self.cfg.diagnostics.every
+            if every > 0 and (self.step % every == 0 or self.step == self.total_steps):
+                seconds, collapse = self.dist.on_main(lambda: self._diagnose(last))  # rank 0 measures
+                window_start += seconds  # images_per_s keeps measuring training alone
+                if collapse and self.cfg.diagnostics.on_collapse == "stop":
+                    bar.close()
+                    raise CatastrophicOverfitting(
+                        f"stopped at step {self.step}: {collapse}; {self.run.checkpoint} keeps the last state "
+                        "before it. Train with method.attack.mode=pgd (more steps), a lower train.lr, or "
+                        "diagnostics.on_collapse=warn to continue anyway")
             if self.step % t.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                 self.save_checkpoint()
         bar.close()
