@@ -16,6 +16,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 # Modules that add their own subcommand through `register(subparsers)`; one line each.
 EXTRA_COMMANDS: tuple[str, ...] = (
     "robustcl.transfer",
+    "robustcl.bench",
     "robustcl.bound.cli",
 )
 

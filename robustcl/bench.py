@@ -1,0 +1,569 @@
+"""`robustcl bench`: phase-1 step throughput, its split by phase, FLOPs, GEMM-peak fraction, memory.
+
+For each config x batch size x precision it builds the method, optimisers, SAM and StepContext
+exactly as `Pretrainer` does (without reading the dataset: the batch is random uint8 data of the
+dataset's shape) and measures, in this order:
+
+* FLOPs per image: one eager step under a dispatch-level counter that applies torch's own flop
+  formulas (`torch.utils.flop_counter.flop_registry`). torch's FlopCounterMode cannot be used: its
+  module hooks fail under `autograd.grad` w.r.t. inputs (the attack), still so in torch 2.13.
+* images/s: median (and min/max) of `--steps` timed steps after `--warmup` steps (CUDA-synchronised).
+* the phase split, in a separate pass so profiling does not slow the timed steps: the time inside
+  each `robustcl::<phase>` range (methods/base.py `phase`), nested ranges subtracted from their
+  parent (sam_second_pass runs inside encoder_step), and "other" = step wall time - phases. On CPU
+  the ranges come from torch.profiler; on CUDA ("synced") each range is timed with the device
+  synchronised at its start and end, so it holds the GPU work launched inside it.
+* the fraction of a torch.mm peak (same dtype, device and process; the best of one run just before
+  and one just after the timed steps) that the step achieves, and
+  peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS, ru_maxrss).
+
+Run as `robustcl bench ...` or, without the CLI's other imports, `python -m robustcl.bench ...`.
+The three step kinds of issue 5 (the paper's step, plain adversarial InfoNCE, SimCLR) in one run:
+    robustcl bench --config cifar10-gbrcl --config cifar10-ablation-adv-only --config cifar10-simclr
+                   --batch-size 32 --precision fp32 bf16 --channels-last --steps 3 --warmup 1 --threads 2
+(one command line; key=value overrides go before the options and apply to every config).
+
+--json writes {schema, torch, threads, flop_counter, cuda_device, loadavg_before, loadavg_after,
+options, results}; each result has RESULT_KEYS: config, method, batch, precision, channels_last,
+compiled, compile_error, compile_s (first compiled step), steps, warmup, step_s (timed steps),
+step_s_median, images_per_s (batch / median step), images_per_s_min/_max, gflop_per_image,
+achieved_gflops, gemm_peak_gflops, fraction_of_peak, phases_s and phase_fractions (per phase and
+"other", from the profiled pass), gflop_per_image_by_phase (FLOPs counted in each innermost phase
+range), phase_gflops (a phase's FLOPs / its profiled time: which phase uses the hardware worst),
+profiled_step_s, phase_timing (profiler | synced), peak_memory_mib, memory_kind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
+
+from robustcl.config import Config, ConfigError, load_config
+
+SCHEMA = "robustcl.bench/1"
+PHASE_PREFIX = "robustcl::"
+PRECISIONS = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Keys of each entry of the report's "results" list (documented in `robustcl bench --help`).
+RESULT_KEYS = ("config", "method", "batch", "precision", "channels_last", "compiled", "compile_error",
+               "compile_s", "steps", "warmup", "step_s", "step_s_median", "images_per_s", "images_per_s_min",
+               "images_per_s_max", "gflop_per_image", "achieved_gflops", "gemm_peak_gflops", "fraction_of_peak",
+               "phases_s", "phase_fractions", "gflop_per_image_by_phase", "phase_gflops", "profiled_step_s",
+               "phase_timing", "peak_memory_mib", "memory_kind")
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of every op in torch's flop registry (mm, conv, ...), forward and backward.
+
+    Dispatch level only (no module hooks), so it works through `autograd.grad` on inputs. Each op's
+    FLOPs also go to the innermost phase on `phases` (a stack the caller maintains), else to "other".
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.phases: list[str] = []
+        self.by_phase: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            shape = lambda x: x.shape if isinstance(x, torch.Tensor) else x  # noqa: E731
+            flops = flop_registry[packet](*tree_map(shape, args), **tree_map(shape, kwargs),
+                                          out_val=tree_map(shape, out))
+            self.total += flops
+            self.by_phase[self.phases[-1] if self.phases else "other"] += flops
+        return out
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything `fn()` dispatches (forward, backward, optimiser), by torch's formulas."""
+    counter = FlopCount()
+    with counter:
+        fn()
+    return int(counter.total)
+
+
+def count_flops_by_phase(fn: Callable[[], Any]) -> dict[str, int]:
+    """FLOPs of `fn()` per innermost robustcl::<phase> range ("other": outside every range)."""
+    counter = FlopCount()
+    with phase_hooks(counter.phases.append, lambda name: counter.phases.pop()), counter:
+        fn()
+    return dict(counter.by_phase)
+
+
+def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n torch.mm in `dtype` on `device` (the yardstick for the step)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------ phase times
+Interval = tuple[str, float, float]  # (phase name, start s, end s)
+
+
+def exclusive_phase_times(intervals: Sequence[Interval]) -> dict[str, float]:
+    """Seconds per phase with each range's nested phase ranges subtracted from it (ranges nest properly)."""
+    totals: dict[str, float] = defaultdict(float)
+    stack: list[Interval] = []
+    for name, start, end in sorted(intervals, key=lambda r: (r[1], -r[2])):
+        while stack and stack[-1][2] <= start:
+            stack.pop()
+        totals[name] += end - start
+        if stack:
+            totals[stack[-1][0]] -= end - start
+        stack.append((name, start, end))
+    return dict(totals)
+
+
+def profiler_intervals(events: Sequence[Any]) -> list[Interval]:
+    """The robustcl::<phase> ranges of a torch.profiler run as (phase, start s, end s)."""
+    return [(e.name[len(PHASE_PREFIX):], e.time_range.start / 1e6, e.time_range.end / 1e6)
+            for e in events if e.name.startswith(PHASE_PREFIX) and e.device_type == torch.autograd.DeviceType.CPU]
+
+
+@contextlib.contextmanager
+def phase_hooks(on_enter: Callable[[str], Any], on_exit: Callable[[str], Any]) -> Iterator[None]:
+    """Inside the block, on_enter(phase) / on_exit(phase) run at the start / end of every robustcl::<phase> range.
+
+    methods/base.py `phase` looks `torch.profiler.record_function` up at each call, so swapping that
+    attribute for a subclass reaches every range; the original is restored on exit.
+    """
+    base = torch.autograd.profiler.record_function
+
+    class HookedRange(base):  # type: ignore[misc, valid-type]
+        def __enter__(self) -> Any:
+            if self.name.startswith(PHASE_PREFIX):
+                on_enter(self.name[len(PHASE_PREFIX):])
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            out = super().__exit__(*exc)
+            if self.name.startswith(PHASE_PREFIX):
+                on_exit(self.name[len(PHASE_PREFIX):])
+            return out
+
+    saved = torch.profiler.record_function
+    torch.profiler.record_function = HookedRange  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.profiler.record_function = saved  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def synced_phase_ranges(device: torch.device, log: list[Interval]) -> Iterator[None]:
+    """Inside the block, every robustcl::<phase> range syncs `device` at entry and exit and logs its wall time."""
+    starts: list[float] = []
+
+    def enter(name: str) -> None:
+        _sync(device)
+        starts.append(time.perf_counter())
+
+    def leave(name: str) -> None:
+        _sync(device)
+        log.append((name, starts.pop(), time.perf_counter()))
+
+    with phase_hooks(enter, leave):
+        yield
+
+
+def measure_phases(step: Callable[[], Any], device: torch.device, steps: int,
+                   mode: str) -> tuple[dict[str, float], float]:
+    """(seconds per phase per step incl. "other", wall seconds per step) over `steps` profiled steps."""
+    walls: list[float] = []
+
+    def run() -> None:
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            walls.append(time.perf_counter() - t0)
+
+    if mode == "profiler":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        intervals = profiler_intervals(prof.events())
+    else:
+        intervals = []
+        with synced_phase_ranges(device, intervals):
+            run()
+    wall = sum(walls) / steps
+    phases = {name: total / steps for name, total in exclusive_phase_times(intervals).items()}
+    phases["other"] = wall - sum(phases.values())
+    return phases, wall
+
+
+# ------------------------------------------------------------------------------------- the step
+@dataclass
+class StepSetup:
+    """A ready-to-run phase-1 step: `method.training_step(images, ctx)`."""
+    method: Any
+    ctx: Any
+    images: torch.Tensor
+
+    def step(self) -> Any:
+        """One phase-1 optimisation step on the fixed batch."""
+        return self.method.training_step(self.images, self.ctx)
+
+
+def build_step(cfg: Config, device: torch.device) -> StepSetup:
+    """Method, optimisers, SAM and StepContext as Pretrainer builds them, on a random uint8 batch.
+
+    The dataset is not read: its shape and normalisation come from `dataset_info`.
+    """
+    from robustcl.data import dataset_info
+    from robustcl.methods import StepContext
+    from robustcl.objectives import SAM
+    from robustcl.train.common import autocast_factory, build_method
+
+    t = cfg.train
+    options = {k: v for k, v in vars(cfg.data.synthetic).items()} if cfg.data.name == "synthetic" else {}
+    info = dataset_info(cfg.data.name, **options)
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg, info.channels, info.mean, info.std).to(device)
+    if t.channels_last:
+        method.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.encoder_parameters(), lr=t.lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay, foreach=True)
+    critic_optimizer = None
+    if method.critic is not None:
+        c = cfg.method.critic
+        critic_optimizer = torch.optim.SGD(method.critic.parameters(), lr=c.lr, momentum=c.momentum,
+                                           weight_decay=c.weight_decay, foreach=True)
+    sam_cfg = method.sam_config()
+    sam = SAM(method.encoder_parameters(), sam_cfg.rho, adaptive=sam_cfg.mode == "asam") if sam_cfg.mode != "off" else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    ctx = StepContext(method, optimizer, critic_optimizer, sam, sam_cfg.terms, generator,
+                      autocast_factory(device, t.precision), strong=cfg.views.strong.build(),
+                      weak=cfg.views.weak.build(), channels_last=t.channels_last)
+    images = torch.randint(0, 256, (t.batch_size, info.channels, info.height, info.width), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    return StepSetup(method, ctx, images)
+
+
+def compile_step(setup: StepSetup, backend: str) -> None:
+    """torch.compile the encoder and projection head in place (compilation happens at the next step).
+
+    One step calls them in ~8 variants (train/eval, BN branch, batch B or 2B, SAM's frozen BN), each its
+    own graph: the recompile limit is raised so none silently falls back to eager.
+    """
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
+    setup.method.encoder.compile(backend=backend)
+    setup.method.projector.compile(backend=backend)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Outer: message (Cause: message)` on one line: compile errors wrap the real cause (`raise ... from`)."""
+    def first(e: BaseException) -> str:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}".rstrip(": ")
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = first(exc) if root is exc else f"{first(exc)} ({first(root)})"
+    return text[:limit]
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what it is): CUDA max_memory_allocated since the last reset (the timed steps), or the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda max_memory_allocated over the timed steps"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), "process peak RSS (ru_maxrss, whole run so far)"
+
+
+# ------------------------------------------------------------------------------------ the bench
+@dataclass
+class BenchOptions:
+    """What to measure; see `robustcl bench --help`."""
+    configs: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] | None = None   # None: each config's train.batch_size
+    precisions: tuple[str, ...] | None = None    # None: each config's train.precision
+    channels_last: bool | None = None            # None: each config's train.channels_last
+    compile: bool = False
+    compile_backend: str = "inductor"
+    steps: int = 5
+    warmup: int = 2
+    profile_steps: int = 1
+    threads: int | None = None
+    device: str | None = None                    # None: each config's train.device
+    gemm_size: int | None = None                 # None: 2048 on CPU, 8192 on CUDA
+    phase_timing: str = "auto"                   # auto: profiler on CPU, synced on CUDA
+
+    def validate(self) -> None:
+        """One-line ConfigError for a value the bench cannot run with."""
+        if not self.configs:
+            raise ConfigError("bench needs --config NAME|PATH (see `robustcl configs`)")
+        for b in self.batch_sizes or ():
+            if b < 2:
+                raise ConfigError(f"--batch-size {b} must be >= 2 (a contrastive batch needs negatives)")
+        for p in self.precisions or ():
+            if p not in PRECISIONS:
+                raise ConfigError(f"--precision {p!r} is not one of {', '.join(PRECISIONS)}")
+        checks = (("--steps", self.steps, 1), ("--warmup", self.warmup, 0), ("--profile-steps", self.profile_steps, 1))
+        for flag, value, low in checks:
+            if value < low:
+                raise ConfigError(f"{flag} {value} must be >= {low}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads} must be >= 1")
+        if self.gemm_size is not None and self.gemm_size < 16:
+            raise ConfigError(f"--gemm-size {self.gemm_size} must be >= 16")
+        if self.phase_timing not in ("auto", "profiler", "synced"):
+            raise ConfigError(f"--phase-timing {self.phase_timing!r} must be auto, profiler or synced")
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"--device {self.device!r} must be cpu, cuda or cuda:N")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device} but torch sees no CUDA device; use --device cpu")
+
+
+def plan_cases(opts: BenchOptions) -> list[tuple[str, Config]]:
+    """Every (config, batch, precision) case as (config name, validated Config); bad input fails here, before any work."""
+    cases = []
+    for name in opts.configs:
+        base = load_config(name, [*opts.overrides, "diagnostics.every=0"])
+        extra = [f"train.device={opts.device}"] if opts.device else []
+        if opts.channels_last is not None:
+            extra.append(f"train.channels_last={str(opts.channels_last).lower()}")
+        for b in opts.batch_sizes or (base.train.batch_size,):
+            for p in opts.precisions or (base.train.precision,):
+                cases.append((name, load_config(name, [*opts.overrides, "diagnostics.every=0", *extra,
+                                                       f"train.batch_size={b}", f"train.precision={p}"])))
+    return cases
+
+
+def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.device,
+               flops_cache: dict[tuple[str, int], dict[str, int]], log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure one case (see the module docstring for what and in which order).
+
+    The GEMM peak is the best of a torch.mm run just before and just after the timed steps, so a
+    shared machine's load changes both numbers alike.
+    """
+    t = cfg.train
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    setup = build_step(cfg, device)
+    key = (config_name, t.batch_size)
+    if key not in flops_cache:  # one eager step, counted: the FLOPs do not depend on precision or layout
+        flops_cache[key] = count_flops_by_phase(setup.step)
+    compiled, compile_error, compile_s = False, None, None
+    if opts.compile:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        try:
+            compile_step(setup, opts.compile_backend)
+            setup.step()
+            _sync(device)
+            compiled, compile_s = True, time.perf_counter() - t0
+        except Exception as exc:  # no compiler, unsupported op, ...: report and measure eager instead
+            compile_error = _one_line(exc)
+            log(f"robustcl bench: torch.compile failed ({compile_error}); measuring without it")
+            torch._dynamo.reset()
+            setup = build_step(cfg, device)
+    for _ in range(opts.warmup):
+        setup.step()
+    gemm_n = opts.gemm_size or (8192 if device.type == "cuda" else 2048)
+    gemm_before = gemm_peak_gflops(DTYPES[t.precision], device, gemm_n)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed steps, not of the GEMM buffers
+    times = []
+    for _ in range(opts.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        setup.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    memory, memory_kind = _peak_memory(device)
+    gemm_peak = max(gemm_before, gemm_peak_gflops(DTYPES[t.precision], device, gemm_n))
+    mode = opts.phase_timing if opts.phase_timing != "auto" else ("synced" if device.type == "cuda" else "profiler")
+    phases, profiled_wall = measure_phases(setup.step, device, opts.profile_steps, mode)
+    median = statistics.median(times)
+    b = t.batch_size
+    flops = flops_cache[key]
+    flops_per_image = sum(flops.values()) / b
+    achieved = flops_per_image * b / median / 1e9
+    return {
+        "config": config_name, "method": cfg.method.name, "batch": b, "precision": t.precision,
+        "channels_last": t.channels_last, "compiled": compiled, "compile_error": compile_error,
+        "compile_s": compile_s, "steps": opts.steps, "warmup": opts.warmup, "step_s": times,
+        "step_s_median": median, "images_per_s": b / median, "images_per_s_min": b / max(times),
+        "images_per_s_max": b / min(times), "gflop_per_image": flops_per_image / 1e9,
+        "achieved_gflops": achieved, "gemm_peak_gflops": gemm_peak, "fraction_of_peak": achieved / gemm_peak,
+        "phases_s": phases, "phase_fractions": {k: v / profiled_wall for k, v in phases.items()},
+        "gflop_per_image_by_phase": {k: v / b / 1e9 for k, v in flops.items()},
+        "phase_gflops": {k: flops[k] / v / 1e9 for k, v in phases.items() if k in flops and v > 0},
+        "profiled_step_s": profiled_wall, "phase_timing": mode, "peak_memory_mib": memory,
+        "memory_kind": memory_kind,
+    }
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
+    """All cases of `opts`; returns the report (schema robustcl.bench/1, one entry per case in "results")."""
+    from robustcl.train.common import resolve_device
+
+    opts.validate()
+    cases = plan_cases(opts)
+    try:
+        devices = [resolve_device(cfg.train.device) for _, cfg in cases]
+    except RuntimeError as exc:  # train.device=cuda in a config, but no CUDA here
+        raise ConfigError(str(exc)) from None
+    threads = opts.threads or cases[0][1].train.threads
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    flops_cache: dict[tuple[str, int], dict[str, int]] = {}
+    results = []
+    for (name, cfg), device in zip(cases, devices):
+        log(f"robustcl bench: {name} batch {cfg.train.batch_size} {cfg.train.precision}"
+            f"{' channels-last' if cfg.train.channels_last else ''}{' compile' if opts.compile else ''} on {device}")
+        results.append(bench_case(cfg, name, opts, device, flops_cache, log))
+    return {
+        "schema": SCHEMA, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "flop_counter": "dispatch-level, torch.utils.flop_counter formulas (FlopCounterMode fails under autograd.grad)",
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+        "options": dataclasses.asdict(opts), "results": results,
+    }
+
+
+# ------------------------------------------------------------------------------------- output
+def format_table(report: dict[str, Any]) -> str:
+    """Plain-text tables: throughput/FLOPs/memory per case, the phase split of the step, FLOPs by phase."""
+    rows = ["config                      batch  prec  CL  compile  images/s (min-max)     GFLOP/img  GFLOP/s  "
+            "of GEMM peak      memory MiB"]
+    for r in report["results"]:
+        compiled = "yes" if r["compiled"] else ("FAILED" if r["compile_error"] else "no")
+        spread = f"{r['images_per_s']:.2f} ({r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f})"
+        peak = f"{r['fraction_of_peak']:.2f} of {r['gemm_peak_gflops']:.0f}"
+        rows.append(f"{r['config']:27.27s} {r['batch']:5d}  {r['precision']:4s}  {'y' if r['channels_last'] else 'n':2s}  "
+                    f"{compiled:7s}  {spread:21s}  {r['gflop_per_image']:9.3f}  {r['achieved_gflops']:7.1f}  "
+                    f"{peak:16s}  {r['peak_memory_mib']:8.0f}")
+    phases = list(dict.fromkeys(k for r in report["results"] for k in r["phases_s"] if k != "other")) + ["other"]
+    rows += ["", "phase split (separate profiled pass; seconds per step and share of that step's wall time)",
+             "config                      batch  prec  step s   " + "  ".join(f"{p:>18s}" for p in phases)]
+    for r in report["results"]:
+        cells = [f"{r['phases_s'][p]:8.3f} ({100 * r['phase_fractions'][p]:4.1f}%)" if p in r["phases_s"] else "-"
+                 for p in phases]  # "-": the method has no such phase
+        rows.append(f"{r['config']:27.27s} {r['batch']:5d}  {r['precision']:4s}  {r['profiled_step_s']:7.3f}  "
+                    + "  ".join(f"{c:>18s}" for c in cells))
+    rows += ["", "FLOPs by phase (GFLOP per image, and GFLOP/s: the phase's FLOPs over its profiled time)",
+             "config                      batch  prec           " + "  ".join(f"{p:>18s}" for p in phases)]
+    for r in report["results"]:
+        per_image, rate = r["gflop_per_image_by_phase"], r["phase_gflops"]
+        cells = [f"{per_image[p]:6.2f} {rate[p]:8.1f}/s" if p in rate else "-" for p in phases]
+        rows.append(f"{r['config']:27.27s} {r['batch']:5d}  {r['precision']:4s}           "
+                    + "  ".join(f"{c:>18s}" for c in cells))
+    memory_kinds = sorted({r["memory_kind"] for r in report["results"]})
+    rows += ["", f"threads {report['threads']}, torch {report['torch']}, FLOPs: {report['flop_counter']}; "
+             f"memory: {'; '.join(memory_kinds)}; load average before {report['loadavg_before'][0]:.2f}, "
+             f"after {report['loadavg_after'][0]:.2f}"]
+    return "\n".join(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's command-line options (shared by `robustcl bench` and `python -m robustcl.bench`)."""
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every config (put them before the list options)")
+    p.add_argument("--config", action="append", required=True,
+                   help="preset name or YAML path; repeat to bench several (e.g. gbrcl, adv-only, simclr)")
+    p.add_argument("--batch-size", type=int, nargs="+", help="batch sizes (default: the config's)")
+    p.add_argument("--precision", nargs="+", help="fp32 and/or bf16 (default: the config's)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: the config's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder and projection head")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
+    p.add_argument("--profile-steps", type=int, default=1, help="steps of the separate phase-split pass (default 1)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the config's, else torch's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the config's train.device)")
+    p.add_argument("--gemm-size", type=int, help="n of the n x n torch.mm peak (default 2048 CPU, 8192 CUDA)")
+    p.add_argument("--phase-timing", default="auto",
+                   help="auto (profiler on CPU, synced on CUDA), profiler or synced")
+    p.add_argument("--json", metavar="PATH|-", help="write the report as JSON (atomically) to PATH, or stdout with -")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the bench from parsed arguments; print the table (stderr when the JSON goes to stdout)."""
+    opts = BenchOptions(configs=tuple(args.config), overrides=tuple(args.overrides),
+                        batch_sizes=tuple(args.batch_size) if args.batch_size else None,
+                        precisions=tuple(args.precision) if args.precision else None,
+                        channels_last=args.channels_last, compile=args.compile, compile_backend=args.compile_backend,
+                        steps=args.steps, warmup=args.warmup, profile_steps=args.profile_steps, threads=args.threads,
+                        device=args.device, gemm_size=args.gemm_size, phase_timing=args.phase_timing)
+    report = run_bench(opts)
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    print(format_table(report), file=table_out)
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+    elif args.json:
+        from robustcl.runs import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"report: {args.json}", file=table_out)
+    return 0
+
+
+HELP = "time the phase-1 step: images/s, phase split, FLOPs/image, fraction of GEMM peak, peak memory"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `robustcl bench` to the CLI."""
+    p = sub.add_parser("bench", help=HELP, description=__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_arguments(p)
+    p.set_defaults(fn=cmd_bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m robustcl.bench`: the bench without importing the rest of the CLI (tqdm, safetensors)."""
+    from robustcl.data import DataError
+    from robustcl.runs import RunError
+
+    parser = argparse.ArgumentParser(prog="python -m robustcl.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except (ConfigError, DataError, RunError) as exc:
+        print(f"robustcl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
