@@ -109,12 +109,18 @@ class ViewsConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["convnet", "resnet18"] = "resnet18"
+    arch: Literal["convnet", "resnet18", "resnet50"] = "resnet18"
     widths: tuple[int, ...] = (32, 64, 128, 256)   # convnet only
     proj_dim: int = 128
     critic_hidden: int = 0
+    # ResNet stem: cifar (3x3 stride 1, no max-pool), imagenet (7x7 stride 2 + 3x3 max-pool), auto: cifar for
+    # images <= 64 px, imagenet above (resolved in build_method). null means auto; it is the default (not
+    # "auto") so configs stored before this field existed still compare equal on resume.
+    stem: Literal["auto", "cifar", "imagenet"] | None = None
 
     def validate(self) -> None:
+        _check(self.arch != "convnet" or self.stem in (None, "auto"), "model.stem", self.stem,
+               "applies to resnet18/resnet50 only; drop it (or use auto) with model.arch=convnet")
         _check(self.proj_dim > 0, "model.proj_dim", self.proj_dim, "must be > 0")
         _check(len(self.widths) > 0 and min(self.widths) > 0, "model.widths", self.widths, "must be positive widths")
         _check(self.critic_hidden >= 0, "model.critic_hidden", self.critic_hidden, "must be >= 0 (0: a linear critic)")

@@ -31,13 +31,15 @@ class FixedBranchEncoder(nn.Module):
 
 
 def encoder_metadata(encoder: Encoder, info: Any, cfg: Any) -> dict[str, Any]:
-    """What is needed to rebuild the encoder without the config: arch, channels, normalisation."""
+    """What is needed to rebuild the encoder without the config: arch, channels, normalisation, the
+    resolved ResNet stem (None for convnet)."""
     from robustcl.methods import method_class
 
     model = cfg.model
     return {"format": FORMAT, "arch": model.arch, "in_channels": info.channels, "mean": list(info.mean),
             "std": list(info.std), "dual_bn": encoder.dual_bn,
             "widths": list(model.widths) if model.arch == "convnet" else None,
+            "stem": getattr(encoder.backbone, "stem", None),
             "method": cfg.method.name, "headline_branch": method_class(cfg.method.name).headline_branch,
             "dataset": info.name}
 
@@ -68,7 +70,9 @@ def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
         raise ValueError(f"{path} is not a readable robustcl encoder file ({exc}); re-export it") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} lacks robustcl encoder metadata; was it written by robustcl?")
-    kwargs = {"widths": tuple(meta["widths"])} if meta["arch"] == "convnet" else {}
+    # files written before the stem option have no "stem": their ResNet-18 had the CIFAR stem
+    kwargs = ({"widths": tuple(meta["widths"])} if meta["arch"] == "convnet"
+              else {"stem": meta.get("stem") or "cifar"})
     encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
                             dual_bn=meta["dual_bn"], **kwargs)
     encoder.load_state_dict(tensors)

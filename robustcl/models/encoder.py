@@ -10,9 +10,9 @@ from torch import nn
 
 from .convnet import ConvNet
 from .dual_bn import Branch, check_branch
-from .resnet import ResNet18
+from .resnet import ResNet18, ResNet50
 
-BACKBONES: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "convnet": ConvNet}
+BACKBONES: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "resnet50": ResNet50, "convnet": ConvNet}
 
 
 class Encoder(nn.Module):
@@ -50,7 +50,7 @@ class BranchModel(nn.Module):
 
 
 def build_backbone(arch: str, in_channels: int, dual_bn: bool, **kwargs) -> nn.Module:
-    """Backbone by name: "resnet18" or "convnet"; kwargs go to its constructor (e.g. ConvNet widths)."""
+    """Backbone by name: "resnet18", "resnet50" or "convnet"; kwargs go to its constructor (ConvNet widths, ResNet stem)."""
     if arch not in BACKBONES:
         raise ValueError(f"unknown arch {arch!r}; valid: {tuple(BACKBONES)}")
     return BACKBONES[arch](in_channels=in_channels, dual_bn=dual_bn, **kwargs)

@@ -7,9 +7,10 @@ from typing import Callable
 import torch
 
 from robustcl.config import Config
-from robustcl.data import ArrayDataset, DataError, load_dataset
+from robustcl.data import ArrayDataset, DataError, dataset_info, load_dataset
+from robustcl.data.base import get_reader
 from robustcl.methods import Method, method_class
-from robustcl.models import Critic, ProjectionHead, build_encoder
+from robustcl.models import Critic, ProjectionHead, build_encoder, resolve_stem
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,10 +51,32 @@ def train_val_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, t
     return perm[val_size:], perm[:val_size]
 
 
+def image_side(cfg: Config) -> int:
+    """Side (px) of the images cfg's dataset yields, from the config alone, so `model.stem=auto` resolves
+    the same way wherever the model is rebuilt (pretrain, resume, bound, bench)."""
+    d = cfg.data
+    options = {**(vars(d.synthetic) if d.name == "synthetic" else {}), **(d.options or {})}
+    try:
+        return dataset_info(d.name, **options).height
+    except DataError:  # imagefolder: info needs the files, but its side is the `size` option
+        size = {**get_reader(d.name).defaults, **options}.get("size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        raise
+
+
+def backbone_kwargs(cfg: Config) -> dict[str, object]:
+    """Constructor options for cfg's backbone: ConvNet widths, or the ResNet stem with auto resolved."""
+    if cfg.model.arch == "convnet":
+        return {"widths": tuple(cfg.model.widths)}
+    side = image_side(cfg) if cfg.model.stem in (None, "auto") else None
+    return {"stem": resolve_stem(cfg.model.stem, side)}
+
+
 def build_method(cfg: Config, in_channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Method:
     """Encoder f, projection head g and (if the method wants one) critic D for `cfg`."""
     cls = method_class(cfg.method.name)
-    kwargs = {"widths": tuple(cfg.model.widths)} if cfg.model.arch == "convnet" else {}
+    kwargs = backbone_kwargs(cfg)
     encoder = build_encoder(cfg.model.arch, in_channels, mean, std, dual_bn=cls.dual_bn, **kwargs)
     projector = ProjectionHead(encoder.feature_dim, encoder.feature_dim, cfg.model.proj_dim)
     critic = Critic(cfg.model.proj_dim, cfg.model.critic_hidden) if cls.wants_critic(cfg.method) else None
