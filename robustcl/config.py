@@ -131,13 +131,19 @@ class AttackConfig:
     """An L-inf attack: eps and alpha in pixel units ([0,1]); YAML may write them as '8/255'.
 
     mode: pgd (steps x alpha) or fgsm-rs (Wong et al. 2020: one step of 1.25 eps from a uniform
-    random start; needs steps=1, alpha is not used). Only phase-1 attacks may use fgsm-rs.
+    random start; needs steps=1, alpha is not used). Only phase-1 attacks may use fgsm-rs or free.
+    free (Shafahi et al. 2019, "Adversarial training for free!"): no attack pass; each batch is
+    replayed `replays` times and one perturbation per attacked input, carried across batches, takes
+    a step of eps * sign(its gradient from the training step's own backward) after every optimiser
+    step (alpha, steps, random_start are not used). train.max_steps counts optimiser steps (replays);
+    train.epochs counts passes over the data, each `replays` x as many steps as without replay.
     """
     eps: float = 8 / 255
     alpha: float = 2 / 255
     steps: int = 7
     random_start: bool = True
-    mode: Literal["pgd", "fgsm-rs"] = "pgd"
+    mode: Literal["pgd", "fgsm-rs", "free"] = "pgd"
+    replays: int | None = None   # mode free only: times each batch is replayed (null: no replay)
 
     def validate(self, where: str) -> None:
         _check(self.eps >= 0, f"{where}.eps", self.eps, "must be >= 0")
@@ -149,6 +155,10 @@ class AttackConfig:
                "must be 1 with mode fgsm-rs (one step of 1.25 eps)")
         _check(self.mode != "fgsm-rs" or self.random_start, f"{where}.random_start", self.random_start,
                "must be true with mode fgsm-rs (the random start is what prevents catastrophic overfitting)")
+        _check(self.mode != "free" or (self.replays is not None and self.replays >= 2), f"{where}.replays",
+               self.replays, f"must be >= 2 with {where}.mode=free (each batch is replayed that many times)")
+        _check(self.mode == "free" or self.replays is None, f"{where}.replays", self.replays,
+               f"applies to {where}.mode=free only; drop it")
 
 
 @dataclass

@@ -50,6 +50,90 @@ class MethodConfig:
             attack.validate("method.attack")
 
 
+class FreeReplay:
+    """Free adversarial training's state (Shafahi et al. 2019, method.attack.mode=free), held by a StepContext.
+
+    Replay r (0 <= r < replays) of a batch is one optimiser step. Within a step, the k-th distinct
+    input x handed to `perturb` gets perturbation buffer delta_k: x's shape, zero when first made (or
+    when the input's shape changes), carried across steps and batches, never reset. `perturb` returns
+    x' = (x + delta_k).clamp(0, 1) as a leaf that requires grad, so the encoder step's one backward
+    also fills x'.grad; `end_step` (after the optimiser step) then does
+    delta_k <- clip_[-eps, eps](delta_k + eps * sign(g)), g = x'.grad where 0 <= x + delta_k <= 1, else 0
+    (the gradient through the clamp, as autograd would give it). x' is a leaf, not a function of
+    delta_k, so a second backward through it (SAM's pass at theta + e) needs no retained graph.
+    The same input tensor handed twice in a step (gbrcl's 4-step order attacks q again after the
+    critic step) gets the same x': no delta moves between the two calls. `view` replays the views:
+    the j-th view of a step is drawn on replay 0 and returned unchanged on replays 1..m-1, so the
+    deltas keep attacking the same images. Each rank of a data-parallel job keeps its own deltas for
+    its own shard (never all-reduced).
+    """
+
+    def __init__(self, replays: int, eps: float) -> None:
+        self.replays, self.eps = replays, eps
+        self.replay = 0
+        self.deltas: list[torch.Tensor] = []
+        self.views: list[torch.Tensor] = []
+        self._inputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (x, x') pairs, k-th: delta_k
+        self._view_calls = 0
+
+    def view(self, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """This step's next view: drawn by `draw` on the batch's first replay, the cached one after."""
+        j, self._view_calls = self._view_calls, self._view_calls + 1
+        if j == len(self.views):
+            self.views.append(draw())
+        return self.views[j]
+
+    def perturb(self, x: torch.Tensor) -> torch.Tensor:
+        """x' = (x + delta_k).clamp(0, 1), a leaf requiring grad, for this step's k-th distinct input x."""
+        for seen, out in self._inputs:
+            if seen is x:
+                return out
+        k = len(self._inputs)
+        if k == len(self.deltas):
+            self.deltas.append(torch.zeros_like(x))  # first use: zero
+        elif (self.deltas[k].shape, self.deltas[k].device, self.deltas[k].dtype) != (x.shape, x.device, x.dtype):
+            self.deltas[k] = torch.zeros_like(x)  # a batch of another shape starts from zero
+        out = (x.detach() + self.deltas[k]).clamp_(0.0, 1.0).requires_grad_(True)
+        self._inputs.append((x, out))
+        return out
+
+    def perturbed(self) -> list[torch.Tensor]:
+        """This step's perturbed inputs x' (in call order): the leaves whose .grad the encoder step fills."""
+        return [out for _, out in self._inputs]
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """After the optimiser step: one signed step of eps on every delta used, clipped; next replay."""
+        for (x, out), delta in zip(self._inputs, self.deltas):
+            if out.grad is not None:
+                moved = x.detach() + delta
+                inside = (moved >= 0) & (moved <= 1)  # where the clamp passes the gradient
+                delta.add_(out.grad.sign() * inside, alpha=self.eps).clamp_(-self.eps, self.eps)
+        self._inputs, self._view_calls = [], 0
+        self.replay = (self.replay + 1) % self.replays
+        if self.replay == 0:
+            self.views = []  # the next batch draws new views
+
+    def state(self) -> list[torch.Tensor]:
+        """The perturbation buffers (detached CPU copies) that an exact resume needs at a replay boundary."""
+        return [d.detach().cpu().clone() for d in self.deltas]
+
+    def load(self, deltas: list[torch.Tensor], step: int, device: torch.device) -> None:
+        """Restore the buffers saved by `state` at optimiser step `step` (views are drawn afresh)."""
+        self.deltas = [d.to(device) for d in deltas]
+        self.replay = step % self.replays
+        self.views, self._inputs, self._view_calls = [], [], 0
+
+
+def free_replay_for(method: nn.Module) -> FreeReplay | None:
+    """The FreeReplay state for a method whose method.attack.mode is free, else None."""
+    attack = getattr(getattr(method, "cfg", None), "attack", None)
+    if isinstance(attack, AttackConfig) and attack.mode == "free":
+        assert attack.replays is not None  # validated: >= 2
+        return FreeReplay(attack.replays, attack.eps)
+    return None
+
+
 class StepContext:
     """Optimisation mechanics for one phase-1 step: autocast, SAM, the two optimisers, cross-rank gradients.
 
@@ -57,6 +141,8 @@ class StepContext:
     all-reduce of its parameters' gradients (coalesced; see `robustcl.distributed` for why the mean
     of per-rank gradients is the single-process gradient of the global batch), so parameters stay
     identical on every rank. A single process (the default) does no communication at all.
+    With method.attack.mode=free, `free` holds the replayed views and the carried perturbations
+    (`FreeReplay`); the encoder step is then the end of a replay and updates them.
     """
 
     def __init__(self, method: "Method", optimizer: torch.optim.Optimizer,
@@ -75,6 +161,7 @@ class StepContext:
         self.generator = generator
         self.autocast = autocast
         self.channels_last = channels_last
+        self.free = free_replay_for(method)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the memory format the run asked for."""
@@ -98,8 +185,12 @@ class StepContext:
         the global batch), so e is the same on every rank and the step equals the single-process one;
         a rank-local e would save one all-reduce but perturb each rank differently. The accumulated
         gradient is averaged over ranks once, just before the optimiser step.
+        In free mode the perturbed inputs' gradients come from the same backward(s) at theta (under SAM
+        they are kept from the first pass; the pass at theta + e does not change them) and are never
+        all-reduced; after the optimiser step each perturbation takes its signed step (`FreeReplay`).
         """
         method, opt = self.method, self.optimizer
+        perturbed = self.free.perturbed() if self.free is not None else []
         method.train()
         opt.zero_grad(set_to_none=True)
         critic = [method.critic] if method.critic is not None else []
@@ -115,19 +206,30 @@ class StepContext:
                                       f"terms ({', '.join(terms)}); name one of them or set method.sam.mode=off")
                 sharp = weighted_sum({k: terms[k] for k in sharp_names}, weights)
                 rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
-                grads = torch.autograd.grad(sharp, self.sam.params, retain_graph=rest.requires_grad,
+                n = len(self.sam.params)
+                grads = torch.autograd.grad(sharp, [*self.sam.params, *perturbed], retain_graph=rest.requires_grad,
                                             allow_unused=True)
+                grads, input_grads = grads[:n], grads[n:]
+                for x_adv, grad in zip(perturbed, input_grads):  # free mode: the sharp terms' input gradient
+                    x_adv.grad = grad
                 self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
                 if rest.requires_grad:
                     rest.backward()
+                kept = [x_adv.grad for x_adv in perturbed]  # free mode: the input gradient at theta only
+                for x_adv in perturbed:
+                    x_adv.grad = None  # (else the pass at theta + e would accumulate into `kept` in place)
                 with phase("sam_second_pass"):
                     self.sam.ascend(grads)
                     with frozen_bn_stats(method), self.autocast():
-                        perturbed = terms_fn(sharp_names)
-                    weighted_sum(perturbed, weights).backward()
+                        at_e = terms_fn(sharp_names)
+                    weighted_sum(at_e, weights).backward()
                     self.sam.descend()
+                for x_adv, grad in zip(perturbed, kept):
+                    x_adv.grad = grad
         self.distributed.all_reduce_grads(optimizer_params(opt))
         opt.step()
+        if self.free is not None:
+            self.free.end_step()
         return {k: v.detach() for k, v in terms.items()}
 
 

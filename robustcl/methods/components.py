@@ -1,4 +1,5 @@
-"""Pieces several methods share: the paper's additions ("ours", SPEC 2) and the PGD-in-eval-mode helper.
+"""Pieces several methods share: the paper's additions ("ours", SPEC 2) and the PGD-in-eval-mode helper
+(or, in free mode, the carried perturbation and the replayed views).
 
 The additions are a benign InfoNCE term with weight lambda_b, SAM/ASAM on named terms, and a critic D
 that estimates an f-divergence between benign and adversarial features (JS by default, where it is
@@ -119,14 +120,29 @@ def ours_step(method: Method, attack: Callable[[], torch.Tensor], x_benign: torc
 
 
 def fixed_embedding(method: Method, x: torch.Tensor, branch: str, ctx: StepContext) -> torch.Tensor:
-    """g(f_branch(x)) in eval mode without gradients: an attack's fixed target."""
+    """g(f_branch(x)) in eval mode without gradients: an attack's fixed target.
+
+    In free mode (`ctx.free`) no attack objective is ever evaluated, so no forward is spent on it:
+    the target is a data-less meta tensor of the embedding's shape (any use of its values fails loudly).
+    """
+    if ctx.free is not None:
+        return torch.empty((x.shape[0], method.projector.out_dim), device="meta")
     with method.evaluating(), torch.no_grad(), ctx.autocast():
         return method.embed(x, branch)  # type: ignore[arg-type]
 
 
 def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
              attack: AttackConfig, ctx: StepContext) -> torch.Tensor:
-    """PGD (or FGSM-RS) maximising `objective` (run under autocast) from x, eval mode, parameters frozen."""
+    """PGD (or FGSM-RS) maximising `objective` (run under autocast) from x, eval mode, parameters frozen.
+
+    Mode free attacks nothing here: it returns (x + delta_k).clamp(0, 1), this step's k-th carried
+    perturbation (`robustcl.methods.base.FreeReplay`), whose gradient the encoder step's own backward
+    computes; `objective` is not evaluated. The same x twice in a step gives the same tensor.
+    """
+    if attack.mode == "free":
+        assert ctx.free is not None, "method.attack.mode=free needs a StepContext built for that method"
+        return ctx.free.perturb(x)
+
     def wrapped(x_adv: torch.Tensor) -> torch.Tensor:
         with ctx.autocast():
             return objective(x_adv)
@@ -139,8 +155,16 @@ def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], 
 
 
 def draw_view(kind: Literal["strong", "weak"], images: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """The strong (SimCLR) or weak (pad-crop-flip) view of a uint8 batch, from the run's generator."""
-    with phase("views"):
-        if kind == "strong":
-            return ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
-        return ctx.prepare(weak_view(images, ctx.generator, ctx.weak))
+    """The strong (SimCLR) or weak (pad-crop-flip) view of a uint8 batch, from the run's generator.
+
+    In free mode the j-th view of a step is drawn on a batch's first replay and the same tensor is
+    returned on the other replays (the generator is not advanced), so the carried perturbations keep
+    attacking the same images.
+    """
+    def draw() -> torch.Tensor:
+        with phase("views"):
+            if kind == "strong":
+                return ctx.prepare(strong_view(images, ctx.generator, ctx.strong))
+            return ctx.prepare(weak_view(images, ctx.generator, ctx.weak))
+
+    return draw() if ctx.free is None else ctx.free.view(draw)

@@ -3,6 +3,15 @@
 Data-parallel over several processes when launched by torchrun (`robustcl.distributed`): each rank
 trains on its shard of the global batch with identical parameters; rank 0 alone shows progress,
 writes metrics, checkpoints and the encoder. A single process is the same code with world size 1.
+
+Free adversarial training (method.attack.mode=free, m = method.attack.replays): every batch is given
+for m consecutive optimiser steps. A step is one optimiser step, so `train.max_steps` counts
+replays, an epoch (one pass over the data) is m x the batches, and `train.epochs` /
+`train.warmup_epochs` count passes over the data (m x the optimiser steps of the same setting
+without replay; Shafahi et al. divide the epochs by m to keep the number of steps). Checkpoints are
+taken at replay boundaries only (a due one waits for the batch's last replay) and hold each rank's
+carried perturbations, so a resumed run draws the next batch's views from the restored generator
+exactly as an uninterrupted one does.
 """
 from __future__ import annotations
 
@@ -94,13 +103,14 @@ class Pretrainer:
         self.sam = (SAM(self.method.encoder_parameters(), sam_cfg.rho, adaptive=sam_cfg.mode == "asam")
                     if sam_cfg.mode != "off" else None)
         self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(cfg.seed, self.dist.rank))
-        self.steps_per_epoch = len(self.images) // t.batch_size
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.ctx = StepContext(self.method, self.optimizer, self.critic_optimizer, self.sam, sam_cfg.terms,
                                self.generator, autocast_factory(self.device, t.precision),
                                strong=cfg.views.strong.build(), weak=cfg.views.weak.build(),
                                channels_last=t.channels_last, distributed=self.dist)
+        self.replays = self.ctx.free.replays if self.ctx.free is not None else 1  # optimiser steps per batch
+        self.steps_per_epoch = len(self.images) // t.batch_size * self.replays  # optimiser steps per pass
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.diagnostics = (Diagnostics(cfg, self.method, data.images[val_idx], data.labels[val_idx],
                                         data.info.num_classes, self.device, self.ctx.autocast, self.ctx.prepare)
                             if cfg.diagnostics.every > 0 and self.dist.is_main else None)
@@ -118,12 +128,14 @@ class Pretrainer:
         return {"views": self.generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
 
-    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None,
+                   free_ranks: list[list[torch.Tensor]] | None = None) -> dict[str, Any]:
         """Everything an exact resume needs; loadable with torch.load(weights_only=True).
 
         Model and optimiser state are the same on every rank. "rng" is this process's random state;
         a job of several ranks also stores "rng_ranks", every rank's, in rank order (gathered by
-        `save_checkpoint`), and "world_size" says how many ranks wrote it.
+        `save_checkpoint`), and "world_size" says how many ranks wrote it. In free mode "free_ranks"
+        holds every rank's carried perturbations (rank order; `FreeReplay.state`).
         """
         state = {
             "step": self.step,
@@ -138,6 +150,8 @@ class Pretrainer:
         }
         if rng_ranks is not None and self.dist.world > 1:
             state["rng_ranks"] = rng_ranks
+        if self.ctx.free is not None:
+            state["free_ranks"] = free_ranks if free_ranks is not None else [self.ctx.free.state()]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,6 +167,8 @@ class Pretrainer:
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
+        if self.ctx.free is not None:  # this rank's carried perturbations (free mode)
+            self.ctx.free.load(state["free_ranks"][self.dist.rank], self.step, self.device)
 
     def save_checkpoint(self) -> None:
         """Write checkpoints/last.pt atomically (rank 0), refusing non-finite parameters (one host sync).
@@ -165,7 +181,8 @@ class Pretrainer:
             raise NonFiniteLoss(f"non-finite parameters at step {self.step}; kept the last good checkpoint "
                                 f"{self.run.checkpoint}; lower train.lr or use train.precision=fp32")
         rng_ranks = self.dist.all_gather_object(self.rng_state()) if self.dist.world > 1 else None
-        self.dist.on_main(lambda: save_torch_atomic(self.state_dict(rng_ranks), self.run.checkpoint))
+        free_ranks = self.dist.all_gather_object(self.ctx.free.state()) if self.ctx.free is not None else None
+        self.dist.on_main(lambda: save_torch_atomic(self.state_dict(rng_ranks, free_ranks), self.run.checkpoint))
 
     def resume(self) -> None:
         """Load checkpoints/last.pt (refusing a config that changes phase 1, or another number of ranks)
@@ -194,8 +211,9 @@ class Pretrainer:
     # ------------------------------------------------------------------ loop
     def batch(self, step: int) -> torch.Tensor:
         """This rank's uint8 rows of global step `step`'s batch: a seeded permutation per epoch (the same
-        on every rank), so resume is exact; rank r takes the r-th contiguous 1/world of the batch."""
-        epoch, i = divmod(step, self.steps_per_epoch)
+        on every rank), so resume is exact; rank r takes the r-th contiguous 1/world of the batch.
+        In free mode steps m*b .. m*b + m-1 all get batch b (its replays)."""
+        epoch, i = divmod(step // self.replays, self.steps_per_epoch // self.replays)
         if getattr(self, "_perm_epoch", None) != epoch:
             gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
             self._perm = torch.randperm(len(self.images), generator=gen).to(self.device)
@@ -230,7 +248,7 @@ class Pretrainer:
                    disable=not (progress and main), file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         sums: dict[str, torch.Tensor] = {}
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
-        start_step = self.step
+        start_step, checkpoint_due = self.step, False
         while self.step < self.total_steps:
             lr = learning_rate(self.step, self.total_steps, self.warmup_steps, t.lr, t.min_lr)
             for group in self.optimizer.param_groups:
@@ -267,8 +285,10 @@ class Pretrainer:
                         f"stopped at step {self.step}: {collapse}; {self.run.checkpoint} keeps the last state "
                         "before it. Train with method.attack.mode=pgd (more steps), a lower train.lr, or "
                         "diagnostics.on_collapse=warn to continue anyway")
-            if self.step % t.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
-                self.save_checkpoint()
+            checkpoint_due = checkpoint_due or self.step % t.checkpoint_every == 0 or end_of_epoch
+            if (checkpoint_due and self.step % self.replays == 0) or self.step == self.total_steps:
+                self.save_checkpoint()  # free mode: at the end of a batch's replays (or of the run)
+                checkpoint_due = False
         bar.close()
         seconds = time.perf_counter() - t0
         done = self.step - start_step
