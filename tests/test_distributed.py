@@ -25,7 +25,7 @@ from robustcl import load_encoder
 from robustcl.config import ConfigError, load_config
 from robustcl.distributed import Distributed, job_from_env, rank_seed
 from robustcl.methods import StepContext
-from robustcl.methods.components import critic_update, fixed_embedding, ours_step, ours_weights
+from robustcl.methods.components import fixed_embedding, ours_step
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.models.dual_bn import CrossRankBatchNorm2d, DualBatchNorm2d, cross_rank_batch_norm, frozen_bn_stats
 from robustcl.objectives import SAM, info_nce, multi_positive_nce

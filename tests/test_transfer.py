@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from robustcl.cli import main
 from robustcl.data import resolve, stl10

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from robustcl.config import Config
-from robustcl.evaluation import accuracy, ce_objective, pgd_accuracy
+from robustcl.evaluation import ce_objective, pgd_accuracy
 from robustcl.export import read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
@@ -86,6 +86,21 @@ def train_slf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     return best
 
 
+def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's state (the weights of the best epoch so far)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _select_on_robust_validation(protocol, model, val, cfg, device, autocast, epoch, loss, best, log, bar,
+                                 snapshot) -> dict[str, Any]:
+    """End of an ALF/AFF epoch: PGD accuracy on the validation split, logged; keep the epoch if it is the best."""
+    val_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    val_acc = pgd_accuracy(model, val[0], val[1], cfg.finetune.attack, 500, val_gen, autocast)
+    log({"phase": "finetune", "protocol": protocol, "epoch": epoch + 1, "loss": loss.item(), "val_robust_acc": val_acc})
+    bar.set_postfix(loss=f"{loss.item():.3f}", val_robust=f"{val_acc:.3f}", refresh=False)
+    return {"val_acc": val_acc, "epoch": epoch + 1, **snapshot()} if val_acc > best["val_acc"] else best
+
+
 def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log, progress) -> dict[str, Any]:
     """Adversarial linear fine-tuning: PGD examples against encoder+head, head trained on them."""
     f = cfg.finetune
@@ -118,13 +133,9 @@ def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
             opt.step()
             step += 1
             bar.update(1)
-        head.eval()
-        val_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        val_acc = pgd_accuracy(model, val[0], val[1], f.attack, 500, val_gen, autocast)
-        log({"phase": "finetune", "protocol": "alf", "epoch": epoch + 1, "loss": loss.item(), "val_robust_acc": val_acc})
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_robust=f"{val_acc:.3f}", refresh=False)
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch + 1, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+        model.eval()
+        best = _select_on_robust_validation("alf", model, val, cfg, device, autocast, epoch, loss, best, log, bar,
+                                            lambda: {"state": _copy(head)})
     bar.close()
     return best
 
@@ -147,7 +158,7 @@ def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     Examples are made in eval mode with parameters frozen, the update runs in train mode (BN
     statistics of the chosen branch adapt); weak augmentation (pad-crop-flip) as in the reference.
     """
-    aff, f = cfg.finetune.aff, cfg.finetune
+    aff = cfg.finetune.aff
     encoder = copy.deepcopy(encoder).requires_grad_(True)
     model = BranchModel(encoder, head, branch)
     images, labels = train
@@ -188,14 +199,8 @@ def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log
             step += 1
             bar.update(1)
         model.eval()
-        val_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        val_acc = pgd_accuracy(model, val[0], val[1], f.attack, 500, val_gen, autocast)
-        log({"phase": "finetune", "protocol": "aff", "epoch": epoch + 1, "loss": loss.item(), "val_robust_acc": val_acc})
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_robust=f"{val_acc:.3f}", refresh=False)
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch + 1,
-                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()},
-                    "encoder": {k: v.detach().clone() for k, v in encoder.state_dict().items()}}
+        best = _select_on_robust_validation("aff", model, val, cfg, device, autocast, epoch, loss, best, log, bar,
+                                            lambda: {"state": _copy(head), "encoder": _copy(encoder)})
     bar.close()
     model.eval()
     return best
