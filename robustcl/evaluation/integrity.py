@@ -100,31 +100,39 @@ SQUARE_MAX_IMAGES = 200
 
 def square_survivors(model: nn.Module, images, labels, attack: AttackConfig, batch_size: int, seed: int,
                      autocast: Autocast) -> Check:
-    """Square (official code, 1000 queries) on up to 200 images that survive PGD: it should break almost none.
+    """Square (official code, 1000 queries) on up to 200 images that survive the white-box attacks: it
+    should break almost none.
 
-    Run with every evaluation that has no AutoAttack; a black-box attack succeeding where the
-    gradient failed is the signature of masked gradients.
+    Run with every evaluation that has no AutoAttack. The white-box attacks are PGD on the
+    cross-entropy and PGD on the CW margin (same budget): Square uses a margin loss, so against
+    cross-entropy PGD alone it would flag a merely weak loss rather than masked gradients. A
+    black-box attack succeeding where both gradient attacks failed is the signature of masking.
     """
     from robustcl.evaluation.autoattack import square_attack
+    from robustcl.evaluation.robust import cw_margin_objective
 
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     x = images[:SQUARE_MAX_IMAGES].to(device)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     y = labels[:SQUARE_MAX_IMAGES].to(device)
-    x_pgd = pgd(ce_objective(model, y, autocast), x, attack.eps, attack.alpha, attack.steps, attack.random_start,
-                gen, modules=[model])
-    with torch.no_grad(), autocast():
-        alive = model(x_pgd).argmax(1) == y
+    alive = torch.ones_like(y, dtype=torch.bool)
+    for objective in (ce_objective, cw_margin_objective):
+        idx = alive.nonzero().squeeze(1)
+        x_adv = pgd(objective(model, y[idx], autocast), x[idx], attack.eps, attack.alpha, attack.steps,
+                    attack.random_start, gen, modules=[model])
+        with torch.no_grad(), autocast():
+            alive[idx] = model(x_adv).argmax(1) == y[idx]
+    what = f"PGD-{attack.steps} (cross-entropy and CW margin)"
     if not alive.any():
-        return Check("square-not-beating-white-box", True, f"no image of {len(y)} survives PGD-{attack.steps}")
+        return Check("square-not-beating-white-box", True, f"no image of {len(y)} survives {what}")
     x_sq = square_attack(model, x[alive], y[alive], attack.eps, SQUARE_QUERIES, seed)
     with torch.no_grad(), autocast():
         broken = int((model(x_sq).argmax(1) != y[alive]).sum())
     rate, tol = broken / len(y), noise_tolerance(len(y))
     return Check("square-not-beating-white-box", rate <= tol,
                  f"Square-{SQUARE_QUERIES} broke {broken} of the {int(alive.sum())} images that survived "
-                 f"PGD-{attack.steps} (of {len(y)}; {rate:.3f} vs tolerance {tol:.3f})")
+                 f"{what} (of {len(y)}; {rate:.3f} vs tolerance {tol:.3f})")
 
 
 def run_integrity_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
