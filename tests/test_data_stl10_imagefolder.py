@@ -1,13 +1,9 @@
 """Tests for the STL-10 reader (official binary format, transfer relabelling) and the ImageFolder reader."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import tarfile
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -39,28 +35,6 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     resolve.clear_memo()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Static file handler that does not log."""
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Silence request logs."""
-
-
-@pytest.fixture
-def http_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
-    """A loopback HTTP server over tmp_path/www; yields (served dir, base URL)."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    www = tmp_path / "www"
-    www.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------- STL-10 writers (official format)
@@ -221,9 +195,9 @@ def test_stl10_bad_options() -> None:
         dataset_info("stl10", bogus=1)
 
 
-def test_stl10_download_with_md5(http_server: tuple[Path, str], data_env: Path, tmp_path: Path,
+def test_stl10_download_with_md5(data_http_server: tuple[Path, str], data_env: Path, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    www, url = http_server
+    www, url = data_http_server
     folder, written = _write_stl(tmp_path / "src", seed=5)
     tarball = _tar(folder, www / stl10.TARBALL)
     monkeypatch.setenv(stl10.URL_ENV, url)
