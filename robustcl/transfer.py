@@ -25,6 +25,7 @@ def transfer_config(source: Path, dataset: str, size: int | None, root: str | No
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     from robustcl.evaluation.run_eval import evaluate_run
+    from robustcl.export import read_encoder
     from robustcl.runs import RunDir, RunError, atomic_write_bytes
     from robustcl.runs.report import results_table, write_report
     from robustcl.train.common import load_split
@@ -36,7 +37,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     cfg = transfer_config(source.root, args.data, args.size, args.root, args.val_size, args.overrides)
     target = RunDir(args.out or source.root / (f"transfer-{args.data}" + (f"-{args.size}px" if args.size else "")))
     for split in ("train", "test"):  # bad or missing target data fails before anything is written
-        load_split(cfg, split)
+        target_info = load_split(cfg, split).info
+    _, meta = read_encoder(source.encoder)
+    if meta["in_channels"] != target_info.channels:
+        raise RunError(f"the encoder of {source.root} takes {meta['in_channels']}-channel images but {args.data} has "
+                       f"{target_info.channels}; transfer between datasets with the same number of channels")
     target.prepare(dump_yaml(cfg), resume=False, overwrite=args.overwrite)
     atomic_write_bytes(target.encoder, source.encoder.read_bytes())
     finetune(cfg, target, tuple(args.protocol) if args.protocol else None, progress=not args.quiet, overwrite=True)

@@ -48,3 +48,17 @@ def test_transfer_fits_heads_on_stl10_in_a_new_run_and_leaves_the_source_alone(t
     assert main(["transfer", "--run", str(source), "--data", "stl10", "--size", "32", "--root", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "t2"), "--quiet"]) == 2
     assert "stl10" in capsys.readouterr().err and not (tmp_path / "t2").exists()  # nothing written on bad input
+
+
+def test_transfer_refuses_an_encoder_with_another_channel_count(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(stl10, "COUNTS", {"train": 60, "test": 20})
+    resolve.clear_memo()
+    _write_tiny_stl10(tmp_path / "stl" / stl10.FOLDER, 60, 20)
+    source = tmp_path / "grey"
+    assert main(["pretrain", "--config", "smoke", "--out", str(source), "--quiet", "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["transfer", "--run", str(source), "--data", "stl10", "--size", "16", "--root", str(tmp_path / "stl"),
+                 "--val-size", "20", "--quiet"]) == 2
+    assert "takes 1-channel images but stl10 has 3" in capsys.readouterr().err
+    assert not (source / "transfer-stl10-16px").exists()
