@@ -133,7 +133,7 @@ for name, state in status.items():
         continue
     state = "ok" if not r["compile_error"] else "compile FAILED (eager)"
     compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
-    print(f"{name:16s} {state:22s} {r['images_per_s']:9.1f} {r['epoch_s_projected']:8.1f} {r['fraction_of_peak']:8.3f} "
+    print(f"{name:16s} {state:22s} {r['images_per_s']:9.1f} {r['epoch_s_projected']:8.1f} {(r['fraction_of_peak'] or float('nan')):8.3f} "
           f"{r['gemm_peak_gflops']:10.0f} {r['peak_memory_mib']:9.0f} {compile_s:>9s}")
     if r["compile_error"]:
         print(f"  compile error: {r['compile_error']}")

@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from robustcl.config import Config, ConfigError, load_config
+from robustcl.hardware import cpu_capability, native_bf16, resolve_threads
 
 SCHEMA = "robustcl.bench/1"
 PHASE_PREFIX = "robustcl::"
@@ -61,7 +62,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Keys of each entry of the report's "results" list (documented in `robustcl bench --help`).
 RESULT_KEYS = ("config", "method", "batch", "precision", "channels_last", "compiled", "compile_error",
                "compile_s", "steps", "warmup", "step_s", "step_s_median", "images_per_s", "images_per_s_min",
-               "images_per_s_max", "gflop_per_image", "achieved_gflops", "gemm_peak_gflops", "fraction_of_peak",
+               "images_per_s_max", "gflop_per_image", "achieved_gflops", "gemm_peak_gflops", "native_precision", "fraction_of_peak",
                "phases_s", "phase_fractions", "gflop_per_image_by_phase", "phase_gflops", "profiled_step_s",
                "phase_timing", "peak_memory_mib", "memory_kind")
 
@@ -373,7 +374,11 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
     The GEMM peak is the best of a torch.mm run just before and just after the timed steps, so a
     shared machine's load changes both numbers alike.
     """
+    from robustcl.train.common import resolve_runtime
+
+    cfg = resolve_runtime(cfg, device)  # precision auto -> what this device runs natively
     t = cfg.train
+    native = t.precision == "fp32" or native_bf16(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     setup = build_step(cfg, device)
@@ -422,7 +427,9 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
         "compile_s": compile_s, "steps": opts.steps, "warmup": opts.warmup, "step_s": times,
         "step_s_median": median, "images_per_s": b / median, "images_per_s_min": b / max(times),
         "images_per_s_max": b / min(times), "gflop_per_image": flops_per_image / 1e9,
-        "achieved_gflops": achieved, "gemm_peak_gflops": gemm_peak, "fraction_of_peak": achieved / gemm_peak,
+        "achieved_gflops": achieved, "gemm_peak_gflops": gemm_peak, "native_precision": native,
+        # an emulated precision's GEMM "peak" is no ceiling (the step's convolutions may run faster than it): None
+        "fraction_of_peak": achieved / gemm_peak if native else None,
         "phases_s": phases, "phase_fractions": {k: v / profiled_wall for k, v in phases.items()},
         "gflop_per_image_by_phase": {k: v / b / 1e9 for k, v in flops.items()},
         "phase_gflops": {k: flops[k] / v / 1e9 for k, v in phases.items() if k in flops and v > 0},
@@ -441,7 +448,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
         devices = [resolve_device(cfg.train.device) for _, cfg in cases]
     except RuntimeError as exc:  # train.device=cuda in a config, but no CUDA here
         raise ConfigError(str(exc)) from None
-    threads = opts.threads or cases[0][1].train.threads
+    threads = opts.threads or resolve_threads(cases[0][1].train.threads)
     if threads:
         torch.set_num_threads(threads)
     load_before = os.getloadavg()
@@ -453,6 +460,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
         results.append(bench_case(cfg, name, opts, device, flops_cache, log))
     return {
         "schema": SCHEMA, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability().describe(), "cpu_native_bf16": cpu_capability().native_bf16,
         "flop_counter": "dispatch-level, torch.utils.flop_counter formulas (FlopCounterMode fails under autograd.grad)",
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
@@ -468,7 +476,8 @@ def format_table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         compiled = "yes" if r["compiled"] else ("FAILED" if r["compile_error"] else "no")
         spread = f"{r['images_per_s']:.2f} ({r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f})"
-        peak = f"{r['fraction_of_peak']:.2f} of {r['gemm_peak_gflops']:.0f}"
+        peak = (f"{r['fraction_of_peak']:.2f} of {r['gemm_peak_gflops']:.0f}" if r.get("native_precision", True)
+                else f"emulated ({r['gemm_peak_gflops']:.1f})")
         rows.append(f"{r['config']:27.27s} {r['batch']:5d}  {r['precision']:4s}  {'y' if r['channels_last'] else 'n':2s}  "
                     f"{compiled:7s}  {spread:21s}  {r['gflop_per_image']:9.3f}  {r['achieved_gflops']:7.1f}  "
                     f"{peak:16s}  {r['peak_memory_mib']:8.0f}")
@@ -488,7 +497,10 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(f"{r['config']:27.27s} {r['batch']:5d}  {r['precision']:4s}           "
                     + "  ".join(f"{c:>18s}" for c in cells))
     memory_kinds = sorted({r["memory_kind"] for r in report["results"]})
-    rows += ["", f"threads {report['threads']}, torch {report['torch']}, FLOPs: {report['flop_counter']}; "
+    rows += ["", f"CPU capability {report.get('cpu_capability', '?')} (bf16 "
+             f"{'native' if report.get('cpu_native_bf16') else 'emulated: its GEMM peak is shown as emulated, not a ceiling'}"
+             f"); cuda device {report.get('cuda_device')}"]
+    rows += [f"threads {report['threads']}, torch {report['torch']}, FLOPs: {report['flop_counter']}; "
              f"memory: {'; '.join(memory_kinds)}; load average before {report['loadavg_before'][0]:.2f}, "
              f"after {report['loadavg_after'][0]:.2f}"]
     return "\n".join(rows)

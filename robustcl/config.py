@@ -171,10 +171,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 10
     min_lr: float = 1e-8
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, AVX512-BF16/AMX CPU), else
+    # fp32 (robustcl/hardware.py); resolved once when a run starts and stored resolved in its config.yaml
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    threads: int | None = None       # torch intra-op threads on CPU (null: torch's default)
+    # torch intra-op threads on CPU: auto = the cores this process may use (affinity, cgroup quota) divided
+    # among torchrun's local ranks; an integer; or null for torch's own default
+    threads: int | Literal["auto"] | None = "auto"
     log_every: int = 20
     checkpoint_every: int = 200      # steps between checkpoints (and one at every epoch end)
 
@@ -191,6 +195,8 @@ class TrainConfig:
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        _check(not isinstance(self.threads, int) or self.threads >= 1, "train.threads", self.threads,
+               "must be >= 1, auto (the cores this process may use) or null (torch's default)")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
 
@@ -271,7 +277,9 @@ class EvalConfig:
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
     subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
     batch_size: int = 500
-    precision: Literal["fp32", "bf16"] = "fp32"  # fp32 by default: attacks in low precision can under-report
+    # fp32 by default even where bf16 is native: attacks in low precision can under-report robustness.
+    # auto follows the device like train.precision.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
     def validate(self) -> None:
         self.attack.validate("eval.attack")
@@ -395,7 +403,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key)
+        if len(inner) == 1:
+            return _convert(inner[0], value, key)
+        for option in inner:  # e.g. `int | Literal["auto"]`: the first type that accepts the value
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                pass
+        names = [" or ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else a.__name__
+                 for a in inner]
+        raise ConfigError(f"config key {key} must be {' or '.join(names)}{' or null' if type(None) in args else ''}; "
+                          f"got {value!r}")
     if origin is Literal:
         if isinstance(value, bool) and ("off" in args or "on" in args):
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean

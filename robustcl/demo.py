@@ -12,9 +12,11 @@ import yaml
 
 from robustcl.config import dump_yaml, first_difference, load_config
 from robustcl.evaluation.run_eval import evaluate_run
+from robustcl.hardware import cpu_capability
 from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.runs.report import (describe_attack, integrity_lines, plot_eps_curves, plot_loss_terms,
                                   results_table)
+from robustcl.train.common import resolve_device, resolve_runtime, started_config
 from robustcl.train.finetune import finetune
 from robustcl.train.pretrain import pretrain
 
@@ -35,8 +37,10 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
     for preset in DEMO_PRESETS:
         cfg = load_config(preset, list(overrides))
         run = RunDir(out / cfg.method.name)
+        cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), None if overwrite else started_config(run.config))
         if run.config.is_file() and not overwrite:
-            changed = first_difference(yaml.safe_load(run.config.read_text()), yaml.safe_load(dump_yaml(cfg)))
+            changed = first_difference(yaml.safe_load(run.config.read_text()), yaml.safe_load(dump_yaml(cfg)),
+                                       ignore=("train.threads",))
             if changed:
                 raise RunError(f"{run.root} holds a run with other settings ({changed}); "
                                "pass --overwrite to redo it or choose another --out")
@@ -81,8 +85,11 @@ def write_demo_report(out: Path, runs: list[tuple[str, RunDir]], timings: dict[s
         "Robust-accuracy gap:", *gaps, "",
         "Wall time per method (pretrain + fine-tune + evaluate; 0 when a finished run was reused): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads.", "",
+        f"Machine: {first.get('hardware', {}).get('device', platform.machine())} "
+        f"(CPU capability {cpu_capability().describe()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        "precision (resolved from `auto`): " + ", ".join(
+            f"{label} {res.get('hardware', {}).get('train_precision', '?')}" for label, res in results)
+        + f", attacks {first.get('hardware', {}).get('eval_precision', '?')}.", "",
         "![loss terms](plots/loss_terms.png)", "", "![robust accuracy vs eps](plots/robust_vs_eps.png)", "",
         "Run directories: " + ", ".join(f"`{run.root}`" for _, run in runs), "",
     ]

@@ -262,7 +262,13 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
         stored = yaml.safe_load(dump_yaml(from_mapping(stored)))
     except ConfigError:
         pass  # a key the schema no longer has: the raw comparison below names it
-    diff = first_difference(stored, yaml.safe_load(dump_yaml(cfg)))
+    from robustcl.train.common import resolve_device, resolve_runtime
+
+    try:  # `auto` precision/threads as this run resolved them (a started run keeps its precision)
+        cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), stored)
+    except RuntimeError:
+        pass  # train.device=cuda without CUDA: pretrain reports it
+    diff = first_difference(stored, yaml.safe_load(dump_yaml(cfg)), ignore=("train.threads",))
     if diff:
         return f"conflict: {run.root} was made with another config ({diff}); pass --overwrite to redo it or choose another --out"
     if _is_finished(run, cfg):

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+# `precision: auto` resolves to fp32 in every test on every kind of CI machine (AVX2-only or AVX512-BF16),
+# subprocesses included; tests of the resolution itself fake the capability (tests/test_hardware.py).
+os.environ["ROBUSTCL_CPU_CAPABILITY"] = "AVX2"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -46,7 +46,7 @@ def test_simclr_preset_replaces_the_method_section():
     (["train.lrr=0.1"], "unknown config key train.lrr (did you mean train.lr?)"),
     (["train.lr=-1"], "config value train.lr=-1.0 must be > 0"),
     (["method.attack.steps=0"], "method.attack.steps=0 must be >= 1"),
-    (["train.precision=fp8"], "train.precision must be one of fp32, bf16"),
+    (["train.precision=fp8"], "train.precision must be one of auto, fp32, bf16"),
     (["method.name=nope"], "unknown method.name 'nope'"),
     (["train.batch_size=abc"], "train.batch_size must be an integer"),
     (["method.attack.eps=1/0"], "must be a number"),

@@ -22,7 +22,8 @@ from robustcl.export import read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd, pgd_l2
 from robustcl.runs import RunDir, RunError, atomic_write_text
-from robustcl.train.common import autocast_factory, load_split, resolve_device
+from robustcl.hardware import device_description
+from robustcl.train.common import autocast_factory, load_split, resolve_device, resolve_runtime, started_config
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
                "accuracy through the adversarial branch; these are two different models, not one model's trade-off")
@@ -147,6 +148,7 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True,
                  protocols: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Evaluate every fitted model of `run` (or the given protocols); writes and returns results.json's content."""
     device = resolve_device(cfg.train.device)
+    cfg = resolve_runtime(cfg, device, started_config(run.config))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if not run.encoder.is_file():
@@ -205,6 +207,8 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True,
         "n_eval": int(len(images)), "eval_subset": subset,
         "attack": attack_record,
         "branch_note": "clean and robust accuracy are read through the same BN branch",
+        "hardware": {"device": device_description(device), "train_precision": cfg.train.precision,
+                     "eval_precision": cfg.eval.precision, "threads": torch.get_num_threads()},
         "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
         "protocols": per_protocol,
     }

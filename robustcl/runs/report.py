@@ -119,6 +119,12 @@ def results_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def hardware_line(hw: dict[str, Any]) -> str:
+    """Where a result was computed: device (CPU capability or GPU name), resolved precisions, threads."""
+    return (f"Machine: {hw['device']}; phase 1/2 precision {hw['train_precision']} (resolved), attacks "
+            f"{hw['eval_precision']}, {hw['threads']} threads.")
+
+
 def write_report(run: RunDir, title: str | None = None) -> Path:
     """report.md for one run from its results.json and metrics.jsonl, with plots."""
     results = run.read_results()
@@ -129,6 +135,7 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
     text = [f"# {title or run.root.name}", "",
             f"Evaluated on {results.get('eval_subset', '?')}; attack: {describe_attack(results)}.",
             f"{results.get('branch_note', '')}; epochs selected on a validation split held out from the training data.",
+            *([hardware_line(results["hardware"])] if "hardware" in results else []),
             "", results_table([(run.root.name, results)]), "", *integrity_lines(run.root.name, results), "",
             "![loss terms](plots/loss_terms.png)", "", "![robust accuracy vs eps](plots/robust_vs_eps.png)", ""]
     steps = [(f"{p.upper()} ({r['branch']})", r["steps_curve"]) for p, r in results.get("protocols", {}).items()

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+import yaml
 
 from robustcl.config import Config
+from robustcl.hardware import resolve_precision, resolve_threads
 from robustcl.data import ArrayDataset, DataError, dataset_info, load_dataset
 from robustcl.data.base import get_reader
 from robustcl.methods import Method, method_class
@@ -23,9 +27,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_runtime(cfg: Config, device: torch.device, started: dict[str, Any] | None = None) -> Config:
+    """A copy of cfg with `auto` precision (train, eval) and threads resolved for `device`.
+
+    `started` is the stored config of a run that already began: an `auto` precision keeps the value
+    that run started with, so a resumed run never switches precision half-way.
+    """
+    before = (started or {}).get("train", {}).get("precision") if started else None
+    train_precision = cfg.train.precision
+    if train_precision == "auto" and before in ("fp32", "bf16"):
+        train_precision = before
+    train = dataclasses.replace(cfg.train, precision=resolve_precision(train_precision, device),
+                                threads=resolve_threads(cfg.train.threads))
+    eval_cfg = dataclasses.replace(cfg.eval, precision=resolve_precision(cfg.eval.precision, device, "eval.precision"))
+    return dataclasses.replace(cfg, train=train, eval=eval_cfg)
+
+
+def started_config(config_path: Path) -> dict[str, Any] | None:
+    """The stored config.yaml of a run that already began (None if there is none or it does not parse)."""
+    try:
+        data = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A zero-argument factory of autocast contexts (bf16 when asked, else a no-op)."""
-    enabled = precision == "bf16"
+    """A zero-argument factory of autocast contexts (bf16 when asked or `auto` on a native-bf16 device, else a no-op)."""
+    enabled = resolve_precision(precision, device) == "bf16" if precision == "auto" else precision == "bf16"
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 

@@ -24,7 +24,8 @@ from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
-from robustcl.train.common import autocast_factory, load_split, resolve_device, train_val_indices
+from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
+                                   train_val_indices)
 from robustcl.views import weak_view
 
 
@@ -222,6 +223,7 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
         raise RunError(f"{run.head(fitted[0])} already exists; pass --overwrite to refit "
                        f"{', '.join(fitted)} or choose other --protocol values")
     device = resolve_device(cfg.train.device)
+    cfg = resolve_runtime(cfg, device, started_config(run.config))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     encoder, meta = read_encoder(run.encoder)

@@ -33,7 +33,8 @@ from robustcl.models.dual_bn import cross_rank_batch_norm
 from robustcl.objectives import SAM
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
-from robustcl.train.common import autocast_factory, build_method, load_split, resolve_device, train_val_indices
+from robustcl.train.common import (autocast_factory, build_method, load_split, resolve_device, resolve_runtime,
+                                   started_config, train_val_indices)
 from robustcl.train.diagnostics import Diagnostics, drop_after
 
 
@@ -244,7 +245,7 @@ class Pretrainer:
     def fit(self, progress: bool = True) -> PretrainResult:
         t = self.cfg.train
         main = self.dist.is_main
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.cfg.method.name}",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.cfg.method.name} {t.precision}",
                    disable=not (progress and main), file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         sums: dict[str, torch.Tensor] = {}
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
@@ -311,7 +312,9 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
     """
     if resume and run.pretrain_done.is_file() and run.encoder.is_file():
         return None
-    with job_from_env(resolve_device(cfg.train.device)) as job:
+    device = resolve_device(cfg.train.device)
+    cfg = resolve_runtime(cfg, device, started_config(run.config) if resume else None)  # stored resolved
+    with job_from_env(device) as job:
         trainer = Pretrainer(cfg, run, job)  # reads the data and builds the model: bad input fails before any write
         resuming = job.on_main(lambda: run.prepare(dump_yaml(cfg), resume, overwrite))
         if resuming:

@@ -1,0 +1,147 @@
+"""What this machine really offers: native bf16 or not, and how many cores this process may use.
+
+`precision: auto` and `threads: auto` resolve here, once per run (docs/algorithm.md lists the
+defaults). bf16 autocast pays only where the hardware computes bf16 natively: a CUDA device with
+bf16 support, or a CPU with AVX512-BF16 or AMX. On an AVX2-only CPU oneDNN emulates bf16 and a
+training step runs ~7x slower than in fp32 (measured on fmnist-gbrcl: 230 vs 33 images/s), so `auto`
+picks fp32 there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """The CPU's vector ISA as torch dispatches it, and its native bf16 instructions."""
+    isa: str               # torch.backends.cpu.get_cpu_capability(): AVX2, AVX512, DEFAULT, ...
+    avx512_bf16: bool
+    amx: bool
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.avx512_bf16 or self.amx
+
+    def describe(self) -> str:
+        """One word for reports: AMX, AVX512-BF16, AVX-512, AVX2 or torch's name for the ISA."""
+        if self.amx:
+            return "AMX"
+        if self.avx512_bf16:
+            return "AVX512-BF16"
+        return {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(self.isa, self.isa)
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _torch_says(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)
+    try:
+        return bool(probe()) if callable(probe) else False
+    except RuntimeError:
+        return False
+
+
+CAPABILITY_ENV = "ROBUSTCL_CPU_CAPABILITY"  # AVX2 | AVX-512 | AVX512-BF16 | AMX: overrides detection
+_NAMED = {"AVX2": CpuCapability("AVX2", False, False), "AVX-512": CpuCapability("AVX512", False, False),
+          "AVX512-BF16": CpuCapability("AVX512", True, False), "AMX": CpuCapability("AVX512", True, True)}
+
+
+def cpu_capability() -> CpuCapability:
+    """Read from what torch reports (its dispatch ISA, its bf16/AMX probes) and the kernel's CPU flags.
+
+    The environment variable ROBUSTCL_CPU_CAPABILITY names a capability instead (the test suite sets
+    AVX2 so that `auto` means fp32 on every CI machine; a user may set it to force a choice).
+    """
+    forced = os.environ.get(CAPABILITY_ENV)
+    if forced:
+        if forced not in _NAMED:
+            raise ValueError(f"{CAPABILITY_ENV}={forced!r} is not one of {', '.join(_NAMED)}; unset it to detect")
+        return _NAMED[forced]
+    flags = _cpu_flags()
+    return CpuCapability(
+        isa=torch.backends.cpu.get_cpu_capability(),
+        avx512_bf16=_torch_says("_is_avx512_bf16_supported") or "avx512_bf16" in flags,
+        amx=_torch_says("_is_amx_tile_supported") or "amx_bf16" in flags,
+    )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 autocast runs on native instructions (CUDA with bf16 support, or an AVX512-BF16/AMX CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_capability().native_bf16
+    return False
+
+
+def device_description(device: torch.device) -> str:
+    """The device for a report line: the CUDA device name, or the CPU's capability word."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_capability().describe()}"
+
+
+def resolve_precision(requested: str, device: torch.device, where: str = "train.precision") -> str:
+    """`auto` -> bf16 where native, else fp32; an explicit bf16 on an emulating device warns with its cost."""
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if requested == "bf16" and not native_bf16(device):
+        warnings.warn(f"{where}=bf16 on a {device_description(device)} without native bf16: it is emulated and a "
+                      f"step runs several times slower than fp32 (~7x on an AVX2 CPU); use {where}=auto or fp32",
+                      stacklevel=2)
+    return requested
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by a cgroup CPU quota (v2 cpu.max, v1 cpu.cfs_quota_us/period), None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """The cores this process may really use: its affinity mask, capped by a cgroup quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, max(1, math.floor(limit)))
+    return max(1, count)
+
+
+def resolve_threads(requested: int | str | None) -> int | None:
+    """`auto` -> usable cores divided among the local torchrun ranks (LOCAL_WORLD_SIZE); an int is kept."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, usable_cpus() // max(1, local))
+
+
+__all__ = ["CAPABILITY_ENV", "PRECISION_CHOICES", "CpuCapability", "cpu_capability", "device_description", "native_bf16",
+           "resolve_precision", "resolve_threads", "usable_cpus"]
