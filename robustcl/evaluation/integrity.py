@@ -5,8 +5,9 @@ report. Tolerances allow sampling noise: an attack with random starts can differ
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +24,15 @@ class Check:
     name: str
     passed: bool
     detail: str
+    seconds: float = 0.0  # what the check cost (its attacks included): reported so a slow evaluation can be read
+
+
+def timed_check(run: Callable[[], Check]) -> Check:
+    """Run one check and record its wall time in it."""
+    t0 = time.perf_counter()
+    check = run()
+    check.seconds = time.perf_counter() - t0
+    return check
 
 
 def noise_tolerance(n: int) -> float:
@@ -144,17 +154,21 @@ def run_integrity_checks(model: nn.Module, images: torch.Tensor, labels: torch.T
     weak = AttackConfig(eps=attack.eps, alpha=attack.alpha, steps=max(1, attack.steps // 4),
                         random_start=attack.random_start)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    weak_acc = pgd_accuracy(model, images, labels, weak, batch_size, gen, autocast)
-    checks = [
-        check_batch_independence(model, images, autocast),
-        check_eps_zero(model, images, labels, clean, attack, batch_size, autocast),
-        check_monotone([(c["eps"], c["accuracy"]) for c in curve], "eps", n),
-        check_monotone([(0, clean), (weak.steps, weak_acc), (attack.steps, robust)], "steps", n),
-        check_large_eps(model, images, labels, attack, num_classes, batch_size, seed, autocast),
-    ]
+
+    def monotone_in_steps() -> Check:
+        weak_acc = pgd_accuracy(model, images, labels, weak, batch_size, gen, autocast)
+        return check_monotone([(0, clean), (weak.steps, weak_acc), (attack.steps, robust)], "steps", n)
+
+    checks = [timed_check(run) for run in (
+        lambda: check_batch_independence(model, images, autocast),
+        lambda: check_eps_zero(model, images, labels, clean, attack, batch_size, autocast),
+        lambda: check_monotone([(c["eps"], c["accuracy"]) for c in curve], "eps", n),
+        monotone_in_steps,
+        lambda: check_large_eps(model, images, labels, attack, num_classes, batch_size, seed, autocast),
+    )]
     failed = [c.name for c in checks if not c.passed]
     return {"passed": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
 
 
-__all__ = ["Check", "check_autoattack_below_pgd", "check_square_vs_whitebox", "run_integrity_checks",
+__all__ = ["Check", "timed_check", "check_autoattack_below_pgd", "check_square_vs_whitebox", "run_integrity_checks",
            "square_survivors"]

@@ -15,7 +15,7 @@ import torch
 from robustcl.config import Config
 from robustcl.evaluation.autoattack import autoattack_accuracy, state_key
 from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_square_vs_whitebox,
-                                           run_integrity_checks, square_survivors)
+                                           run_integrity_checks, square_survivors, timed_check)
 from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, cw_margin_objective,
                                        pgd_accuracy, robustness_curve, steps_curve)
 from robustcl.export import read_encoder
@@ -95,9 +95,13 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
     a, e = cfg.eval.attack, cfg.eval
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    seconds: dict[str, float] = {}  # wall time of each part, so a slow evaluation says where its time went
+    t0 = time.perf_counter()
     clean = accuracy(model, images, labels, e.batch_size, autocast)
+    seconds["clean"], t0 = time.perf_counter() - t0, time.perf_counter()
     pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
     robust = {pgd_key: pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)}
+    seconds[pgd_key], t0 = time.perf_counter() - t0, time.perf_counter()
     for kind in e.attacks:
         if kind in ("cw", "pgd-l2"):
             key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
@@ -109,7 +113,9 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
         record["autoattack"] = aa
     eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
     known = {0.0: clean, a.eps: robust[pgd_key]} if e.restarts == 1 else {0.0: clean}
+    t0 = time.perf_counter()
     record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
+    seconds["eps_curve"] = time.perf_counter() - t0
     if e.steps_curve:
         steps_known = {a.steps: robust[pgd_key]} if e.restarts == 1 else {}
         record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
@@ -126,13 +132,15 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
                                                 a.steps))
         extra.append(check_square_vs_whitebox(record["autoattack"]["after"], len(images)))
     else:
-        extra.append(square_survivors(model, images, labels, a, e.batch_size, cfg.seed, autocast))
+        extra.append(timed_check(lambda: square_survivors(model, images, labels, a, e.batch_size, cfg.seed, autocast)))
     for check in extra:
         integrity["checks"].append(check.__dict__)
         if not check.passed:
             integrity["failed"].append(check.name)
     integrity["passed"] = not integrity["failed"]
     record["integrity"] = integrity
+    seconds.update({f"check {c['name']}": c["seconds"] for c in integrity["checks"]})
+    record["seconds_by_part"] = seconds
     return record
 
 
