@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from robustcl.config import Config
+from robustcl.config import Config, ConfigError
 from robustcl.data import ArrayDataset, DataError, dataset_info, load_dataset
 from robustcl.data.base import get_reader
 from robustcl.methods import Method, method_class
@@ -19,7 +19,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
     return device
 
 
