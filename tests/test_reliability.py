@@ -295,8 +295,8 @@ def test_a_lock_from_another_host_is_respected(tmp_path):
     from robustcl.runs import RunError
     from robustcl.runs.guard import RunLock
 
-    _write_lock(tmp_path, pid=1, host="some-other-machine", start="1")
-    with pytest.raises(RunError, match="pid 1 on some-other-machine"):
+    _write_lock(tmp_path, pid=4_194_305, host="some-other-machine", start="1")  # above Linux's pid limit: not here
+    with pytest.raises(RunError, match="pid 4194305 on some-other-machine"):
         RunLock(tmp_path).acquire()
     assert json.loads(RunLock(tmp_path).path.read_text())["host"] == "some-other-machine"
 
