@@ -6,10 +6,11 @@ import importlib
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-from robustcl.config import Config, ConfigError, list_presets, load_config
+from robustcl.config import Config, ConfigError, first_difference, list_presets, load_config
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
@@ -36,19 +37,30 @@ def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
     return load_config(str(path), list(overrides))
 
 
+def _refuse_other_config(args: argparse.Namespace, cfg: Config) -> None:
+    """`--resume --config X`: the run continues with its own config.yaml, so X must say the same (else refused)."""
+    changed = first_difference(cfg.to_dict(), load_config(args.config, args.overrides).to_dict(), ignore=("name",))
+    if changed:
+        raise ConfigError(f"--resume continues {args.out} with its own config.yaml and --config {args.config} differs "
+                          f"from it ({changed}); drop --config (pass changes as key=value overrides)")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from robustcl.runs import RunDir
+    from robustcl.runs.guard import run_dir_for
     from robustcl.train.pretrain import pretrain
 
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR (the run directory to continue)")
         cfg = _run_config(Path(args.out), args.overrides)
+        if args.config is not None:
+            _refuse_other_config(args, cfg)
     else:
         if args.config is None:
             raise ConfigError("pretrain needs --config NAME|PATH (see `robustcl configs`)")
         cfg = load_config(args.config, args.overrides)
-    run = RunDir(args.out or Path("runs") / cfg.name)
+    run = RunDir(args.out or run_dir_for(cfg.name))
     result = pretrain(cfg, run, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if not main_process():
         return 0
@@ -120,8 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cmd_pretrain(args)
     if not main_process():
         return 0
+    from robustcl.runs.guard import run_dir_for
+
     cfg = load_config(args.config, args.overrides) if not args.resume else _run_config(Path(args.out), args.overrides)
-    run_dir = args.out or str(Path("runs") / cfg.name)
+    run_dir = args.out or str(run_dir_for(cfg.name))
     ns = argparse.Namespace(run=run_dir, overrides=[], protocol=None, quiet=args.quiet, overwrite=True)
     cmd_finetune(ns)
     return cmd_evaluate(ns)
@@ -244,7 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def environment_error(exc: BaseException) -> str | None:
+    """One line for an error of the machine rather than of robustcl (I/O, memory), else None."""
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}; check that path (free space, permissions, mounts) and run again"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        first = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        return f"out of memory ({first}); lower train.batch_size, eval.batch_size or finetune.batch_size"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: errors of the user's input or environment are one line (exit 2); a bug in robustcl
+    shows its traceback and where to report it (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -255,6 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robustcl: interrupted; resume with --resume --out <run dir>", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last word: one line, or a bug's traceback
+        line = environment_error(exc)
+        if main_process():
+            if line is not None:
+                print(f"robustcl: error: {line}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+                print("robustcl: this is a bug in robustcl, not in your input; report it at the project's issue "
+                      "tracker with this traceback", file=sys.stderr)
+        return 2 if line is not None else 1
 
 
 if __name__ == "__main__":

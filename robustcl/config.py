@@ -126,6 +126,9 @@ class ModelConfig:
         _check(self.critic_hidden >= 0, "model.critic_hidden", self.critic_hidden, "must be >= 0 (0: a linear critic)")
 
 
+LINF_RANGE = "must be in [0, 1]: an L-inf radius on [0, 1] images (above 1 it is the whole range); e.g. 8/255"
+
+
 @dataclass
 class AttackConfig:
     """An L-inf attack: eps and alpha in pixel units ([0,1]); YAML may write them as '8/255'.
@@ -147,6 +150,7 @@ class AttackConfig:
 
     def validate(self, where: str) -> None:
         _check(self.eps >= 0, f"{where}.eps", self.eps, "must be >= 0")
+        _check(self.eps <= 1 or where == "eval.l2", f"{where}.eps", self.eps, LINF_RANGE)
         _check(self.alpha > 0, f"{where}.alpha", self.alpha, "must be > 0")
         _check(self.steps >= 1, f"{where}.steps", self.steps, "must be >= 1")
         _check(self.mode == "pgd" or where == "method.attack", f"{where}.mode", self.mode,
@@ -290,7 +294,7 @@ class EvalConfig:
         _check(self.restarts >= 1, "eval.restarts", self.restarts, "must be >= 1")
         _check(self.restarts == 1 or self.attack.random_start, "eval.restarts", self.restarts,
                "needs eval.attack.random_start=true (restarts without a random start repeat the same attack)")
-        _check(all(e >= 0 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, "must be >= 0")
+        _check(all(0 <= e <= 1 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, LINF_RANGE)
         _check(all(k >= 1 for k in self.steps_curve), "eval.steps_curve", self.steps_curve, "must be >= 1")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
@@ -337,7 +341,7 @@ class DiagnosticsConfig:
                     "critic_chance_checks"):
             _check(getattr(self, key) >= 1, f"diagnostics.{key}", getattr(self, key), "must be >= 1")
         _check(self.knn_temperature > 0, "diagnostics.knn_temperature", self.knn_temperature, "must be > 0")
-        _check(self.eps >= 0, "diagnostics.eps", self.eps, "must be >= 0")
+        _check(0 <= self.eps <= 1, "diagnostics.eps", self.eps, LINF_RANGE)
         _check(0 < self.critic_high <= 1, "diagnostics.critic_high", self.critic_high, "must be in (0, 1]")
         lo, hi = self.critic_chance
         _check(0 <= lo <= hi <= 1, "diagnostics.critic_chance", self.critic_chance, "must satisfy 0 <= low <= high <= 1")
@@ -495,7 +499,13 @@ def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; give a preset name (robustcl configs) or a YAML path")
-        text, origin = path.read_text(), str(path)
+        try:
+            text, origin = path.read_text(encoding="utf-8"), str(path)
+        except (UnicodeDecodeError, OSError) as exc:
+            why = "is not a text file (a checkpoint or another binary file?)" if isinstance(exc, UnicodeDecodeError) \
+                else f"cannot be read ({exc.strerror or exc})"
+            raise ConfigError(f"config file {path} {why}; give a YAML config or a preset name (robustcl configs)") \
+                from None
     else:
         entry = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
         if not entry.is_file():

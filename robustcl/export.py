@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -53,30 +52,66 @@ def export_encoder(encoder: Encoder, path: Path, info: Any, cfg: Any) -> None:
     atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 
+ENCODER_KEYS = ("format", "arch", "in_channels", "mean", "std", "dual_bn", "method", "headline_branch")
+
+
+def encoder_fix(path: Path) -> str:
+    return (f"delete it and run `robustcl pretrain --resume --out {path.parent}` to export it again from "
+            "checkpoints/last.pt")
+
+
 def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
-    """Rebuild an Encoder from a safetensors file (or a run directory holding encoder.safetensors)."""
+    """Rebuild an Encoder from a safetensors file (or a run directory holding encoder.safetensors).
+
+    Any damaged, foreign or mismatched file is a one-line RunFileError (also a ValueError) naming it.
+    """
+    from robustcl.runs.loaders import RunFileError, first_line, load_state_into
+
     path = Path(path)
     if path.is_dir():
         path = path / "encoder.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no encoder at {path}; pass a run directory or an encoder.safetensors file")
+    if path.stat().st_size == 0:
+        raise RunFileError(f"{path} is empty (0 bytes: cut short by a kill or a full disk?); {encoder_fix(path)}")
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {}).get("robustcl", "{}"))
         tensors = load_file(str(path))
-    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable robustcl encoder file ({exc}); re-export it") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} lacks robustcl encoder metadata; was it written by robustcl?")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, bad JSON, I/O: any foreign or damaged file
+        raise RunFileError(f"{path} is not a readable robustcl encoder file (not safetensors, or damaged: "
+                           f"{first_line(exc)}); {encoder_fix(path)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in ENCODER_KEYS):
+        raise RunFileError(f"{path} lacks robustcl encoder metadata; was it written by robustcl? {encoder_fix(path)}")
     # files written before the stem option have no "stem": their ResNet-18 had the CIFAR stem
-    kwargs = ({"widths": tuple(meta["widths"])} if meta["arch"] == "convnet"
-              else {"stem": meta.get("stem") or "cifar"})
-    encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
-                            dual_bn=meta["dual_bn"], **kwargs)
-    encoder.load_state_dict(tensors)
+    try:
+        kwargs = ({"widths": tuple(meta["widths"])} if meta["arch"] == "convnet"
+                  else {"stem": meta.get("stem") or "cifar"})
+        encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
+                                dual_bn=meta["dual_bn"], **kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RunFileError(f"{path} has encoder metadata robustcl cannot build ({exc}); {encoder_fix(path)}") from None
+    load_state_into(encoder, tensors, path, encoder_fix(path))
     return encoder.eval(), meta
+
+
+def check_encoder_fits(meta: dict[str, Any], cfg: Any, path: Path | str) -> None:
+    """RunFileError when an encoder file is not of the run's config (another architecture, widths, stem or
+    method): heads fitted on it would silently describe another model."""
+    from robustcl.runs.loaders import RunFileError
+
+    model = cfg.model
+    wanted = [("model.arch", meta["arch"], model.arch), ("method.name", meta["method"], cfg.method.name)]
+    if model.arch == "convnet":
+        wanted.append(("model.widths", list(meta.get("widths") or []), list(model.widths)))
+    elif model.stem in ("cifar", "imagenet"):
+        wanted.append(("model.stem", meta.get("stem") or "cifar", model.stem))
+    for key, found, configured in wanted:
+        if found != configured:
+            raise RunFileError(f"{path} is not this run's encoder: it has {key}={found} but the run's config.yaml says "
+                               f"{key}={configured}; copy the run's own encoder back, or {encoder_fix(Path(path))}")
 
 
 def load_encoder(path: Path | str, branch: Branch | str = "headline") -> FixedBranchEncoder:

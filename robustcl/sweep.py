@@ -266,7 +266,7 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
 
     try:  # `auto` precision/threads as this run resolved them (a started run keeps its precision)
         cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), stored)
-    except RuntimeError:
+    except (RuntimeError, ConfigError):
         pass  # train.device=cuda without CUDA: pretrain reports it
     diff = first_difference(stored, yaml.safe_load(dump_yaml(cfg)), ignore=("train.threads",))
     if diff:

@@ -27,6 +27,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from robustcl.evaluation.run_eval import evaluate_run
     from robustcl.export import read_encoder
     from robustcl.runs import RunDir, RunError, atomic_write_bytes
+    from robustcl.runs.guard import writing
     from robustcl.runs.report import results_table, write_report
     from robustcl.train.common import load_split
     from robustcl.train.finetune import finetune
@@ -42,8 +43,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if meta["in_channels"] != target_info.channels:
         raise RunError(f"the encoder of {source.root} takes {meta['in_channels']}-channel images but {args.data} has "
                        f"{target_info.channels}; transfer between datasets with the same number of channels")
-    target.prepare(dump_yaml(cfg), resume=False, overwrite=args.overwrite)
-    atomic_write_bytes(target.encoder, source.encoder.read_bytes())
+    with writing(target.root, "the transfer run", create=True):  # writable, one writer, no symbolic links
+        target.prepare(dump_yaml(cfg), resume=False, overwrite=args.overwrite)
+        atomic_write_bytes(target.encoder, source.encoder.read_bytes())
     finetune(cfg, target, tuple(args.protocol) if args.protocol else None, progress=not args.quiet, overwrite=True)
     results = evaluate_run(cfg, target, progress=not args.quiet)
     write_report(target, title=f"{source.root.name} -> {args.data}")

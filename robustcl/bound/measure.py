@@ -36,6 +36,8 @@ from robustcl.methods import Method
 from robustcl.objectives import info_nce, pgd
 from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, RunError
+from robustcl.runs.guard import writing
+from robustcl.runs.loaders import checkpoint_fix, load_checkpoint, load_state_into
 from robustcl.views import strong_view, weak_view
 
 BOUND_FILE = "bound.json"
@@ -128,9 +130,9 @@ def load_run(root: Path | str, images: int) -> LoadedRun:
     if len(chosen) < 8:
         raise RunError(f"{run.root} holds out only {len(chosen)} validation images (data.val_size); bound needs at "
                        "least 8 (the critics split them in halves): measure a run with a larger data.val_size")
-    state = torch.load(run.checkpoint, map_location=device, weights_only=True)
+    state = load_checkpoint(run.checkpoint, device)
     method = build_method(cfg, data.info.channels, data.info.mean, data.info.std).to(device)
-    method.load_state_dict(state["model"])
+    load_state_into(method, state["model"], run.checkpoint, checkpoint_fix(run.root))
     method.eval()
     return LoadedRun(run, cfg, method, device, data.images[chosen].to(device), data.labels[chosen].to(device),
                      len(val_idx), int(state.get("step", 0)), run.pretrain_done.is_file())
@@ -420,12 +422,22 @@ def measure_run(root: Path | str, settings: BoundSettings, overwrite: bool = Fal
     Runs with `threads` torch threads (restored after): on a shared CPU one thread is both faster for the
     many small critic steps and reproducible bit for bit.
     """
-    from robustcl.bound.report import write_section
-
     run = RunDir(root)
     stored = reusable(run, settings, overwrite) if run.root.is_dir() else None
     if stored is not None and (not geometry or stored.get("geometry")):
         return stored, False
+    if not run.root.is_dir():
+        raise RunError(f"{run.root} is not a directory; pass a run directory written by `robustcl pretrain`")
+    with writing(run.root, "bound.json and its report section"):  # before any work: writable, one writer
+        return _measure_and_write(run, settings, stored, geometry, threads)
+
+
+def _measure_and_write(run: RunDir, settings: BoundSettings, stored: dict[str, Any] | None, geometry: bool,
+                       threads: int) -> tuple[dict[str, Any], bool]:
+    """`measure_run`'s work, once the run is known writable and locked."""
+    from robustcl.bound.report import write_section
+
+    root = run.root
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

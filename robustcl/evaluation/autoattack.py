@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from robustcl.runs import atomic_write_text
+from robustcl.runs.loaders import RunFileError
 
 STANDARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -114,10 +115,15 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     identity = {"n": int(len(y)), "eps": eps, "norm": norm, "seed": seed, "attacks": order}
     saved: dict[str, Any] = {}
     if state_path is not None and state_path.is_file():
-        saved = json.loads(state_path.read_text())
-        if saved.get("identity") != identity:
-            raise ValueError(f"{state_path} belongs to another AutoAttack evaluation ({saved.get('identity')}); "
-                             "delete it to start over")
+        try:
+            saved = json.loads(state_path.read_text())
+        except (ValueError, OSError) as exc:
+            raise RunFileError(f"{state_path} is not readable AutoAttack state ({exc}); delete it to start over") \
+                from None
+        if not isinstance(saved, dict) or saved.get("identity") != identity:
+            found = saved.get("identity") if isinstance(saved, dict) else saved
+            raise RunFileError(f"{state_path} belongs to another AutoAttack evaluation ({found}); "
+                               "delete it to start over")
     if saved:
         flags = torch.tensor(saved["flags"], dtype=torch.bool, device=device)
         clean, after, warnings = saved["clean"], dict(saved["after"]), list(saved["warnings"])

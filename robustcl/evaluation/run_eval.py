@@ -18,11 +18,13 @@ from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_squ
                                            run_integrity_checks, square_survivors, timed_check)
 from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, cw_margin_objective,
                                        pgd_accuracy, robustness_curve, steps_curve)
-from robustcl.export import read_encoder
+from robustcl.export import check_encoder_fits, read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd, pgd_l2
 from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.hardware import device_description
+from robustcl.runs.guard import writing
+from robustcl.runs.loaders import head_fix, load_head, load_state_into
 from robustcl.train.common import autocast_factory, load_split, resolve_device, resolve_runtime, started_config
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
@@ -70,13 +72,14 @@ def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
 def protocol_model(run: RunDir, protocol: str, encoder: Encoder, device: torch.device,
                    branch: str | None = None) -> tuple[BranchModel, dict[str, Any]]:
     """The evaluated model of one protocol: the frozen encoder (or AFF's fine-tuned copy) + its head, eval mode."""
-    saved = torch.load(run.head(protocol), map_location=device, weights_only=True)
+    path = run.head(protocol)
+    saved = load_head(path, device)
     if "encoder" in saved:  # AFF fine-tuned the encoder too
         encoder = copy.deepcopy(encoder)
-        encoder.load_state_dict(saved["encoder"])
+        load_state_into(encoder, saved["encoder"], path, head_fix(path))
         encoder.eval().requires_grad_(False)
     head = LinearHead(encoder.feature_dim, int(saved["head"]["weight"].shape[0])).to(device)
-    head.load_state_dict(saved["head"])
+    load_state_into(head, saved["head"], path, head_fix(path))
     return BranchModel(encoder, head, branch or saved["branch"]).eval(), saved
 
 
@@ -169,7 +172,15 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True,
     chosen = [p for p in ("slf", "alf", "aff") if p in wanted and run.head(p).is_file()]  # headline: first
     if not chosen:
         raise RunError(f"{run.root} has no fitted heads; run `robustcl finetune --run {run.root}` first")
+    with writing(run.root, "results.json, eval_state/ and the report"):  # before any work: writable, one writer
+        return _evaluate(cfg, run, progress, protocols, chosen, device)
+
+
+def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ...] | None, chosen: list[str],
+              device: torch.device) -> dict[str, Any]:
+    """`evaluate_run`'s work, once the run is known writable and locked."""
     encoder, meta = read_encoder(run.encoder)
+    check_encoder_fits(meta, cfg, run.encoder)
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)

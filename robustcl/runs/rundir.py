@@ -5,6 +5,7 @@ results.json, report.md, plots/*.png.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -20,19 +21,36 @@ class RunError(RuntimeError):
     """A run-directory problem: the message says what and how to fix it."""
 
 
+WRITE_HINTS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+               errno.EROFS: "the file system is read-only: use a writable directory",
+               errno.EACCES: "fix the directory's permissions or use another one"}
+
+
+def write_failure(path: Path, exc: OSError) -> RunError:
+    """A failed write (full disk, read-only mount, permissions) as one line naming the file."""
+    hint = WRITE_HINTS.get(exc.errno or 0, "fix the cause")
+    return RunError(f"cannot write {path}: {exc.strerror or exc}; the previous {path.name} (if any) is unchanged; "
+                    f"{hint}, then run the command again")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    """Write to a temp file in the same directory, fsync, then rename over `path` (a failure is a RunError
+    and leaves the previous file as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failure(path, exc) from exc
         raise
 
 
@@ -69,33 +87,57 @@ class RunDir:
     def prepare(self, config_yaml: str, resume: bool, overwrite: bool) -> bool:
         """Create or reopen the directory; returns True when resuming from a checkpoint.
 
-        Refuses to touch a directory that holds another run unless --resume or --overwrite.
+        Refuses to touch a directory that holds another run unless --resume or --overwrite, and
+        --overwrite refuses a directory robustcl did not make (`robustcl.runs.guard.is_owned`). A
+        run killed before its first checkpoint is resumed from step 0 (returns False).
         """
-        exists = self.root.exists() and any(self.root.iterdir())
+        from robustcl.runs.guard import LOCK, is_owned, refuse_foreign, write_marker
+
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"{self.root} is a regular file, not a run directory; choose another --out")
+        entries = [p for p in self.root.iterdir() if LOCK not in p.name] if self.root.is_dir() else []
         if resume:
-            if not self.checkpoint.is_file():
-                if self.pretrain_done.is_file():
-                    return True
-                raise RunError(f"cannot resume: {self.checkpoint} does not exist; start the run without --resume")
-            return True
-        if exists and not overwrite:
+            if self.checkpoint.is_file() or self.pretrain_done.is_file():
+                return True
+            if self.config.is_file() and is_owned(self.root):  # killed before its first checkpoint: from step 0
+                write_marker(self.root)
+                atomic_write_text(self.config, config_yaml)
+                return False
+            raise RunError(f"cannot resume: {self.root} holds no started run (no {self.config}); start one with "
+                           f"`robustcl pretrain --config NAME --out {self.root}`")
+        refuse_foreign(self.root)
+        if entries and not overwrite:
             raise RunError(f"run directory {self.root} already holds a run; pass --resume to continue it, "
                            f"--overwrite to replace it, or choose another --out")
-        if exists and overwrite:
-            for path in (self.checkpoint, self.metrics, self.results, self.report, self.encoder, self.pretrain_done):
+        if entries and overwrite:  # robustcl's own files only; anything the user added stays
+            for path in (self.checkpoint, self.metrics, self.results, self.report, self.encoder, self.pretrain_done,
+                         self.root / "eps_curve.csv", self.root / "steps_curve.csv", self.root / "bound.json",
+                         self.root / "bound.md"):
                 path.unlink(missing_ok=True)
-            for folder in (self.root / "heads", self.plots):
+            for folder in (self.root / "heads", self.plots, self.root / "eval_state"):
                 shutil.rmtree(folder, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
+        write_marker(self.root)
         atomic_write_text(self.config, config_yaml)
         return False
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl (flushed, so a kill loses at most this line)."""
-        with open(self.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        """Append one JSON line to metrics.jsonl (flushed, so a kill loses at most this line); never through a
+        symbolic link."""
+        try:
+            fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            if self.metrics.is_symlink():
+                raise RunError(f"{self.metrics} is a symbolic link; robustcl writes only regular files inside a run: "
+                               "replace it by a regular file (or remove it)") from None
+            raise write_failure(self.metrics, exc) from exc
+        try:
+            with os.fdopen(fd, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+        except OSError as exc:
+            raise write_failure(self.metrics, exc) from exc
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All complete records of metrics.jsonl (a torn last line from a kill is skipped)."""
@@ -122,4 +164,15 @@ class RunDir:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     def read_results(self) -> dict[str, Any]:
-        return json.loads(self.results.read_text()) if self.results.is_file() else {}
+        """results.json's content ({} when absent); a damaged file is a one-line RunError."""
+        if not self.results.is_file():
+            return {}
+        try:
+            data = json.loads(self.results.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise RunError(f"{self.results} is not readable JSON ({exc}); re-create it: robustcl evaluate --run "
+                           f"{self.root}") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{self.results} does not hold a results mapping; re-create it: robustcl evaluate --run "
+                           f"{self.root}")
+        return data

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from robustcl.config import Config
+from robustcl.config import Config, ConfigError
 from robustcl.hardware import resolve_precision, resolve_threads
 from robustcl.data import ArrayDataset, DataError, dataset_info, load_dataset
 from robustcl.data.base import get_reader
@@ -23,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu or auto")
     return device
 
 

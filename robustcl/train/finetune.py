@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from robustcl.config import Config
 from robustcl.evaluation import ce_objective, pgd_accuracy
-from robustcl.export import read_encoder
+from robustcl.export import check_encoder_fits, read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
+from robustcl.runs.guard import writing
 from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
                                    train_val_indices)
 from robustcl.views import weak_view
@@ -222,11 +223,19 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
     if fitted and not overwrite:
         raise RunError(f"{run.head(fitted[0])} already exists; pass --overwrite to refit "
                        f"{', '.join(fitted)} or choose other --protocol values")
+    with writing(run.root, "heads/ and metrics.jsonl"):  # writable, one writer, no symbolic links, before any work
+        return _fit_heads(cfg, run, protocols, progress)
+
+
+def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None,
+               progress: bool) -> dict[str, dict[str, Any]]:
+    """`finetune`'s work, once the run is known writable and locked."""
     device = resolve_device(cfg.train.device)
     cfg = resolve_runtime(cfg, device, started_config(run.config))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     encoder, meta = read_encoder(run.encoder)
+    check_encoder_fits(meta, cfg, run.encoder)
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)

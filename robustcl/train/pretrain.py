@@ -15,6 +15,7 @@ exactly as an uninterrupted one does.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference
+from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config
 from robustcl.distributed import Distributed, job_from_env, rank_seed
 from robustcl.export import export_encoder
 from robustcl.methods import Method, StepContext
@@ -33,6 +34,8 @@ from robustcl.models.dual_bn import cross_rank_batch_norm
 from robustcl.objectives import SAM
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
+from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
+from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
 from robustcl.train.common import (autocast_factory, build_method, load_split, resolve_device, resolve_runtime,
                                    started_config, train_val_indices)
 from robustcl.train.diagnostics import Diagnostics, drop_after
@@ -117,6 +120,7 @@ class Pretrainer:
                             if cfg.diagnostics.every > 0 and self.dist.is_main else None)
         # (held-out labels: measured, never trained on; rank 0 alone measures and logs)
         self.step = 0
+        self.saved_step: int | None = None  # step of the checkpoint on disk, None until one is written
         self.sync_from_main()
 
     def sync_from_main(self) -> None:
@@ -171,24 +175,35 @@ class Pretrainer:
         if self.ctx.free is not None:  # this rank's carried perturbations (free mode)
             self.ctx.free.load(state["free_ranks"][self.dist.rank], self.step, self.device)
 
-    def save_checkpoint(self) -> None:
-        """Write checkpoints/last.pt atomically (rank 0), refusing non-finite parameters (one host sync).
+    def diverged(self, what: str) -> NonFiniteLoss:
+        """The error for a run that went non-finite: what is kept (or that nothing is) and how to start again."""
+        kept = (f"{self.run.checkpoint} keeps the last good state (step {self.saved_step}; resuming it repeats the "
+                "same steps)" if self.saved_step is not None else "no checkpoint was written yet, so nothing is kept")
+        return NonFiniteLoss(f"{what}; the run stopped and {kept}; lower train.lr and start again: robustcl pretrain "
+                             f"--config {self.run.config} --out {self.run.root} --overwrite train.lr=<lower>")
 
-        Every rank calls it: parameters are identical across ranks, so all of them stop together on
-        a non-finite one, and each contributes its random state to the checkpoint.
+    def save_checkpoint(self) -> None:
+        """Write checkpoints/last.pt atomically (rank 0), refusing non-finite parameters or buffers (BN running
+        statistics) so that the previous checkpoint stays the last good one (one host sync).
+
+        Every rank calls it: parameters and buffers are identical across ranks, so all of them stop
+        together on a non-finite one, and each contributes its random state to the checkpoint.
         """
-        finite = torch.stack([torch.isfinite(p).all() for p in self.method.parameters()]).all()
-        if not finite:
-            raise NonFiniteLoss(f"non-finite parameters at step {self.step}; kept the last good checkpoint "
-                                f"{self.run.checkpoint}; lower train.lr or use train.precision=fp32")
+        named = [(k, t) for k, t in itertools.chain(self.method.named_parameters(), self.method.named_buffers())
+                 if t.is_floating_point()]
+        if not torch.stack([torch.isfinite(t).all() for _, t in named]).all():
+            bad = [k for k, t in named if not torch.isfinite(t).all()]
+            raise self.diverged(f"non-finite values at step {self.step} in {', '.join(bad[:3])}"
+                                + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
         rng_ranks = self.dist.all_gather_object(self.rng_state()) if self.dist.world > 1 else None
         free_ranks = self.dist.all_gather_object(self.ctx.free.state()) if self.ctx.free is not None else None
         self.dist.on_main(lambda: save_torch_atomic(self.state_dict(rng_ranks, free_ranks), self.run.checkpoint))
+        self.saved_step = self.step
 
     def resume(self) -> None:
         """Load checkpoints/last.pt (refusing a config that changes phase 1, or another number of ranks)
         and drop later metrics."""
-        state = torch.load(self.run.checkpoint, map_location=self.device, weights_only=True)
+        state = load_checkpoint(self.run.checkpoint, self.device)
         changed = first_difference(state["config"], self.cfg.to_dict(), ignore=PHASE1_FREE)
         if changed:
             raise RunError(f"cannot resume {self.run.root} with a changed phase-1 setting ({changed}); "
@@ -198,7 +213,13 @@ class Pretrainer:
             raise RunError(f"cannot resume {self.run.root}: its checkpoint was written by {saved_world} process(es) "
                            f"and this job has {self.dist.world}; resume with the same number "
                            f"(torchrun --nproc_per_node={saved_world}, or no torchrun for 1)")
-        self.load_state_dict(state)
+        load_state_into(self.method, state["model"], self.run.checkpoint, checkpoint_fix(self.run.root))
+        try:
+            self.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - optimiser or RNG state of another shape: the file is unusable
+            raise RunFileError(f"{self.run.checkpoint} cannot be restored ({type(exc).__name__}: {exc}); "
+                               f"{checkpoint_fix(self.run.root)}") from None
+        self.saved_step = self.step
         self.sync_from_main()
         self.dist.on_main(self._rewind_logs)
 
@@ -267,8 +288,7 @@ class Pretrainer:
                 bad = [k for k, v in last.items() if not math.isfinite(v)]
                 if bad:
                     bar.close()
-                    raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) before step {self.step}; the run stopped "
-                                        f"and {self.run.checkpoint} keeps the last good state; lower train.lr")
+                    raise self.diverged(f"non-finite loss ({', '.join(bad)}) before step {self.step}")
                 now = time.perf_counter()
                 ips = count * t.batch_size / max(now - window_start, 1e-9)
                 if main:
@@ -302,22 +322,62 @@ class Pretrainer:
         atomic_write_text(self.run.pretrain_done, f"{self.step}\n")
 
 
+def preflight(cfg: Config, run: RunDir, resume: bool) -> None:
+    """Before any work: a resume changes no phase-1 setting of config.yaml (finished runs included); then, unless
+    there is nothing to write, the run directory can be written, no other live process writes into it and none
+    of its files is a symbolic link."""
+    if resume and run.config.is_file():
+        stored = run.config.read_text(encoding="utf-8")
+        changed = first_difference(load_config(str(run.config)).to_dict(), cfg.to_dict(), ignore=PHASE1_FREE)
+        if changed:
+            raise RunError(f"cannot resume {run.root} with a changed phase-1 setting ({changed}); "
+                           "resume without it, or start a new run (--out) or --overwrite")
+        if run.pretrain_done.is_file() and run.encoder.is_file() and stored == dump_yaml(cfg):
+            return  # finished, same settings: nothing will be written
+    probe_writable(run.root, f"the run directory {run.root}")
+    RunLock(run.root).check()
+    if not resume:  # a resume needs a checkpoint or a marked run (RunDir.prepare): older runs stay resumable
+        refuse_foreign(run.root)
+    if run.root.is_dir():
+        refuse_symlinks(run.root)
+
+
+def record_settings(cfg: Config, run: RunDir) -> None:
+    """A finished run resumed with changed phase-2/evaluation settings: store them in config.yaml (under the lock),
+    as a resume from a checkpoint does, so finetune/evaluate (and `robustcl run --resume`) use them."""
+    text = dump_yaml(cfg)
+    if run.config.read_text(encoding="utf-8") != text:
+        with RunLock(run.root):
+            atomic_write_text(run.config, text)
+
+
 def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = False,
              progress: bool = True) -> PretrainResult | None:
-    """Phase 1 for `cfg` in `run`; with resume, continue from checkpoints/last.pt.
+    """Phase 1 for `cfg` in `run`; with resume, continue from checkpoints/last.pt (from step 0 when the run
+    was stopped before its first checkpoint).
 
     Under torchrun (or inside an initialised process group) every process calls this and they train
-    data-parallel (`robustcl.distributed`); rank 0 writes the run directory. Returns None when the
-    run's phase 1 had already finished (nothing to do).
+    data-parallel (`robustcl.distributed`); rank 0 writes the run directory and holds its lock while
+    it does. Returns None when the run's phase 1 had already finished (nothing to do).
     """
-    if resume and run.pretrain_done.is_file() and run.encoder.is_file():
-        return None
     device = resolve_device(cfg.train.device)
     cfg = resolve_runtime(cfg, device, started_config(run.config) if resume else None)  # stored resolved
     with job_from_env(device) as job:
+        job.on_main(lambda: preflight(cfg, run, resume))  # fails before any work and any write
+        if resume and run.pretrain_done.is_file() and run.encoder.is_file():
+            job.on_main(lambda: record_settings(cfg, run))
+            return None
         trainer = Pretrainer(cfg, run, job)  # reads the data and builds the model: bad input fails before any write
-        resuming = job.on_main(lambda: run.prepare(dump_yaml(cfg), resume, overwrite))
-        if resuming:
-            trainer.resume()
-            job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only PHASE1_FREE settings differ
-        return trainer.fit(progress)
+        lock = RunLock(run.root)
+        job.on_main(lambda: lock.acquire(create=True))
+        try:
+            resuming = job.on_main(lambda: run.prepare(dump_yaml(cfg), resume, overwrite))
+            if resuming:
+                trainer.resume()
+                job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only PHASE1_FREE settings differ
+            elif resume:  # stopped before its first checkpoint: drop what it logged, train from step 0
+                job.on_main(trainer._rewind_logs)
+            return trainer.fit(progress)
+        finally:
+            if job.is_main:
+                lock.release()
