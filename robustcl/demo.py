@@ -33,6 +33,7 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
     Finished runs are reused (and interrupted ones resumed) unless `overwrite`.
     """
     timings: dict[str, float] = {}
+    stage_times: dict[str, dict[str, float]] = {}  # where each method's time went (empty: reused)
     runs: list[tuple[str, RunDir]] = []
     for preset in DEMO_PRESETS:
         cfg = load_config(preset, list(overrides))
@@ -45,17 +46,38 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
                 raise RunError(f"{run.root} holds a run with other settings ({changed}); "
                                "pass --overwrite to redo it or choose another --out")
         t0 = time.perf_counter()
+        stages: dict[str, float] = {}
         if overwrite or not _complete(run, cfg.finetune.protocols):
             resume = not overwrite and run.checkpoint.is_file()
             pretrain(cfg, run, resume=resume, overwrite=overwrite or not resume, progress=progress)
-            finetune(cfg, run, progress=progress, overwrite=True)  # this flow owns the run
+            stages["pretrain"] = time.perf_counter() - t0
+            fitted = finetune(cfg, run, progress=progress, overwrite=True)  # this flow owns the run
+            stages.update({f"fit {p.upper()}": r["seconds"] for p, r in fitted.items()})
+            t1 = time.perf_counter()
             evaluate_run(cfg, run, progress=progress)
+            stages["evaluate"] = time.perf_counter() - t1
         timings[cfg.method.name] = time.perf_counter() - t0
+        stage_times[cfg.method.name] = stages
         runs.append((cfg.method.name, run))
-    return write_demo_report(out, runs, timings)
+    return write_demo_report(out, runs, timings, stage_times)
 
 
-def write_demo_report(out: Path, runs: list[tuple[str, RunDir]], timings: dict[str, float]) -> Path:
+def time_split_lines(results: list[tuple[str, dict]], stage_times: dict[str, dict[str, float]]) -> list[str]:
+    """Report lines: each method's seconds by stage, and its evaluation's seconds by part."""
+    lines = []
+    for label, res in results:
+        stages = stage_times.get(label)
+        if not stages:
+            continue
+        lines.append(f"- {label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
+        for protocol, r in res["protocols"].items():
+            parts = r.get("seconds_by_part", {})
+            lines.append(f"  - evaluate {protocol.upper()}: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))
+    return lines
+
+
+def write_demo_report(out: Path, runs: list[tuple[str, RunDir]], timings: dict[str, float],
+                      stage_times: dict[str, dict[str, float]] | None = None) -> Path:
     """report.md comparing the runs: table, gap in robust accuracy, loss-term and eps-curve plots."""
     results = [(label, run.read_results()) for label, run in runs]
     plot_loss_terms(runs, out / "plots" / "loss_terms.png")
@@ -84,7 +106,8 @@ def write_demo_report(out: Path, runs: list[tuple[str, RunDir]], timings: dict[s
         *[line for label, res in results for line in integrity_lines(label, res)], "",
         "Robust-accuracy gap:", *gaps, "",
         "Wall time per method (pretrain + fine-tune + evaluate; 0 when a finished run was reused): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ". Split:",
+        *time_split_lines(results, stage_times or {}),
         f"Machine: {first.get('hardware', {}).get('device', platform.machine())} "
         f"(CPU capability {cpu_capability().describe()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
         "precision (resolved from `auto`): " + ", ".join(
