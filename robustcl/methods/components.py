@@ -147,11 +147,12 @@ def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], 
         with ctx.autocast():
             return objective(x_adv)
 
+    clip_start = not ctx.reference.unclipped_start  # reference: the authors' start, x + U(-eps, eps) unclipped
     with method.evaluating(), phase("attack"):
         if attack.mode == "fgsm-rs":
-            return fgsm_rs(wrapped, x, attack.eps, None, ctx.generator, modules=[method])
+            return fgsm_rs(wrapped, x, attack.eps, None, ctx.generator, modules=[method], clip_start=clip_start)
         return pgd(wrapped, x, attack.eps, attack.alpha, attack.steps, attack.random_start, ctx.generator,
-                   modules=[method])
+                   modules=[method], clip_start=clip_start)
 
 
 def draw_view(kind: Literal["strong", "weak"], images: torch.Tensor, ctx: StepContext) -> torch.Tensor:
