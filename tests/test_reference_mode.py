@@ -329,3 +329,19 @@ def test_the_reference_reading_is_reported_labelled_beside_unchanged_honest_numb
     report = (out / "report.md").read_text()
     assert "## Reference reading (the authors' linear evaluation; not a headline number)" in report
     assert "picked on TEST robust accuracy" in report and "honest reading:" in report
+
+
+def test_the_reference_reading_keeps_the_epoch_of_highest_test_robust_accuracy_and_its_clean_reading(monkeypatch):
+    import robustcl.evaluation.reference_reading as rr
+
+    cfg = load_config("smoke", ["finetune.epochs=4", "reference.evaluation=true"])
+    encoder = build_method(cfg, 1, (0.5,), (0.25,)).encoder.eval().requires_grad_(False)
+    robust, clean, branches = iter([0.2, 0.5, 0.5, 0.3]), iter([0.9, 0.7, 0.6, 0.8]), []
+    monkeypatch.setattr(rr, "_unclipped_pgd_accuracy", lambda model, *a: branches.append(model.branch) or next(robust))
+    monkeypatch.setattr(rr, "accuracy", lambda model, *a: branches.append(model.branch) or next(clean))
+    images = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 4, (16,))
+    out = rr.fit_and_select("slf", encoder, (images, labels), (images[:8], labels[:8]), 4, cfg, torch.device("cpu"),
+                            contextlib.nullcontext)
+    assert (out["epoch"], out["clean_acc_benign_branch"], out["robust_acc_adversarial_branch"]) == (2, 0.7, 0.5)
+    assert branches == ["benign", "adversarial"] * 4  # clean through the benign branch, robust through the adversarial
