@@ -143,7 +143,8 @@ def test_imagenet_normalisation_replaces_the_dataset_constants():
     assert torch.equal(reference.mean.flatten(), torch.tensor(IMAGENET_MEAN))
     assert torch.equal(reference.std.flatten(), torch.tensor(IMAGENET_STD))
     grey = build_method(load_config("smoke", ["reference.imagenet_normalisation=true"]), 1, (0.5,), (0.25,)).encoder
-    assert torch.allclose(grey.mean.flatten(), torch.tensor([0.449])) and torch.allclose(grey.std.flatten(), torch.tensor([0.226]))
+    assert torch.allclose(grey.mean.flatten(), torch.tensor([0.449]))
+    assert torch.allclose(grey.std.flatten(), torch.tensor([0.226]))
 
 
 def _adversarial_bn(method) -> dict[str, torch.Tensor]:

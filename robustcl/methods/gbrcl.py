@@ -1,4 +1,4 @@
-"""The paper's method (arXiv 2311.09671, SPEC section 2): adversarial + benign InfoNCE, SAM on the
+"""The paper's method (arXiv 2311.09671, docs/algorithm.md section 2): adversarial + benign InfoNCE, SAM on the
 benign term, and a critic D that closes the divergence between benign and adversarial features.
 
 One step, as in the paper:

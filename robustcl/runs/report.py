@@ -192,7 +192,8 @@ def reference_reading_lines(label: str, results: dict[str, Any]) -> list[str]:
         beside = ""
         if honest:
             pgd_key = next(iter(honest["robust"]))
-            beside = (f"; honest reading: clean {100 * honest['clean_acc']:.2f}% / robust {100 * honest['robust'][pgd_key]:.2f}% "
+            beside = (f"; honest reading: clean {100 * honest['clean_acc']:.2f}% / "
+                      f"robust {100 * honest['robust'][pgd_key]:.2f}% "
                       f"({pgd_key}), both through the {honest['branch']} branch, epoch {honest['best_epoch']} picked on "
                       f"{honest['selected_on']}")
         lines.append(f"- {label} {protocol.upper()} (reference reading): clean {100 * r['clean_acc_benign_branch']:.2f}% "
