@@ -240,6 +240,7 @@ def build_step(cfg: Config, device: torch.device) -> StepSetup:
 
     The dataset is not read: its shape and normalisation come from `dataset_info`.
     """
+    from robustcl.config import reference_switches
     from robustcl.data import dataset_info
     from robustcl.methods import StepContext
     from robustcl.objectives import SAM
@@ -264,7 +265,7 @@ def build_step(cfg: Config, device: torch.device) -> StepSetup:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     ctx = StepContext(method, optimizer, critic_optimizer, sam, sam_cfg.terms, generator,
                       autocast_factory(device, t.precision), strong=cfg.views.strong.build(),
-                      weak=cfg.views.weak.build(), channels_last=t.channels_last)
+                      weak=cfg.views.weak.build(), channels_last=t.channels_last, reference=reference_switches(cfg))
     images = torch.randint(0, 256, (t.batch_size, info.channels, info.height, info.width), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     return StepSetup(method, ctx, images)

@@ -355,6 +355,46 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """The authors' code where it departs from the paper's description, one named switch each, all off.
+
+    Each switch reproduces one thing their public code does (docs/reproducing.md says what, where, and
+    why robustcl's default differs); presets `*-reference` turn them all on.
+    """
+    projection_only_shortcut: bool = False  # ResNet: blocks add only a projection shortcut, identity blocks no residual
+    imagenet_normalisation: bool = False    # inputs normalised with ImageNet's mean/std instead of the dataset's
+    sam_reached_only: bool = False          # SAM's step skips parameters the SAM terms do not reach (adversarial BN frozen)
+    sam_pass_updates_bn: bool = False       # BN running statistics also move in SAM's pass at theta + e (their AdvCL + ours)
+    unclipped_start: bool = False           # PGD's random start is not clipped to [0, 1] before the first step
+    schedule: bool = False                  # warm-up lr set after each step (the first runs at full lr); cosine per epoch
+    critic_schedule: bool = False           # the critic's lr follows the encoder's schedule (warm-up, cosine) from critic.lr
+    advcl_separate_forwards: bool = False   # AdvCL: every view its own benign-branch forward (own BN batch statistics)
+    advcl_supcon_scale: bool = False        # AdvCL: contrastive and benign terms x tau / 0.07 (SupConLoss's base temperature)
+    advcl_raw_high_frequency: bool = False  # AdvCL: HF(x) fed as the signed high-pass, not min-max scaled into [0, 1]
+    evaluation: bool = False                # also their linear reading: epoch picked on TEST robust accuracy, mixed branches
+    test_attack: AttackConfig = field(default_factory=lambda: AttackConfig(0.0314, 0.00314, 20))  # that reading's PGD
+
+    def validate(self) -> None:
+        self.test_attack.validate("reference.test_attack")
+
+    def check_applies(self, cfg: "Config") -> None:
+        """A switch that cannot act on this config is a one-line error (not silently ignored)."""
+        _check(not self.projection_only_shortcut or cfg.model.arch != "convnet", "reference.projection_only_shortcut",
+               True, "applies to model.arch=resnet18/resnet50 only (the ConvNet has no shortcuts); drop it")
+        for key in ("advcl_separate_forwards", "advcl_supcon_scale", "advcl_raw_high_frequency"):
+            _check(not getattr(self, key) or cfg.method.name == "advcl", f"reference.{key}", True,
+                   f"applies to method.name=advcl only (this config trains {cfg.method.name}); drop it")
+
+
+OFF = ReferenceConfig()
+
+
+def reference_switches(cfg: "Config") -> ReferenceConfig:
+    """cfg's reference switches (all off when the config has no `reference` section)."""
+    return cfg.reference if cfg.reference is not None else OFF
+
+
+@dataclass
 class Config:
     name: str = "custom"
     seed: int = 0
@@ -366,6 +406,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # the authors' code's departures, as switches (null: none; not {} so configs stored before it compare equal on resume)
+    reference: ReferenceConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (tuples as lists) for YAML/JSON."""
@@ -585,7 +627,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section stored as null (e.g. `reference: null`)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child
@@ -602,6 +646,8 @@ def from_mapping(data: dict[str, Any]) -> Config:
         raise ConfigError("config needs method.name (e.g. method.name=gbrcl); see `robustcl configs`")
     cfg = build(Config, data)
     cfg.method = build(method_config_class(str(method["name"])), method, "method")
+    if cfg.reference is not None:
+        cfg.reference.check_applies(cfg)
     _check(cfg.data.val_size >= 1 or not (cfg.finetune.protocols or cfg.diagnostics.every), "data.val_size",
            cfg.data.val_size, "must be >= 1: phase-2 epoch selection and diagnostics use the held-out split")
     return cfg
@@ -637,7 +683,7 @@ def first_difference(a: Any, b: Any, prefix: str = "", ignore: tuple[str, ...] =
 
 # Settings that do not change what phase 1 computes: a resumed run may change these.
 PHASE1_FREE = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
-               "diagnostics", "finetune", "eval")
+               "diagnostics", "finetune", "eval", "reference.evaluation", "reference.test_attack")
 
 
 def dump_yaml(cfg: Config) -> str:

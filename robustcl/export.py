@@ -30,15 +30,19 @@ class FixedBranchEncoder(nn.Module):
 
 
 def encoder_metadata(encoder: Encoder, info: Any, cfg: Any) -> dict[str, Any]:
-    """What is needed to rebuild the encoder without the config: arch, channels, normalisation, the
-    resolved ResNet stem (None for convnet)."""
+    """What is needed to rebuild the encoder without the config: arch, channels, normalisation (the dataset's,
+    or ImageNet's under reference.imagenet_normalisation), the resolved ResNet stem (None for convnet) and
+    whether its blocks have identity shortcuts."""
     from robustcl.methods import method_class
+    from robustcl.train.common import input_normalisation
 
     model = cfg.model
-    return {"format": FORMAT, "arch": model.arch, "in_channels": info.channels, "mean": list(info.mean),
-            "std": list(info.std), "dual_bn": encoder.dual_bn,
+    mean, std = input_normalisation(cfg, tuple(info.mean), tuple(info.std))
+    return {"format": FORMAT, "arch": model.arch, "in_channels": info.channels, "mean": list(mean),
+            "std": list(std), "dual_bn": encoder.dual_bn,
             "widths": list(model.widths) if model.arch == "convnet" else None,
             "stem": getattr(encoder.backbone, "stem", None),
+            "identity_shortcut": getattr(encoder.backbone, "identity_shortcut", None),
             "method": cfg.method.name, "headline_branch": method_class(cfg.method.name).headline_branch,
             "dataset": info.name}
 
@@ -87,8 +91,10 @@ def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
         raise RunFileError(f"{path} lacks robustcl encoder metadata; was it written by robustcl? {encoder_fix(path)}")
     # files written before the stem option have no "stem": their ResNet-18 had the CIFAR stem
     try:
-        kwargs = ({"widths": tuple(meta["widths"])} if meta["arch"] == "convnet"
-                  else {"stem": meta.get("stem") or "cifar"})
+        kwargs: dict[str, Any] = ({"widths": tuple(meta["widths"])} if meta["arch"] == "convnet"
+                                  else {"stem": meta.get("stem") or "cifar"})
+        if meta.get("identity_shortcut") is False:  # the authors' blocks (reference.projection_only_shortcut)
+            kwargs["identity_shortcut"] = False
         encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
                                 dual_bn=meta["dual_bn"], **kwargs)
     except (ValueError, TypeError, KeyError) as exc:

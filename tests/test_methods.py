@@ -240,6 +240,8 @@ def test_every_preset_runs_two_steps_on_synthetic_data(preset):
     cfg = load_config(preset)
     if cfg.method.name != "simclr":
         small.append("method.attack.steps=1")
+    if cfg.reference is not None and cfg.reference.projection_only_shortcut:
+        small.append("reference.projection_only_shortcut=false")  # a ResNet-only switch (the ConvNet has no shortcut)
     cfg = load_config(preset, small)
     data = load_split(cfg, "train")
     method, ctx = build(cfg, data.info.channels, data.info.mean, data.info.std)

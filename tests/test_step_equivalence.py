@@ -4,8 +4,11 @@ The library's step computes the attack target's features once per step (the plai
 recomputes them at every PGD iteration), attacks with parameter gradients switched off, computes
 the benign-branch forward once for the benign and divergence terms, and runs ASAM through
 `StepContext`. The plain version below does none of that; loss values and the updated parameters
-(encoder, projector and critic) must agree. BN running statistics are not compared: the plain
-version runs the benign forward once per term, so it updates them more than once by design.
+(encoder, projector and critic) must agree. BN running statistics are not compared for the full
+step: the plain version runs the benign forward once per term, so it updates them more than once by
+design. The adversarial-only rung (lambda_b 0, no SAM, no critic) is compared with its own plain
+transcription, BN running statistics included: both forward [p; q] once through the benign branch,
+as the authors' adv-only step does, whatever lambda_b is.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def _critic_bce(logits_benign: torch.Tensor, logits_adv: torch.Tensor) -> torch.
 
 
 def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, cfg, lr: float) -> dict[str, float]:
-    """SPEC 2's step written out directly: attack, critic step, encoder step with ASAM on the benign term."""
+    """The step of docs/algorithm.md section 2 written out directly: attack, critic step, encoder step with
+    ASAM on the benign term."""
     m, a, c = method, cfg.method.attack, cfg.method.critic
     tau, lam_b, lam_d, rho = cfg.method.temperature, cfg.method.benign_weight, c.weight, cfg.method.sam.rho
     p = strong_view(images, generator, cfg.views.strong.build())
@@ -118,3 +122,52 @@ def test_the_library_gbrcl_step_equals_the_plain_algorithm(tmp_path, channels_la
     moved = [n for n, prm in trainer.method.named_parameters()
              if not torch.equal(prm, dict(Pretrainer(cfg, RunDir(tmp_path / "fresh")).method.named_parameters())[n])]
     assert any(n.startswith("critic") for n in moved) and any(n.startswith("encoder") for n in moved)
+
+
+def plain_adv_only_step(method, images: torch.Tensor, generator: torch.Generator, cfg, lr: float) -> dict[str, float]:
+    """The adversarial-only rung written out: PGD on q against z_b(p), then one SGD step on NCE(z_b(p), z_a(q')).
+
+    The benign branch sees p and q together, one forward, exactly as in the +benign rung.
+    """
+    m, a, tau = method, cfg.method.attack, cfg.method.temperature
+    p = strong_view(images, generator, cfg.views.strong.build())
+    q = weak_view(images, generator, cfg.views.weak.build())
+    m.eval()
+    x = (q + (2 * torch.rand(q.shape, generator=generator) - 1) * a.eps).clamp(0, 1)
+    for _ in range(a.steps):
+        x.requires_grad_(True)
+        objective = info_nce(m.embed(p, "benign"), m.embed(x, "adversarial"), tau)
+        (grad,) = torch.autograd.grad(objective, x)
+        x = torch.min(torch.max(x.detach() + a.alpha * grad.sign(), q - a.eps), q + a.eps).clamp(0, 1)
+    q_adv = x.detach()
+    m.train()
+    params = [*m.encoder.parameters(), *m.projector.parameters()]
+    z_p, _ = m.embed(torch.cat([p, q]), "benign").chunk(2)
+    adversarial = info_nce(z_p, m.embed(q_adv, "adversarial"), tau)
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    opt.zero_grad()
+    adversarial.backward()
+    opt.step()
+    return {"adversarial": adversarial.item()}
+
+
+def test_the_adversarial_only_rung_step_equals_its_plain_transcription(tmp_path):
+    cfg = load_config("smoke", ["train.threads=1", "train.precision=fp32", "method.attack.steps=3",
+                                "method.benign_weight=0", "method.sam.mode=off", "method.critic.enabled=false"])
+    trainer = Pretrainer(cfg, RunDir(tmp_path / "run"))
+    assert trainer.method.critic is None and trainer.sam is None
+    images = trainer.batch(0)
+    lr = 0.05
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    reference = copy.deepcopy(trainer.method)
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(trainer.generator.get_state())
+    stats = trainer.method.training_step(images, trainer.ctx)
+    expected = plain_adv_only_step(reference, images, generator, cfg, lr)
+    assert set(stats) == {"adversarial"}
+    assert abs(stats["adversarial"].item() - expected["adversarial"]) < 1e-6
+    for (name, mine), theirs in zip(trainer.method.named_parameters(), reference.parameters()):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), name
+    for (name, mine), theirs in zip(trainer.method.named_buffers(), reference.buffers()):
+        assert torch.allclose(mine.float(), theirs.float(), rtol=1e-5, atol=1e-7), name

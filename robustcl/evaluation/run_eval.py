@@ -2,7 +2,8 @@
 
 Every number in the headline comes from one model read through one BN branch. The reference
 protocol's mixed reading (clean through the benign branch, robust through the adversarial one) is
-computed only on request and stored apart, labelled as such.
+computed only on request and stored apart, labelled as such; so is the authors' whole linear
+evaluation (reference.evaluation: epochs picked on the test set, `reference_reading.py`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 
 import torch
 
-from robustcl.config import Config
+from robustcl.config import Config, reference_switches
 from robustcl.evaluation.autoattack import autoattack_accuracy, state_key
 from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_square_vs_whitebox,
                                            run_integrity_checks, square_survivors, timed_check)
+from robustcl.evaluation.reference_reading import reference_reading
 from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, cw_margin_objective,
                                        pgd_accuracy, robustness_curve, steps_curve)
 from robustcl.export import check_encoder_fits, read_encoder
@@ -25,7 +27,8 @@ from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.hardware import device_description
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
-from robustcl.train.common import autocast_factory, load_split, resolve_device, resolve_runtime, started_config
+from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
+                                   train_val_indices)
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
                "accuracy through the adversarial branch; these are two different models, not one model's trade-off")
@@ -231,9 +234,21 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
         "protocols": per_protocol,
     }
+    if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
+        results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
+                                                         num_classes, device, autocast, progress)
     write_curves_csv(run, per_protocol)
     run.write_json(run.results, results)
     return results
+
+
+def training_images(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2's training images and labels (the split without the held-out validation images)."""
+    data = load_split(cfg, "train")
+    train_idx, _ = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
+    if cfg.finetune.train_limit is not None:
+        train_idx = train_idx[: cfg.finetune.train_limit]
+    return data.images[train_idx], data.labels[train_idx]
 
 
 __all__ = ["MIXED_LABEL", "attack_name", "autoattack_name", "evaluate_model", "evaluate_run", "protocol_model",

@@ -13,7 +13,7 @@ from typing import Callable, ClassVar, Iterator, Literal
 import torch
 from torch import nn
 
-from robustcl.config import AttackConfig, ConfigError
+from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig
 from robustcl.distributed import Distributed
 from robustcl.models import Branch, Critic, Encoder, ProjectionHead, frozen_bn_stats
 from robustcl.objectives import SAM, frozen_parameters
@@ -143,13 +143,17 @@ class StepContext:
     identical on every rank. A single process (the default) does no communication at all.
     With method.attack.mode=free, `free` holds the replayed views and the carried perturbations
     (`FreeReplay`); the encoder step is then the end of a replay and updates them.
+    `reference` holds the run's switches for the authors' code (config `reference`, all off by default):
+    the step reads sam_reached_only, sam_pass_updates_bn and unclipped_start from it.
     """
 
     def __init__(self, method: "Method", optimizer: torch.optim.Optimizer,
                  critic_optimizer: torch.optim.Optimizer | None, sam: SAM | None,
                  sam_terms: tuple[str, ...], generator: torch.Generator, autocast: Callable[[], contextlib.AbstractContextManager],
                  strong: StrongViewConfig = StrongViewConfig(), weak: WeakViewConfig = WeakViewConfig(),
-                 channels_last: bool = False, distributed: Distributed | None = None) -> None:
+                 channels_last: bool = False, distributed: Distributed | None = None,
+                 reference: ReferenceConfig = OFF) -> None:
+        self.reference = reference
         self.distributed = distributed if distributed is not None else Distributed()
         self.method = method
         self.strong = strong
@@ -188,6 +192,10 @@ class StepContext:
         In free mode the perturbed inputs' gradients come from the same backward(s) at theta (under SAM
         they are kept from the first pass; the pass at theta + e does not change them) and are never
         all-reduced; after the optimiser step each perturbation takes its signed step (`FreeReplay`).
+        Reference switches: `sam_reached_only` drops the gradient of every parameter the SAM terms do
+        not reach (the authors' SAM steps only parameters with a gradient from its second pass: with SAM
+        on the benign term, the adversarial-BN weights and biases get no update, not even weight decay
+        or momentum); `sam_pass_updates_bn` lets BN running statistics move in the pass at theta + e.
         """
         method, opt = self.method, self.optimizer
         perturbed = self.free.perturbed() if self.free is not None else []
@@ -210,6 +218,8 @@ class StepContext:
                 grads = torch.autograd.grad(sharp, [*self.sam.params, *perturbed], retain_graph=rest.requires_grad,
                                             allow_unused=True)
                 grads, input_grads = grads[:n], grads[n:]
+                unreached = ([prm for prm, g in zip(self.sam.params, grads) if g is None]
+                             if self.reference.sam_reached_only else [])
                 for x_adv, grad in zip(perturbed, input_grads):  # free mode: the sharp terms' input gradient
                     x_adv.grad = grad
                 self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
@@ -220,10 +230,13 @@ class StepContext:
                     x_adv.grad = None  # (else the pass at theta + e would accumulate into `kept` in place)
                 with phase("sam_second_pass"):
                     self.sam.ascend(grads)
-                    with frozen_bn_stats(method), self.autocast():
+                    stats = contextlib.nullcontext() if self.reference.sam_pass_updates_bn else frozen_bn_stats(method)
+                    with stats, self.autocast():
                         at_e = terms_fn(sharp_names)
                     weighted_sum(at_e, weights).backward()
                     self.sam.descend()
+                for prm in unreached:  # reference: the optimiser skips them (no step, weight decay or momentum)
+                    prm.grad = None
                 for x_adv, grad in zip(perturbed, kept):
                     x_adv.grad = grad
         self.distributed.all_reduce_grads(optimizer_params(opt))

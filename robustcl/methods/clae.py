@@ -3,7 +3,7 @@
 Attack: q' = PGD on q maximising NCE(z_b(q), z_a(q')) against the fixed target z_b(q).
 Loss: NCE(z_b(p), z_b(q)) + adversarial_weight * NCE(z_b(q), z_a(q')), adversarial_weight = 1.
 Branches: p, q through the benign BN branch, q' through the adversarial one. Both views are strong
-by default as in CLAE (attack_view: weak makes q the weak view of SPEC 2).
+by default as in CLAE (attack_view: weak makes q the weak view of docs/algorithm.md section 2).
 """
 from __future__ import annotations
 

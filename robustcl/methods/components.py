@@ -1,9 +1,9 @@
-"""Pieces several methods share: the paper's additions ("ours", SPEC 2) and the PGD-in-eval-mode helper
+"""Pieces several methods share: the paper's additions ("ours", docs/algorithm.md section 2) and the PGD-in-eval-mode helper
 (or, in free mode, the carried perturbation and the replayed views).
 
 The additions are a benign InfoNCE term with weight lambda_b, SAM/ASAM on named terms, and a critic D
 that estimates an f-divergence between benign and adversarial features (JS by default, where it is
-the BCE critic of SPEC 2). gbrcl has them on by default; advcl accepts them as optional config, so
+the BCE critic of docs/algorithm.md section 2). gbrcl has them on by default; advcl accepts them as optional config, so
 "AdvCL + ours" is a preset, not another file.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def divergence_term(method: Method, z_benign: torch.Tensor, z_adv: torch.Tensor)
 def ours_step(method: Method, attack: Callable[[], torch.Tensor], x_benign: torch.Tensor,
               terms_fn: Callable[[torch.Tensor, tuple[str, ...] | None], Terms], main_weights: dict[str, float],
               ctx: StepContext) -> dict[str, torch.Tensor]:
-    """The paper's step order around any method's attack and loss terms (SPEC 2).
+    """The paper's step order around any method's attack and loss terms (docs/algorithm.md section 2).
 
     1. attack -> x'; 2. one critic step on (x_benign, x') if there is a critic (the 4-step order then
     attacks again); 3 + 4. the encoder step on terms_fn(x', only) with lambda_b / lambda_D weights and
@@ -147,11 +147,12 @@ def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], 
         with ctx.autocast():
             return objective(x_adv)
 
+    clip_start = not ctx.reference.unclipped_start  # reference: the authors' start, x + U(-eps, eps) unclipped
     with method.evaluating(), phase("attack"):
         if attack.mode == "fgsm-rs":
-            return fgsm_rs(wrapped, x, attack.eps, None, ctx.generator, modules=[method])
+            return fgsm_rs(wrapped, x, attack.eps, None, ctx.generator, modules=[method], clip_start=clip_start)
         return pgd(wrapped, x, attack.eps, attack.alpha, attack.steps, attack.random_start, ctx.generator,
-                   modules=[method])
+                   modules=[method], clip_start=clip_start)
 
 
 def draw_view(kind: Literal["strong", "weak"], images: torch.Tensor, ctx: StepContext) -> torch.Tensor:

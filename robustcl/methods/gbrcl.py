@@ -1,4 +1,4 @@
-"""The paper's method (arXiv 2311.09671, SPEC section 2): adversarial + benign InfoNCE, SAM on the
+"""The paper's method (arXiv 2311.09671, docs/algorithm.md section 2): adversarial + benign InfoNCE, SAM on the
 benign term, and a critic D that closes the divergence between benign and adversarial features.
 
 One step, as in the paper:
@@ -69,18 +69,20 @@ class Gbrcl(Method):
 
     def loss_terms(self, p: torch.Tensor, q: torch.Tensor, q_adv: torch.Tensor,
                    only: tuple[str, ...] | None = None) -> Terms:
-        """Step 3's named terms: benign NCE, adversarial NCE, and the divergence bound (js: log 2 - L_D)."""
+        """Step 3's named terms: benign NCE, adversarial NCE, and the divergence bound (js: log 2 - L_D).
+
+        p and q always go through the benign branch together, whichever terms are wanted or weighted:
+        every term then sees the same BN batch statistics (and running-statistic update) whether
+        lambda_b is 0 or not, so each ablation rung changes one thing (and the adversarial-only rung
+        is the authors' adv-only step, which forwards [p; q] too). SAM's pass at theta + e
+        (`only=("benign",)`) recomputes the benign term over the same [p; q], as the authors' SAM
+        does, with BN running statistics frozen by the caller.
+        """
         want = lambda name: only is None or name in only  # noqa: E731
         tau, terms = self.cfg.temperature, {}
         need_benign = want("benign") and self.cfg.benign_weight > 0
         need_divergence = want("divergence") and self.critic is not None
-        need_p, need_q = need_benign or want("adversarial"), need_benign or need_divergence
-        if need_p and need_q:  # one benign-branch forward: BN statistics (and their update) over both views
-            z_p, z_q = self.embed(torch.cat([p, q]), "benign").chunk(2)
-        elif need_p:
-            z_p = self.embed(p, "benign")
-        elif need_q:
-            z_q = self.embed(q, "benign")
+        z_p, z_q = self.embed(torch.cat([p, q]), "benign").chunk(2)
         if need_benign:
             terms["benign"] = info_nce(z_p, z_q, tau)
         if want("adversarial") or need_divergence:

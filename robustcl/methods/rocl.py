@@ -4,7 +4,7 @@ Attack: q' = PGD on q maximising NCE(z_b(p), z_a(q')) against the fixed target z
 Loss: three-positive NT-Xent over {z_b(p), z_b(q), z_a(q')} (each row's positives: the other two
 views of its image) + regularizer_weight * NCE(z_b(p), z_a(q')), regularizer_weight = 1/256.
 Branches: p, q through the benign BN branch, q' through the adversarial one. Both views are strong
-by default as in RoCL (attack_view: weak makes q the weak view of SPEC 2).
+by default as in RoCL (attack_view: weak makes q the weak view of docs/algorithm.md section 2).
 """
 from __future__ import annotations
 

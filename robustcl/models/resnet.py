@@ -49,12 +49,17 @@ def conv1x1(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus identity or 1x1 conv-BN shortcut; all BNs are dual."""
+    """Two 3x3 conv-BN layers plus identity or 1x1 conv-BN shortcut; all BNs are dual.
+
+    identity_shortcut=False is the authors' block (reference.projection_only_shortcut): a block whose
+    shortcut would be the identity adds none, so its output is relu(bn2(conv2(...))) alone.
+    """
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, dual_bn: bool) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, dual_bn: bool, identity_shortcut: bool = True) -> None:
         super().__init__()
+        self.identity_shortcut = identity_shortcut
         self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn1 = DualBatchNorm2d(planes, dual_bn)
         self.conv2 = conv3x3(planes, planes)
@@ -72,17 +77,22 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x), branch))
         out = self.bn2(self.conv2(out), branch)
-        shortcut = self.shortcut_bn(self.shortcut_conv(x), branch) if self.downsample else x
-        return F.relu(out + shortcut)
+        if self.downsample:
+            return F.relu(out + self.shortcut_bn(self.shortcut_conv(x), branch))
+        return F.relu(out + x) if self.identity_shortcut else F.relu(out)
 
 
 class Bottleneck(nn.Module):
-    """1x1 (reduce) - 3x3 (stride here, torchvision v1.5) - 1x1 (expand x4) conv-BN, plus shortcut; all BNs dual."""
+    """1x1 (reduce) - 3x3 (stride here, torchvision v1.5) - 1x1 (expand x4) conv-BN, plus shortcut; all BNs dual.
+
+    identity_shortcut=False: no residual path where the shortcut would be the identity (as BasicBlock).
+    """
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, dual_bn: bool) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, dual_bn: bool, identity_shortcut: bool = True) -> None:
         super().__init__()
+        self.identity_shortcut = identity_shortcut
         out_planes = planes * self.expansion
         self.conv1 = conv1x1(in_planes, planes)
         self.bn1 = DualBatchNorm2d(planes, dual_bn)
@@ -104,8 +114,9 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn1(self.conv1(x), branch))
         out = F.relu(self.bn2(self.conv2(out), branch))
         out = self.bn3(self.conv3(out), branch)
-        shortcut = self.shortcut_bn(self.shortcut_conv(x), branch) if self.downsample else x
-        return F.relu(out + shortcut)
+        if self.downsample:
+            return F.relu(out + self.shortcut_bn(self.shortcut_conv(x), branch))
+        return F.relu(out + x) if self.identity_shortcut else F.relu(out)
 
 
 class ResNet(nn.Module):
@@ -115,10 +126,13 @@ class ResNet(nn.Module):
     3x3 stride-2 max-pool (for larger images; 224 px -> a 7x7 final map). zero_init_residual (off by
     default, as in torchvision) starts each block's last BN gamma (both branches) at 0, so blocks begin
     as identities. Parameter names match the earlier CIFAR-only ResNet18, so its checkpoints still load.
+    identity_shortcut=False builds the authors' blocks (no residual path where the shortcut would be the
+    identity; the parameters are the same, so the state dicts are interchangeable).
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], in_channels: int = 3,
-                 dual_bn: bool = True, stem: Stem = "cifar", zero_init_residual: bool = False) -> None:
+                 dual_bn: bool = True, stem: Stem = "cifar", zero_init_residual: bool = False,
+                 identity_shortcut: bool = True) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)} (resolve auto with resolve_stem)")
@@ -127,15 +141,16 @@ class ResNet(nn.Module):
         self.in_channels = in_channels
         self.dual_bn = dual_bn
         self.stem: Stem = stem
+        self.identity_shortcut = identity_shortcut
         self.feature_dim = 512 * block.expansion
         self.conv1 = (conv3x3(in_channels, 64) if stem == "cifar"
                       else nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False))
         self.bn1 = DualBatchNorm2d(64, dual_bn)
         stages, in_planes = [], 64
         for planes, stride, count in zip((64, 128, 256, 512), (1, 2, 2, 2), layers):
-            blocks = [block(in_planes, planes, stride, dual_bn)]
+            blocks = [block(in_planes, planes, stride, dual_bn, identity_shortcut)]
             in_planes = planes * block.expansion
-            blocks += [block(in_planes, planes, 1, dual_bn) for _ in range(count - 1)]
+            blocks += [block(in_planes, planes, 1, dual_bn, identity_shortcut) for _ in range(count - 1)]
             stages.append(nn.ModuleList(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         init_weights(self)
@@ -161,20 +176,21 @@ class ResNet(nn.Module):
         return self.feature_map(x, branch).mean(dim=(2, 3))
 
     def extra_repr(self) -> str:
-        return f"stem={self.stem}, dual_bn={self.dual_bn}, feature_dim={self.feature_dim}"
+        skip = "" if self.identity_shortcut else ", identity_shortcut=False"
+        return f"stem={self.stem}, dual_bn={self.dual_bn}, feature_dim={self.feature_dim}{skip}"
 
 
 class ResNet18(ResNet):
     """ResNet-18: BasicBlocks [2,2,2,2] -> (N, 512); CIFAR stem by default (32x32 inputs)."""
 
     def __init__(self, in_channels: int = 3, dual_bn: bool = True, stem: Stem = "cifar",
-                 zero_init_residual: bool = False) -> None:
-        super().__init__(BasicBlock, (2, 2, 2, 2), in_channels, dual_bn, stem, zero_init_residual)
+                 zero_init_residual: bool = False, identity_shortcut: bool = True) -> None:
+        super().__init__(BasicBlock, (2, 2, 2, 2), in_channels, dual_bn, stem, zero_init_residual, identity_shortcut)
 
 
 class ResNet50(ResNet):
     """ResNet-50 (torchvision v1.5 layout): Bottlenecks [3,4,6,3] -> (N, 2048); CIFAR stem unless stem="imagenet"."""
 
     def __init__(self, in_channels: int = 3, dual_bn: bool = True, stem: Stem = "cifar",
-                 zero_init_residual: bool = False) -> None:
-        super().__init__(Bottleneck, (3, 4, 6, 3), in_channels, dual_bn, stem, zero_init_residual)
+                 zero_init_residual: bool = False, identity_shortcut: bool = True) -> None:
+        super().__init__(Bottleneck, (3, 4, 6, 3), in_channels, dual_bn, stem, zero_init_residual, identity_shortcut)

@@ -53,17 +53,21 @@ def _ascend(objective: Objective, x_adv: torch.Tensor, steps: int,
 
 def pgd(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: int,
         random_start: bool = True, generator: torch.Generator | None = None,
-        modules: Iterable[nn.Module] = ()) -> torch.Tensor:
+        modules: Iterable[nn.Module] = (), clip_start: bool = True) -> torch.Tensor:
     """Projected gradient ascent in L-inf: x' <- Proj(x' + alpha * sign(grad objective(x'))).
 
-    Starts from x + U(-eps, eps) when `random_start` (clipped to [0, 1]). Parameters of `modules`
-    are frozen while attacking. Returns a detached tensor inside the eps-ball and [0, 1].
+    Starts from x + U(-eps, eps) when `random_start`, clipped to [0, 1] unless `clip_start` is False
+    (the authors' PGD: the first gradient is then taken at a start that may leave the image box; every
+    step's projection clips). Parameters of `modules` are frozen while attacking. With steps >= 1 the
+    result is a detached tensor inside the eps-ball and [0, 1].
     """
     _check_budget("pgd", eps, alpha, steps)
     x = x.detach()
     if random_start and eps > 0:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
+        x_adv = x + (2 * noise - 1) * eps
+        if clip_start:
+            x_adv = x_adv.clamp_(0.0, 1.0)
     else:
         x_adv = x.clone()
     if eps == 0 or steps == 0:
@@ -72,9 +76,10 @@ def pgd(objective: Objective, x: torch.Tensor, eps: float, alpha: float, steps: 
 
 
 def fgsm_rs(objective: Objective, x: torch.Tensor, eps: float, alpha: float | None = None,
-            generator: torch.Generator | None = None, modules: Iterable[nn.Module] = ()) -> torch.Tensor:
+            generator: torch.Generator | None = None, modules: Iterable[nn.Module] = (),
+            clip_start: bool = True) -> torch.Tensor:
     """FGSM with random start (Wong et al. 2020): one PGD step of size alpha (default 1.25 eps)."""
-    return pgd(objective, x, eps, 1.25 * eps if alpha is None else alpha, 1, True, generator, modules)
+    return pgd(objective, x, eps, 1.25 * eps if alpha is None else alpha, 1, True, generator, modules, clip_start)
 
 
 def _l2_normalise(v: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,15 @@ distribution, so a large logit means "benign" for every divergence.
 JS is the standard Jensen-Shannon divergence (at most log 2), i.e. half of the f-GAN paper's
 "Jensen-Shannon" row: f(u) = 1/2 [u log u - (u+1) log((u+1)/2)], g_f(v) = 1/2 (log 2 - softplus(-v)),
 f*(t) = -1/2 log(2 - exp(2t)). With D = sigmoid(v) its bound is exactly
-    log 2 - L_D,   L_D = 1/2 [BCE(D(z_b), 1) + BCE(D(z_a), 0)]  (SPEC 2),
+    log 2 - L_D,   L_D = 1/2 [BCE(D(z_b), 1) + BCE(D(z_a), 0)]  (docs/algorithm.md section 2),
 so "critic maximises the JS bound" is the BCE critic step and the encoder's term -L_D is the JS
 bound minus the constant log 2. KL, reverse KL, Pearson chi^2 and squared Hellinger
 (f(u) = (sqrt(u) - 1)^2, no 1/2) use the f-GAN paper's rows as they are.
 
 The attacker's term is the part of the bound that depends on the adversarial features,
--E_Q[f*(T)], scaled by `attack_scale` (2 for JS, 1 otherwise): SPEC 2 writes the attack term as
-log(1 - D(z_a)) = -BCE(D(z_a), 0), the unhalved adversarial half of L_D; the JS attack term is
-therefore log 2 + log(1 - D(z_a)), the SPEC term plus a constant (the same PGD steps).
+-E_Q[f*(T)], scaled by `attack_scale` (2 for JS, 1 otherwise): docs/algorithm.md section 2 writes the
+attack term as log(1 - D(z_a)) = -BCE(D(z_a), 0), the unhalved adversarial half of L_D; the JS attack term is
+therefore log 2 + log(1 - D(z_a)), that term plus a constant (the same PGD steps).
 """
 from __future__ import annotations
 

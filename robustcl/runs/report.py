@@ -149,6 +149,9 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
     mixed = mixed_reading_lines(run.root.name, results)
     if mixed:
         text += ["## Mixed-branch reading (reference protocol; not a headline number)", "", *mixed, ""]
+    reference = reference_reading_lines(run.root.name, results)
+    if reference:
+        text += ["## Reference reading (the authors' linear evaluation; not a headline number)", "", *reference, ""]
     if plot_diagnostics([(run.root.name, run)], run.plots / "diagnostics.png"):
         text += diagnostics_section(run)
     if (run.root / "bound.md").is_file():  # the "Bound terms" section written by `robustcl bound`
@@ -180,6 +183,30 @@ def mixed_reading_lines(label: str, results: dict[str, Any]) -> list[str]:
             lines.append(f"- {label} {protocol.upper()}: clean {100 * m['clean_acc_benign_branch']:.2f}% (benign branch) / "
                          f"robust {100 * m['robust_acc_adversarial_branch']:.2f}% (adversarial branch), head trained on "
                          f"the {m['head_trained_on']} branch. **{m['label']}**")
+    return lines
+
+
+def reference_reading_lines(label: str, results: dict[str, Any]) -> list[str]:
+    """Report lines for the authors' linear evaluation, each beside the honest reading of the same protocol."""
+    reading = results.get("reference_reading")
+    if not reading:
+        return []
+    a = reading["test_attack"]
+    lines = [f"**{reading['label']}** Test attack: PGD-{a['steps']} L-inf, eps {a['eps']:.4g}, step {a['alpha']:.4g}, "
+             f"{a['random_start']} random start."]
+    for protocol, r in reading["protocols"].items():
+        honest = results.get("protocols", {}).get(protocol)
+        beside = ""
+        if honest:
+            pgd_key = next(iter(honest["robust"]))
+            beside = (f"; honest reading: clean {100 * honest['clean_acc']:.2f}% / "
+                      f"robust {100 * honest['robust'][pgd_key]:.2f}% "
+                      f"({pgd_key}), both through the {honest['branch']} branch, epoch {honest['best_epoch']} picked on "
+                      f"{honest['selected_on']}")
+        lines.append(f"- {label} {protocol.upper()} (reference reading): clean {100 * r['clean_acc_benign_branch']:.2f}% "
+                     f"(benign branch) / robust {100 * r['robust_acc_adversarial_branch']:.2f}% (adversarial branch), "
+                     f"epoch {r['epoch']} of {r['epochs']} picked on TEST robust accuracy, head trained on the "
+                     f"{r['head_trained_on']} branch{beside}")
     return lines
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from robustcl.config import Config, ConfigError
+from robustcl.config import Config, ConfigError, reference_switches
 from robustcl.hardware import resolve_precision, resolve_threads
 from robustcl.data import ArrayDataset, DataError, dataset_info, load_dataset
 from robustcl.data.base import get_reader
@@ -95,17 +95,41 @@ def image_side(cfg: Config) -> int:
 
 
 def backbone_kwargs(cfg: Config) -> dict[str, object]:
-    """Constructor options for cfg's backbone: ConvNet widths, or the ResNet stem with auto resolved."""
+    """Constructor options for cfg's backbone: ConvNet widths, or the ResNet stem with auto resolved (and the
+    authors' projection-only shortcut under reference.projection_only_shortcut)."""
     if cfg.model.arch == "convnet":
         return {"widths": tuple(cfg.model.widths)}
     side = image_side(cfg) if cfg.model.stem in (None, "auto") else None
-    return {"stem": resolve_stem(cfg.model.stem, side)}
+    kwargs: dict[str, object] = {"stem": resolve_stem(cfg.model.stem, side)}
+    if reference_switches(cfg).projection_only_shortcut:
+        kwargs["identity_shortcut"] = False
+    return kwargs
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_normalisation(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...]
+                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean/std the encoder normalises with: the dataset's (given), or ImageNet's under
+    reference.imagenet_normalisation, as the authors' ResNet does on every dataset (for a 1-channel
+    dataset, the averages of ImageNet's three: 0.449 / 0.226)."""
+    if not reference_switches(cfg).imagenet_normalisation:
+        return mean, std
+    if len(mean) == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    raise ConfigError(f"reference.imagenet_normalisation needs 1- or 3-channel images, got {len(mean)} channels; drop it")
 
 
 def build_method(cfg: Config, in_channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Method:
-    """Encoder f, projection head g and (if the method wants one) critic D for `cfg`."""
+    """Encoder f, projection head g and (if the method wants one) critic D for `cfg`; `mean`/`std` are the
+    dataset's (replaced by ImageNet's under reference.imagenet_normalisation)."""
     cls = method_class(cfg.method.name)
     kwargs = backbone_kwargs(cfg)
+    mean, std = input_normalisation(cfg, mean, std)
     encoder = build_encoder(cfg.model.arch, in_channels, mean, std, dual_bn=cls.dual_bn, **kwargs)
     projector = ProjectionHead(encoder.feature_dim, encoder.feature_dim, cfg.model.proj_dim)
     critic = Critic(cfg.model.proj_dim, cfg.model.critic_hidden) if cls.wants_critic(cfg.method) else None

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config
+from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config, reference_switches
 from robustcl.distributed import Distributed, job_from_env, rank_seed
 from robustcl.export import export_encoder
 from robustcl.methods import Method, StepContext
@@ -39,6 +39,7 @@ from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint,
 from robustcl.train.common import (autocast_factory, build_method, load_split, resolve_device, resolve_runtime,
                                    started_config, train_val_indices)
 from robustcl.train.diagnostics import Diagnostics, drop_after
+from robustcl.train.schedule import reference_learning_rate
 
 
 class NonFiniteLoss(RuntimeError):
@@ -110,7 +111,8 @@ class Pretrainer:
         self.ctx = StepContext(self.method, self.optimizer, self.critic_optimizer, self.sam, sam_cfg.terms,
                                self.generator, autocast_factory(self.device, t.precision),
                                strong=cfg.views.strong.build(), weak=cfg.views.weak.build(),
-                               channels_last=t.channels_last, distributed=self.dist)
+                               channels_last=t.channels_last, distributed=self.dist,
+                               reference=reference_switches(cfg))
         self.replays = self.ctx.free.replays if self.ctx.free is not None else 1  # optimiser steps per batch
         self.steps_per_epoch = len(self.images) // t.batch_size * self.replays  # optimiser steps per pass
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -126,6 +128,15 @@ class Pretrainer:
     def sync_from_main(self) -> None:
         """Copy rank 0's parameters and buffers to every rank (a no-op for a single process)."""
         self.dist.broadcast_(self.method.state_dict().values())
+
+    def lr_at(self, step: int, base: float) -> float:
+        """Optimiser step `step`'s learning rate for base rate `base`: linear warm-up then per-step cosine, or
+        the authors' schedule (set after each step, cosine per epoch) under reference.schedule."""
+        t = self.cfg.train
+        if reference_switches(self.cfg).schedule:
+            return reference_learning_rate(step, self.steps_per_epoch, self.total_steps / self.steps_per_epoch,
+                                           t.warmup_epochs, base, t.min_lr)
+        return learning_rate(step, self.total_steps, self.warmup_steps, base, t.min_lr)
 
     # ------------------------------------------------------------------ state
     def rng_state(self) -> dict[str, Any]:
@@ -272,9 +283,12 @@ class Pretrainer:
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
         start_step, checkpoint_due = self.step, False
         while self.step < self.total_steps:
-            lr = learning_rate(self.step, self.total_steps, self.warmup_steps, t.lr, t.min_lr)
+            lr = self.lr_at(self.step, t.lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self.critic_optimizer is not None and reference_switches(self.cfg).critic_schedule:
+                for group in self.critic_optimizer.param_groups:  # the authors schedule D's lr like the encoder's
+                    group["lr"] = self.lr_at(self.step, self.cfg.method.critic.lr)
             with default_gather(self.dist.gather):  # InfoNCE keys from every rank (none for one process)
                 stats = self.method.training_step(self.batch(self.step), self.ctx)
             for k, v in stats.items():  # accumulate on device: no host sync in the hot loop
