@@ -7,21 +7,21 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from robustcl.config import Config, ConfigError, list_presets, load_config
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+if TYPE_CHECKING:  # robustcl.config (yaml, the schema) is imported when a command runs, so --help stays fast
+    from robustcl.config import Config
 
 # Modules that add their own subcommand through `register(subparsers)`; one line each.
 EXTRA_COMMANDS: tuple[str, ...] = (
     "robustcl.transfer",
-    "robustcl.bench",
+    "robustcl.bench_cli",
     "robustcl.bound.cli",
 )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from robustcl.config import ConfigError
     from robustcl.data import DataError
     from robustcl.runs import RunError
     from robustcl.train.pretrain import CatastrophicOverfitting, NonFiniteLoss
@@ -30,6 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
+    from robustcl.config import load_config
+
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a robustcl run (no config.yaml); pass the --out of a pretrain run")
@@ -37,6 +39,7 @@ def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from robustcl.config import ConfigError, load_config
     from robustcl.runs import RunDir
     from robustcl.train.pretrain import pretrain
 
@@ -117,6 +120,8 @@ def main_process() -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """pretrain -> finetune -> evaluate in one go (under torchrun: phase 1 on every rank, the rest on rank 0)."""
+    from robustcl.config import load_config
+
     cmd_pretrain(args)
     if not main_process():
         return 0
@@ -128,8 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
+    from robustcl.config import ConfigError, dump_yaml, list_presets, load_config
     from robustcl.sweep import list_sweeps
 
+    if args.show:
+        print(dump_yaml(load_config(args.show, args.overrides)), end="")
+        return 0
+    if args.overrides:
+        raise ConfigError(f"overrides ({args.overrides[0]} ...) need --show NAME: `robustcl configs --show NAME key=value`")
     for name, description in list_presets().items():
         print(f"{name:24s} {description}")
     print("\nsweep specs (robustcl sweep --spec NAME):")
@@ -226,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("configs", help="list the shipped presets and sweep specs")
+    p = sub.add_parser("configs", help="list the shipped presets and sweep specs, or print one config resolved")
+    p.add_argument("--show", metavar="NAME|PATH", help="print this preset or YAML file as the resolved YAML a run "
+                                                     "stores in config.yaml (extends and overrides applied)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to --show's config")
     p.set_defaults(fn=cmd_configs)
 
     p = sub.add_parser("demo", help="gbrcl vs simclr on Fashion-MNIST, end to end, with a report")
@@ -244,8 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse with `key=value` overrides allowed anywhere among the options (`pretrain a=1 --config x b=2`).
+
+    argparse takes the first run of positionals as the overrides; later `key=value` words come back as
+    unrecognised and are appended in order. Anything else unrecognised is argparse's usual error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.fn(args)
     except _user_errors() as exc:
@@ -257,5 +286,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The `robustcl` console script: main(), and a reader that closed the pipe (`robustcl configs | head -1`)
+    ends the command quietly, as the Python docs recommend (stdout pointed at devnull, exit status 1)."""
+    try:
+        try:
+            return main()
+        finally:
+            sys.stdout.flush()  # inside the try, so a closed pipe surfaces here and not at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
