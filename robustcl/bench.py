@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from robustcl.bench_cli import DESCRIPTION, HELP, add_arguments, cmd_bench, register  # noqa: F401 - the CLI half
@@ -52,10 +51,9 @@ class FlopCount(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        if packet in flop_registry:
-            shape = lambda x: x.shape if isinstance(x, torch.Tensor) else x  # noqa: E731
-            flops = flop_registry[packet](*tree_map(shape, args), **tree_map(shape, kwargs),
-                                          out_val=tree_map(shape, out))
+        if packet in flop_registry:  # called as FlopCounterMode calls it (torch 2.13 and 2.15): raw arguments
+            # and out_val; each formula reduces them to shapes itself unless registered with get_raw=True
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
             self.total += flops
             self.by_phase[self.phases[-1] if self.phases else "other"] += flops
         return out
