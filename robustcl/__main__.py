@@ -1,6 +1,6 @@
 """`python -m robustcl` is the `robustcl` command."""
 import sys
 
-from robustcl.cli import main
+from robustcl.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -8,21 +8,21 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from robustcl.config import Config, ConfigError, first_difference, list_presets, load_config
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+if TYPE_CHECKING:  # robustcl.config (yaml, the schema) is imported when a command runs, so --help stays fast
+    from robustcl.config import Config
 
 # Modules that add their own subcommand through `register(subparsers)`; one line each.
 EXTRA_COMMANDS: tuple[str, ...] = (
     "robustcl.transfer",
-    "robustcl.bench",
+    "robustcl.bench_cli",
     "robustcl.bound.cli",
 )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from robustcl.config import ConfigError
     from robustcl.data import DataError
     from robustcl.runs import RunError
     from robustcl.train.pretrain import CatastrophicOverfitting, NonFiniteLoss
@@ -31,6 +31,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
+    from robustcl.config import load_config
+
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a robustcl run (no config.yaml); pass the --out of a pretrain run")
@@ -39,13 +41,19 @@ def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
 
 def _refuse_other_config(args: argparse.Namespace, cfg: Config) -> None:
     """`--resume --config X`: the run continues with its own config.yaml, so X must say the same (else refused)."""
-    changed = first_difference(cfg.to_dict(), load_config(args.config, args.overrides).to_dict(), ignore=("name",))
+    from robustcl.config import ConfigError, first_difference, load_config
+    from robustcl.train.common import resolve_device, resolve_runtime
+
+    other = load_config(args.config, args.overrides)  # `auto` as this run resolved it, so only real changes count
+    other = resolve_runtime(other, resolve_device(other.train.device), cfg.to_dict())
+    changed = first_difference(cfg.to_dict(), other.to_dict(), ignore=("name", "train.threads"))
     if changed:
         raise ConfigError(f"--resume continues {args.out} with its own config.yaml and --config {args.config} differs "
                           f"from it ({changed}); drop --config (pass changes as key=value overrides)")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from robustcl.config import ConfigError, load_config
     from robustcl.runs import RunDir
     from robustcl.runs.guard import run_dir_for
     from robustcl.train.pretrain import pretrain
@@ -129,6 +137,8 @@ def main_process() -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """pretrain -> finetune -> evaluate in one go (under torchrun: phase 1 on every rank, the rest on rank 0)."""
+    from robustcl.config import load_config
+
     cmd_pretrain(args)
     if not main_process():
         return 0
@@ -142,8 +152,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
+    from robustcl.config import ConfigError, dump_yaml, list_presets, load_config
     from robustcl.sweep import list_sweeps
 
+    if args.show:
+        print(dump_yaml(load_config(args.show, args.overrides)), end="")
+        return 0
+    if args.overrides:
+        raise ConfigError(f"overrides ({args.overrides[0]} ...) need --show NAME: `robustcl configs --show NAME key=value`")
     for name, description in list_presets().items():
         print(f"{name:24s} {description}")
     print("\nsweep specs (robustcl sweep --spec NAME):")
@@ -240,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("configs", help="list the shipped presets and sweep specs")
+    p = sub.add_parser("configs", help="list the shipped presets and sweep specs, or print one config resolved")
+    p.add_argument("--show", metavar="NAME|PATH", help="print this preset or YAML file as the resolved YAML a run "
+                                                     "stores in config.yaml (extends and overrides applied)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to --show's config")
     p.set_defaults(fn=cmd_configs)
 
     p = sub.add_parser("demo", help="gbrcl vs simclr on Fashion-MNIST, end to end, with a report")
@@ -269,10 +288,25 @@ def environment_error(exc: BaseException) -> str | None:
     return None
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse with `key=value` overrides allowed anywhere among the options (`pretrain a=1 --config x b=2`).
+
+    argparse takes the first run of positionals as the overrides; later `key=value` words come back as
+    unrecognised and are appended in order. Anything else unrecognised is argparse's usual error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: errors of the user's input or environment are one line (exit 2); a bug in robustcl
     shows its traceback and where to report it (exit 1)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.fn(args)
     except _user_errors() as exc:
@@ -282,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robustcl: interrupted; resume with --resume --out <run dir>", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # the reader closed the pipe: entry() ends quietly
     except Exception as exc:  # noqa: BLE001 - the last word: one line, or a bug's traceback
         line = environment_error(exc)
         if main_process():
@@ -294,5 +330,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if line is not None else 1
 
 
+def entry() -> int:
+    """The `robustcl` console script: main(), and a reader that closed the pipe (`robustcl configs | head -1`)
+    ends the command quietly, as the Python docs recommend (stdout pointed at devnull, exit status 1)."""
+    try:
+        try:
+            return main()
+        finally:
+            sys.stdout.flush()  # inside the try, so a closed pipe surfaces here and not at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

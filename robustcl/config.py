@@ -653,15 +653,21 @@ def from_mapping(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset name or YAML path, apply `key=value` overrides, validate."""
-    data = _resolve_extends(name_or_path)
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply `key=value` overrides in order to a raw mapping; a method.name override to another method
+    drops the old method's settings first."""
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "method.name" and value.strip() != str((data.get("method") or {}).get("name")):
             data["method"] = {}  # another method: the preset's method settings do not apply to it
     for item in overrides:
         apply_override(data, item)
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML path, apply `key=value` overrides, validate."""
+    data = _resolve_extends(name_or_path)
+    apply_overrides(data, overrides)
     return from_mapping(data)
 
 

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
-from robustcl.config import Config, dump_yaml, load_config
+if TYPE_CHECKING:  # imported when the command runs: `robustcl --help` imports no yaml or torch
+    from robustcl.config import Config
+    from robustcl.runs import RunDir
 
 
 def transfer_config(source: Path, dataset: str, size: int | None, root: str | None, val_size: int,
                     overrides: list[str]) -> Config:
     """The source run's config with data.* replaced by the target dataset (and any further overrides)."""
+    from robustcl.config import load_config
+
     if not (source / "config.yaml").is_file():
         raise FileNotFoundError(f"{source} is not a robustcl run (no config.yaml); pass the --out of a pretrain run")
     options = f"data.options={{size: {size}}}" if size is not None else "data.options=null"
@@ -23,32 +28,47 @@ def transfer_config(source: Path, dataset: str, size: int | None, root: str | No
     return load_config(str(source / "config.yaml"), [*data, *overrides])
 
 
-def cmd_transfer(args: argparse.Namespace) -> int:
+def transfer_run(source_dir: Path | str, dataset: str, size: int | None = None, root: str | None = None,
+                 val_size: int = 500, overrides: Sequence[str] = (), out: Path | str | None = None,
+                 protocols: tuple[str, ...] | None = None, overwrite: bool = False,
+                 progress: bool = True) -> tuple[RunDir, dict[str, Any]]:
+    """Copy the source run's encoder into a new run for `dataset`, fine-tune and evaluate there, write
+    the report; returns (the new run, its results.json content). Bad target data fails before any write."""
+    from robustcl.config import dump_yaml
     from robustcl.evaluation.run_eval import evaluate_run
     from robustcl.export import read_encoder
     from robustcl.runs import RunDir, RunError, atomic_write_bytes
     from robustcl.runs.guard import writing
-    from robustcl.runs.report import results_table, write_report
+    from robustcl.runs.report import write_report
     from robustcl.train.common import load_split
     from robustcl.train.finetune import finetune
 
-    source = RunDir(args.run)
+    source = RunDir(source_dir)
     if not source.encoder.is_file():
         raise RunError(f"{source.root} has no encoder.safetensors; finish `robustcl pretrain` first")
-    cfg = transfer_config(source.root, args.data, args.size, args.root, args.val_size, args.overrides)
-    target = RunDir(args.out or source.root / (f"transfer-{args.data}" + (f"-{args.size}px" if args.size else "")))
+    cfg = transfer_config(source.root, dataset, size, root, val_size, list(overrides))
+    target = RunDir(out or source.root / (f"transfer-{dataset}" + (f"-{size}px" if size else "")))
     for split in ("train", "test"):  # bad or missing target data fails before anything is written
         target_info = load_split(cfg, split).info
     _, meta = read_encoder(source.encoder)
     if meta["in_channels"] != target_info.channels:
-        raise RunError(f"the encoder of {source.root} takes {meta['in_channels']}-channel images but {args.data} has "
+        raise RunError(f"the encoder of {source.root} takes {meta['in_channels']}-channel images but {dataset} has "
                        f"{target_info.channels}; transfer between datasets with the same number of channels")
     with writing(target.root, "the transfer run", create=True):  # writable, one writer, no symbolic links
-        target.prepare(dump_yaml(cfg), resume=False, overwrite=args.overwrite)
+        target.prepare(dump_yaml(cfg), resume=False, overwrite=overwrite)
         atomic_write_bytes(target.encoder, source.encoder.read_bytes())
-    finetune(cfg, target, tuple(args.protocol) if args.protocol else None, progress=not args.quiet, overwrite=True)
-    results = evaluate_run(cfg, target, progress=not args.quiet)
-    write_report(target, title=f"{source.root.name} -> {args.data}")
+    finetune(cfg, target, protocols, progress=progress, overwrite=True)
+    results = evaluate_run(cfg, target, progress=progress)
+    write_report(target, title=f"{source.root.name} -> {dataset}")
+    return target, results
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from robustcl.runs.report import results_table
+
+    target, results = transfer_run(args.run, args.data, args.size, args.root, args.val_size, args.overrides, args.out,
+                                   tuple(args.protocol) if args.protocol else None, args.overwrite,
+                                   progress=not args.quiet)
     print(results_table([(target.root.name, results)]))
     print(f"results: {target.results}")
     return 0
@@ -70,4 +90,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_transfer)
 
 
-__all__ = ["register", "transfer_config"]
+__all__ = ["register", "transfer_config", "transfer_run"]

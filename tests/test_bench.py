@@ -64,6 +64,22 @@ def test_flop_counter_matches_hand_counts_for_matmul_conv_and_input_gradients() 
         assert count_flops(lambda: conv(torch.randn(3, 2, 5, 5))) == 2 * 3 * 4 * 5 * 5 * 2 * 9
 
 
+def test_flop_counter_calls_formulas_as_torch_does_raw_tensors_for_get_raw_ones() -> None:
+    """torch registers some formulas (flash/efficient attention) with get_raw=True: they take tensors, not shapes."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @torch.library.custom_op("robustcl_test::double", mutates_args=())
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @register_flop_formula(torch.ops.robustcl_test.double, get_raw=True)
+    def double_flops(x, *args, out_val=None, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        assert isinstance(x, torch.Tensor) and isinstance(out_val, torch.Tensor)
+        return x.numel() * (2 if x.dtype == torch.float64 else 1)
+
+    assert count_flops(lambda: torch.ops.robustcl_test.double(torch.ones(3, 4, dtype=torch.float64))) == 24
+
+
 def test_flops_go_to_the_innermost_phase_range() -> None:
     a, w = torch.randn(4, 6), torch.randn(6, 5)  # a @ w: 2 * 4 * 6 * 5 = 240 FLOPs; (a @ w) @ w.T: 240 more
 

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from robustcl.bound.measure import BoundSettings
-from robustcl.config import ConfigError
+if TYPE_CHECKING:  # the measurement imports torch; `robustcl --help` must not
+    from robustcl.bound.measure import BoundSettings
 
 
 def settings_from(args: argparse.Namespace) -> BoundSettings:
     """BoundSettings from the parsed options, validated (one-line ConfigError)."""
+    from robustcl.bound.measure import BoundSettings
+    from robustcl.config import ConfigError
+
     settings = BoundSettings(images=args.images, batch_size=args.batch_size,
                              rho=tuple(args.rho) if args.rho else None, sharpness_mode=args.sharpness_mode,
                              sharpness_steps=args.sharpness_steps, sharpness_images=args.sharpness_images,

@@ -1,0 +1,274 @@
+"""The public Python API: each `robustcl` command as a typed function (also reachable as `robustcl.<name>`).
+
+A config is a `Config`, a preset name (`robustcl configs`) or a YAML path, plus `key=value` overrides as
+on the command line; a run is a directory path. Each function writes what its command writes (config.yaml,
+checkpoints, encoder.safetensors, heads, results.json, report.md, ...) and returns what it measured.
+Progress bars and per-run lines are off unless `progress=True`. Bad input raises the command's one-line
+error (`ConfigError`, `DataError`, `RunError`, `FileNotFoundError`) before anything is written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypedDict, Union
+
+if TYPE_CHECKING:  # each function imports what it runs: `import robustcl` stays light (no torch)
+    from robustcl.bound.measure import BoundSettings
+    from robustcl.config import Config
+    from robustcl.export import FixedBranchEncoder
+    from robustcl.sweep import Sweep, SweepOutcome
+
+PathLike = Union[str, "os.PathLike[str]"]
+ConfigLike = Union["Config", str, "os.PathLike[str]"]
+
+
+class _HeadRecord(TypedDict):
+    protocol: str            # slf | alf | aff
+    branch: str              # the BN branch the head reads (benign | adversarial)
+    best_epoch: int          # chosen on the validation split, never on the test set
+    val_acc: float           # validation accuracy of that epoch (clean for SLF, PGD for ALF/AFF)
+    selected_on: str
+    n_train: int
+    n_val: int
+    seconds: float
+    finetune: dict[str, Any]  # the finetune.* settings it was fitted with
+
+
+class HeadRecord(_HeadRecord, total=False):
+    """One fitted phase-2 model (what `finetune` returns per protocol; also stored in heads/<protocol>.pt)."""
+    aff: dict[str, Any]       # AFF only: its loss (trades | pgd-at) and beta
+
+
+class Results(TypedDict):
+    """results.json: the headline protocol's numbers at the top, every protocol's in `protocols`."""
+    method: str
+    dataset: str
+    protocol: str                    # the headline protocol (the first of slf, alf, aff that was evaluated)
+    branch: str
+    clean_acc: float
+    robust: dict[str, float]         # attack name (e.g. pgd20-linf-eps0.1) -> accuracy
+    n_eval: int
+    eval_subset: str
+    attack: dict[str, Any]           # the headline PGD attack's settings
+    branch_note: str
+    suspect: dict[str, list[str]]    # protocol -> failed integrity checks (empty: all passed)
+    protocols: dict[str, dict[str, Any]]  # per protocol: clean_acc, robust, eps_curve, integrity, best_epoch, ...
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """What `pretrain` did: `trained` is False when the run's phase 1 had already finished (nothing to do)."""
+    run_dir: Path
+    encoder: Path                    # encoder.safetensors (load it with `load_encoder`)
+    trained: bool
+    steps: int                       # optimiser steps of phase 1 in total
+    seconds: float | None            # this call's training time (None when nothing was trained)
+    images_per_second: float | None
+    last: dict[str, float]           # the last logged loss terms of this call ({} when nothing was trained)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """`run`: phase 1, the phase-2 heads, and the evaluation of one run directory."""
+    run_dir: Path
+    pretrained: Pretrained
+    heads: dict[str, HeadRecord]
+    results: Results
+    report: Path
+
+
+@dataclass(frozen=True)
+class Transferred:
+    """`transfer`: the new run directory (the source encoder, heads fitted on the target data) and its results."""
+    run_dir: Path
+    results: Results
+    report: Path
+
+
+@dataclass(frozen=True)
+class BoundSweepOutcome:
+    """`bound_sweep`: bound_summary.md (with .csv and bound_vs_robust.png beside it) and the runs that failed."""
+    summary: Path
+    failed: dict[str, str]
+
+
+def _quiet(_: str) -> None:
+    """A progress sink that says nothing."""
+
+
+def _echo(progress: bool, stream: Any = None) -> Callable[[str], None]:
+    return (lambda line: print(line, file=stream or sys.stdout)) if progress else _quiet
+
+
+def load_config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
+    """A validated `Config` from a preset name, a YAML path or a `Config`, with `key=value` overrides applied."""
+    from robustcl import config as schema
+
+    if isinstance(config, schema.Config):
+        data = config.to_dict()
+        schema.apply_overrides(data, tuple(overrides))
+        return schema.from_mapping(data)
+    return schema.load_config(os.fspath(config), tuple(overrides))
+
+
+def _stored_config(run_dir: Path, overrides: Sequence[str]) -> Config:
+    """A run directory's own config.yaml (with overrides): what resuming, fine-tuning and evaluating use."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a robustcl run (no config.yaml); pass the directory of a pretrain run")
+    return load_config(run_dir / "config.yaml", overrides)
+
+
+def pretrain(config: ConfigLike | None, out: PathLike, overrides: Sequence[str] = (), *, resume: bool = False,
+             overwrite: bool = False, progress: bool = False) -> Pretrained:
+    """Phase 1 of `config` into run directory `out` (`robustcl pretrain`); with `resume`, continue it from its
+    last checkpoint (`config=None`: the run's own config.yaml). Data-parallel under torchrun."""
+    from robustcl.config import ConfigError
+    from robustcl.runs import RunDir
+    from robustcl.train.pretrain import pretrain as train_phase1
+
+    run = RunDir(out)
+    if config is None:
+        if not resume:
+            raise ConfigError("pretrain(None, out) continues a run: pass resume=True, or a config to start one")
+        cfg = _stored_config(run.root, overrides)
+    else:
+        cfg = load_config(config, overrides)
+    result = train_phase1(cfg, run, resume=resume, overwrite=overwrite, progress=progress)
+    if result is None:
+        return Pretrained(run.root, run.encoder, False, int(run.pretrain_done.read_text().strip() or 0), None, None, {})
+    return Pretrained(run.root, run.encoder, True, result.steps, result.seconds, result.images_per_second,
+                      dict(result.last))
+
+
+def finetune(run: PathLike, protocols: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
+             schedule: str | None = None, overwrite: bool = False, progress: bool = False) -> dict[str, HeadRecord]:
+    """Fit the phase-2 models of a run (`robustcl finetune`): SLF/ALF heads on the frozen encoder, AFF
+    fine-tuning; epochs chosen on the validation split. `schedule`: linear-reference | linear-benchmark."""
+    from robustcl.config import schedule_overrides
+    from robustcl.runs import RunDir
+    from robustcl.train.finetune import finetune as fit_heads
+
+    run_dir = RunDir(run)
+    cfg = _stored_config(run_dir.root, [*(schedule_overrides(schedule) if schedule else []), *overrides])
+    records = fit_heads(cfg, run_dir, tuple(protocols) if protocols else None, progress=progress, overwrite=overwrite)
+    return records  # type: ignore[return-value]
+
+
+def evaluate(run: PathLike, overrides: Sequence[str] = (), *, protocols: Sequence[str] | None = None,
+             report: bool = True, progress: bool = False) -> Results:
+    """Clean and robust accuracy of a run's fitted models with the integrity checks (`robustcl evaluate`);
+    writes results.json (returned) and, with `report`, report.md. Attacks and curves: eval.* overrides."""
+    from robustcl.evaluation.run_eval import evaluate_run
+    from robustcl.runs import RunDir
+    from robustcl.runs.report import write_report
+
+    run_dir = RunDir(run)
+    cfg = _stored_config(run_dir.root, overrides)
+    results = evaluate_run(cfg, run_dir, progress=progress, protocols=tuple(protocols) if protocols else None)
+    if report:
+        write_report(run_dir)
+    return results  # type: ignore[return-value]
+
+
+def run(config: ConfigLike | None, out: PathLike, overrides: Sequence[str] = (), *, resume: bool = False,
+        overwrite: bool = False, progress: bool = False) -> RunOutcome:
+    """pretrain -> finetune -> evaluate -> report.md in one call (`robustcl run`), in one process. Under
+    torchrun use `robustcl run`, or `pretrain` on every rank and `finetune`/`evaluate` on rank 0."""
+    from robustcl.runs import RunError
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        raise RunError("robustcl.run() on a torchrun rank other than 0: use `robustcl run`, or call robustcl.pretrain "
+                       "on every rank and robustcl.finetune/evaluate on rank 0")
+    pretrained = pretrain(config, out, overrides, resume=resume, overwrite=overwrite, progress=progress)
+    heads = finetune(out, overwrite=True, progress=progress)  # this flow owns the run, as `robustcl run` does
+    results = evaluate(out, progress=progress)
+    return RunOutcome(pretrained.run_dir, pretrained, heads, results, pretrained.run_dir / "report.md")
+
+
+def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | None = None, val_size: int = 500,
+             out: PathLike | None = None, protocols: Sequence[str] | None = None, overrides: Sequence[str] = (),
+             overwrite: bool = False, progress: bool = False) -> Transferred:
+    """A run's encoder fine-tuned and evaluated on dataset `data` in a new run directory (`robustcl transfer`;
+    default <run>/transfer-<data>[-<size>px]); the source run is left untouched."""
+    from robustcl.transfer import transfer_run
+
+    target, results = transfer_run(run, data, size, root, val_size, tuple(overrides), out,
+                                   tuple(protocols) if protocols else None, overwrite, progress)
+    return Transferred(target.root, results, target.report)  # type: ignore[arg-type]
+
+
+def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
+          seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False) -> SweepOutcome:
+    """Every configuration x seed of a sweep spec through pretrain -> finetune -> evaluate (`robustcl sweep`),
+    finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (runs/sweeps/<name>)."""
+    from robustcl.sweep import Sweep, run_sweep
+
+    return run_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite,
+                     progress=progress, echo=_echo(progress), seeds=seeds)
+
+
+def bench(config: str | PathLike | Sequence[str | PathLike], overrides: Sequence[str] = (), *,
+          batch_sizes: Sequence[int] | None = None, precisions: Sequence[str] | None = None,
+          channels_last: bool | None = None, compile: bool = False, compile_backend: str = "inductor",
+          steps: int = 5, warmup: int = 2, profile_steps: int = 1, threads: int | None = None,
+          device: str | None = None, gemm_size: int | None = None, phase_timing: str = "auto",
+          progress: bool = False) -> dict[str, Any]:
+    """Time the phase-1 step of one or more configs (`robustcl bench`; robustcl/bench_cli.py says what is
+    measured); returns the report (schema robustcl.bench/1, one entry per case in "results")."""
+    from robustcl.bench import BenchOptions, run_bench
+
+    names = (config,) if isinstance(config, (str, os.PathLike)) else tuple(config)
+    opts = BenchOptions(configs=tuple(os.fspath(c) for c in names), overrides=tuple(overrides),
+                        batch_sizes=tuple(batch_sizes) if batch_sizes else None,
+                        precisions=tuple(precisions) if precisions else None, channels_last=channels_last,
+                        compile=compile, compile_backend=compile_backend, steps=steps, warmup=warmup,
+                        profile_steps=profile_steps, threads=threads, device=device, gemm_size=gemm_size,
+                        phase_timing=phase_timing)
+    return run_bench(opts, _echo(progress, sys.stderr))
+
+
+def _bound_settings(settings: BoundSettings | None, threads: int) -> BoundSettings:
+    from robustcl.bound.measure import BoundSettings
+    from robustcl.config import ConfigError
+
+    settings = settings or BoundSettings()
+    settings.validate()
+    if threads < 1:
+        raise ConfigError(f"threads={threads} must be >= 1")
+    return settings
+
+
+def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bool = False, geometry: bool = False,
+          threads: int = 1) -> dict[str, Any]:
+    """The generalisation bound's terms of one run on its held-out split (`robustcl bound --run`): writes
+    bound.json (returned; reused when measured with the same settings) and the report's section."""
+    from robustcl.bound.measure import measure_run
+
+    measured, _ = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads)
+    return measured
+
+
+def bound_sweep(sweep_dir: PathLike, settings: BoundSettings | None = None, *, overwrite: bool = False,
+                geometry: bool = False, threads: int = 1, progress: bool = False) -> BoundSweepOutcome:
+    """`bound` for every run of a sweep directory, then bound_summary.md/.csv and the rank correlations
+    with robust error (`robustcl bound --sweep`)."""
+    from robustcl.bound.summary import measure_sweep
+
+    path, failed = measure_sweep(Path(sweep_dir), _bound_settings(settings, threads), overwrite, geometry,
+                                 _echo(progress), threads)
+    return BoundSweepOutcome(path, failed)
+
+
+def load_encoder(path: PathLike, branch: str = "headline") -> FixedBranchEncoder:
+    """A trained encoder (a run directory or encoder.safetensors) as a plain nn.Module in eval mode, reading
+    through `branch` (headline: the branch the method is reported through; benign; adversarial)."""
+    from robustcl.export import load_encoder as read
+
+    return read(path, branch)
+
+
+__all__ = ["BoundSweepOutcome", "ConfigLike", "HeadRecord", "PathLike", "Pretrained", "Results", "RunOutcome",
+           "Transferred", "bench", "bound", "bound_sweep", "evaluate", "finetune", "load_config", "load_encoder",
+           "pretrain", "run", "sweep", "transfer"]
