@@ -26,6 +26,7 @@ import yaml
 from robustcl.config import Config, ConfigError, build, dump_yaml, first_difference, from_mapping, load_config
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 from robustcl.stats import Interval, t_interval
+from robustcl.sweep_launch import LaunchSettings, run_local_processes, run_submitit, shard_runs
 
 SWEEP_PACKAGE = "robustcl.presets"
 SWEEP_FOLDER = "sweeps"
@@ -314,8 +315,8 @@ def plan_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequ
 def format_plan(plan: SweepPlan) -> str:
     """The runs a sweep would do: name, config, overrides, status (the --dry-run listing)."""
     lines = [f"sweep {plan.sweep.spec.name} ({plan.sweep.origin}) -> {plan.out}: {len(plan.runs)} runs"]
-    width = max(len(r.name) for r in plan.runs)
-    config_width = max(len(r.config) for r in plan.runs)
+    width = max((len(r.name) for r in plan.runs), default=0)
+    config_width = max((len(r.config) for r in plan.runs), default=0)
     for r in plan.runs:
         lines.append(f"  {r.name:{width}s}  {r.status:6s}  {r.config:{config_width}s}  {' '.join(r.overrides)}")
     return "\n".join(lines)
@@ -361,30 +362,43 @@ def execute_run(planned: PlannedRun, progress: bool) -> None:
 
 def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequence[str] = (),
               overwrite: bool = False, progress: bool = True,
-              echo: Callable[[str], None] = print, seeds: Sequence[int] | None = None) -> SweepOutcome:
-    """Run every not-finished run in order (in-process), then write the comparison; returns its paths."""
+              echo: Callable[[str], None] = print, seeds: Sequence[int] | None = None,
+              launch: LaunchSettings | None = None) -> SweepOutcome:
+    """Run every not-finished run (of `launch.shard` only, when given), then write the comparison; returns its paths.
+
+    By default runs go one after another in this process; `launch` may spread them over local processes
+    (jobs > 1) or submitit jobs (robustcl/sweep_launch.py). The summary covers every finished run of the sweep.
+    """
     from robustcl.train.pretrain import NonFiniteLoss
 
+    launch = launch or LaunchSettings()
+    launch.validate()
     plan = plan_sweep(spec, out, overrides, overwrite, seeds)
-    blocked = [r.status for r in plan.runs if r.status.startswith("conflict")]
+    mine = shard_runs(plan.runs, launch.shard)  # another shard's runs may be mid-write: only ours are checked
+    blocked = [r.status for r in mine if r.status.startswith("conflict")]
     if blocked:
         raise RunError(blocked[0])
     plan.out.mkdir(parents=True, exist_ok=True)
     write_sweep_yaml(plan)
-    failed: dict[str, str] = {}
-    for i, planned in enumerate(plan.runs, 1):
-        if planned.status == "done":
-            echo(f"[{i}/{len(plan.runs)}] {planned.name}: done, skipped")
-            continue
-        echo(f"[{i}/{len(plan.runs)}] {planned.name}: {planned.status}")
-        t0 = time.perf_counter()
-        try:
-            execute_run(planned, progress)
-        except (NonFiniteLoss, RunError) as exc:
-            failed[planned.name] = str(exc)
-            echo(f"[{i}/{len(plan.runs)}] {planned.name}: failed: {exc}")
-            continue
-        echo(f"[{i}/{len(plan.runs)}] {planned.name}: finished in {time.perf_counter() - t0:.0f} s")
+    if launch.launcher == "submitit":
+        failed = run_submitit(mine, plan, launch, overwrite, echo)
+    elif not launch.serial:
+        failed = run_local_processes(mine, plan, launch, overwrite, echo)
+    else:
+        failed = {}
+        for i, planned in enumerate(mine, 1):
+            if planned.status == "done":
+                echo(f"[{i}/{len(mine)}] {planned.name}: done, skipped")
+                continue
+            echo(f"[{i}/{len(mine)}] {planned.name}: {planned.status}")
+            t0 = time.perf_counter()
+            try:
+                execute_run(planned, progress)
+            except (NonFiniteLoss, RunError) as exc:
+                failed[planned.name] = str(exc)
+                echo(f"[{i}/{len(mine)}] {planned.name}: failed: {exc}")
+                continue
+            echo(f"[{i}/{len(mine)}] {planned.name}: finished in {time.perf_counter() - t0:.0f} s")
     return SweepOutcome(write_summary(plan, failed), plan, failed)
 
 
