@@ -212,8 +212,10 @@ def run_local_processes(runs: Sequence["PlannedRun"], plan: "SweepPlan", setting
                 result = future.result()  # an unexpected error (bad data, a bug) stops the sweep, as in serial
                 done_count += 1
                 _echo_result(result, f"[{done_count}/{len(tasks)}]", failed, echo)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # started runs finish (or die with the interrupt)
+    except BaseException:  # an interrupt or an unexpected error stops the sweep at once, as the serial one does
+        for worker in multiprocessing.active_children():  # the pool's workers: their runs resume from checkpoints
+            worker.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return failed

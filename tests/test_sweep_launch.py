@@ -167,3 +167,15 @@ def test_submitit_local_executor_runs_the_sweep(serial, tmp_path, capsys):
 
 def test_launch_settings_default_is_serial():
     assert LaunchSettings().serial and not LaunchSettings(jobs=2).serial and not LaunchSettings(launcher="submitit").serial
+
+
+def test_an_unexpected_error_in_a_worker_stops_the_parallel_sweep(tmp_path, capsys):
+    """As in the serial sweep, an error that is not a run's own failure (here: missing data) ends the sweep."""
+    spec = write_spec(tmp_path, SPEC.replace("config: smoke}", "config: fmnist-gbrcl}"))
+    out = tmp_path / "out"
+    missing = tmp_path / "no-data"
+    assert main(["sweep", "--spec", str(spec), "--out", str(out), "--jobs", "2", "--quiet",
+                 f"data.root={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("robustcl: error: fashion-mnist not found in root") and "\n" not in err
+    assert not (out / "summary.md").exists()
