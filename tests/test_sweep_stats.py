@@ -13,7 +13,7 @@ from robustcl.config import ConfigError
 from robustcl.evaluation.per_image import PerImage, read_per_image, write_per_image
 from robustcl.runs import RunDir
 from robustcl.sweep import PlannedRun, aggregate, configurations, load_spec, plan_sweep, write_summary
-from robustcl.sweep_stats import DIFF_COLUMNS, paired_differences
+from robustcl.sweep_stats import DIFF_COLUMNS, paired_differences, reading
 
 ATTACK = "pgd20-linf-0.1"
 N = 400
@@ -68,7 +68,7 @@ def test_identical_runs_give_a_zero_width_difference(tmp_path):
     assert d.configuration == "copy" and d.seeds == (0, 1, 2)
     for interval in (d.clean_t, d.robust_t, d.clean_bootstrap, d.robust_bootstrap):
         assert (interval.estimate, interval.lo, interval.hi) == (0.0, 0.0, 0.0)
-    assert d.primary is d.robust_t
+    assert d.primary is d.robust_t and reading(d.primary) == "not resolved (covers 0)"  # a zero-width 0 is no effect
     other = diffs["cw20-linf-0.1"]  # no per-image flags for this attack: the seed interval only
     assert (other.robust_t.lo, other.robust_t.hi) == (0.0, 0.0) and other.robust_bootstrap is None
 
