@@ -3,7 +3,9 @@
 A spec (YAML: shipped in robustcl/presets/sweeps/, or a path) names runs explicitly and/or as a grid
 (a base config x the product of override axes); every run is repeated per seed in <out>/<name>-s<seed>.
 Finished runs (results.json) are skipped, interrupted ones (checkpoints/last.pt) resumed, and
-summary.md, summary.csv and clean_vs_robust.png aggregate all results.json files (mean ± std over seeds).
+summary.md, summary_stats.csv and clean_vs_robust.png aggregate all results.json files (mean ± std and a 95%
+t-interval over seeds; paired differences to the spec's `baseline`, robustcl/sweep_stats.py); summary.csv
+keeps the raw per-seed rows.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import yaml
 
 from robustcl.config import Config, ConfigError, build, dump_yaml, first_difference, from_mapping, load_config
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
+from robustcl.stats import Interval, t_interval
+from robustcl.sweep_launch import LaunchSettings, run_local_processes, run_submitit, shard_runs
 
 SWEEP_PACKAGE = "robustcl.presets"
 SWEEP_FOLDER = "sweeps"
@@ -89,6 +93,7 @@ class SweepSpec:
     overrides: tuple[str, ...] = ()
     runs: tuple[RunEntry, ...] = ()
     grid: GridSpec | None = None
+    baseline: str = ""   # a configuration name: the summary adds every other one's paired difference to it
 
     def validate(self) -> None:
         _check(bool(NAME_RE.match(self.name)), f"sweep name {self.name!r} must be letters, digits and . _ = + , -")
@@ -198,6 +203,9 @@ def configurations(sweep: Sweep) -> list[RunEntry]:
     for entry in entries:
         _check(entry.name not in seen, f"{sweep.origin}: two runs are named {entry.name!r}; names must be unique")
         seen.add(entry.name)
+    baseline = sweep.spec.baseline
+    _check(not baseline or baseline in seen,
+           f"{sweep.origin}: baseline {baseline!r} is not one of the configurations ({', '.join(e.name for e in entries)})")
     return entries
 
 
@@ -313,8 +321,8 @@ def plan_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequ
 def format_plan(plan: SweepPlan) -> str:
     """The runs a sweep would do: name, config, overrides, status (the --dry-run listing)."""
     lines = [f"sweep {plan.sweep.spec.name} ({plan.sweep.origin}) -> {plan.out}: {len(plan.runs)} runs"]
-    width = max(len(r.name) for r in plan.runs)
-    config_width = max(len(r.config) for r in plan.runs)
+    width = max((len(r.name) for r in plan.runs), default=0)
+    config_width = max((len(r.config) for r in plan.runs), default=0)
     for r in plan.runs:
         lines.append(f"  {r.name:{width}s}  {r.status:6s}  {r.config:{config_width}s}  {' '.join(r.overrides)}")
     return "\n".join(lines)
@@ -360,30 +368,43 @@ def execute_run(planned: PlannedRun, progress: bool) -> None:
 
 def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequence[str] = (),
               overwrite: bool = False, progress: bool = True,
-              echo: Callable[[str], None] = print, seeds: Sequence[int] | None = None) -> SweepOutcome:
-    """Run every not-finished run in order (in-process), then write the comparison; returns its paths."""
+              echo: Callable[[str], None] = print, seeds: Sequence[int] | None = None,
+              launch: LaunchSettings | None = None) -> SweepOutcome:
+    """Run every not-finished run (of `launch.shard` only, when given), then write the comparison; returns its paths.
+
+    By default runs go one after another in this process; `launch` may spread them over local processes
+    (jobs > 1) or submitit jobs (robustcl/sweep_launch.py). The summary covers every finished run of the sweep.
+    """
     from robustcl.train.pretrain import NonFiniteLoss
 
+    launch = launch or LaunchSettings()
+    launch.validate()
     plan = plan_sweep(spec, out, overrides, overwrite, seeds)
-    blocked = [r.status for r in plan.runs if r.status.startswith("conflict")]
+    mine = shard_runs(plan.runs, launch.shard)  # another shard's runs may be mid-write: only ours are checked
+    blocked = [r.status for r in mine if r.status.startswith("conflict")]
     if blocked:
         raise RunError(blocked[0])
     plan.out.mkdir(parents=True, exist_ok=True)
     write_sweep_yaml(plan)
-    failed: dict[str, str] = {}
-    for i, planned in enumerate(plan.runs, 1):
-        if planned.status == "done":
-            echo(f"[{i}/{len(plan.runs)}] {planned.name}: done, skipped")
-            continue
-        echo(f"[{i}/{len(plan.runs)}] {planned.name}: {planned.status}")
-        t0 = time.perf_counter()
-        try:
-            execute_run(planned, progress)
-        except (NonFiniteLoss, RunError) as exc:
-            failed[planned.name] = str(exc)
-            echo(f"[{i}/{len(plan.runs)}] {planned.name}: failed: {exc}")
-            continue
-        echo(f"[{i}/{len(plan.runs)}] {planned.name}: finished in {time.perf_counter() - t0:.0f} s")
+    if launch.launcher == "submitit":
+        failed = run_submitit(mine, plan, launch, overwrite, echo)
+    elif not launch.serial:
+        failed = run_local_processes(mine, plan, launch, overwrite, echo)
+    else:
+        failed = {}
+        for i, planned in enumerate(mine, 1):
+            if planned.status == "done":
+                echo(f"[{i}/{len(mine)}] {planned.name}: done, skipped")
+                continue
+            echo(f"[{i}/{len(mine)}] {planned.name}: {planned.status}")
+            t0 = time.perf_counter()
+            try:
+                execute_run(planned, progress)
+            except (NonFiniteLoss, RunError) as exc:
+                failed[planned.name] = str(exc)
+                echo(f"[{i}/{len(mine)}] {planned.name}: failed: {exc}")
+                continue
+            echo(f"[{i}/{len(mine)}] {planned.name}: finished in {time.perf_counter() - t0:.0f} s")
     return SweepOutcome(write_summary(plan, failed), plan, failed)
 
 
@@ -405,6 +426,8 @@ class SummaryRow:
     seeds: tuple[int, ...]
     clean: tuple[float, float | None]
     robust: tuple[float, float | None]
+    clean_ci: Interval | None = None    # 95% t-interval over seeds (no bounds for one seed)
+    robust_ci: Interval | None = None
 
 
 def _finished_results(plan: SweepPlan) -> list[tuple[PlannedRun, dict[str, Any]]]:
@@ -423,7 +446,8 @@ def aggregate(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> list[Summ
     for (label, protocol, attack), items in cells.items():
         rows.append(SummaryRow(label, items[0][1]["method"], protocol, items[0][1]["branch"], attack,
                                tuple(i[0] for i in items), mean_std([i[2] for i in items]),
-                               mean_std([i[3] for i in items])))
+                               mean_std([i[3] for i in items]), t_interval([i[2] for i in items]),
+                               t_interval([i[3] for i in items])))
     return rows
 
 
@@ -432,29 +456,43 @@ def _pct(stat: tuple[float, float | None]) -> str:
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _ci(interval: Interval | None) -> str:
+    if interval is None or interval.lo is None or interval.hi is None:
+        return "-"
+    return f"[{100 * interval.lo:.2f}, {100 * interval.hi:.2f}]"
+
+
 def summary_markdown_table(rows: Sequence[SummaryRow]) -> str:
-    """Markdown: one row per configuration x protocol x attack, mean ± std in percent, n seeds."""
-    lines = ["| configuration | method | protocol | branch | attack | seeds | clean acc (%) | robust acc (%) |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: one row per configuration x protocol x attack, mean ± std and the 95% t-interval in percent, n seeds."""
+    lines = ["| configuration | method | protocol | branch | attack | seeds | clean acc (%) | robust acc (%) | "
+             "clean 95% CI | robust 95% CI |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.configuration} | {r.method} | {r.protocol.upper()} | {r.branch} | {r.attack} | "
-                     f"{len(r.seeds)} | {_pct(r.clean)} | {_pct(r.robust)} |")
+                     f"{len(r.seeds)} | {_pct(r.clean)} | {_pct(r.robust)} | {_ci(r.clean_ci)} | {_ci(r.robust_ci)} |")
     return "\n".join(lines)
 
 
 CSV_COLUMNS = ["configuration", "method", "protocol", "branch", "attack", "n_seeds", "seeds",
-               "clean_acc_mean", "clean_acc_std", "robust_acc_mean", "robust_acc_std"]
+               "clean_acc_mean", "clean_acc_std", "robust_acc_mean", "robust_acc_std",
+               "clean_acc_ci_lo", "clean_acc_ci_hi", "robust_acc_ci_lo", "robust_acc_ci_hi"]
 
 
 def summary_csv(rows: Sequence[SummaryRow]) -> str:
-    """CSV with CSV_COLUMNS; accuracies as fractions in [0, 1], std empty for a single seed."""
+    """summary_stats.csv with CSV_COLUMNS; fractions in [0, 1], std and the 95% t-interval empty for one seed."""
+    def bound(interval: Interval | None, side: str) -> str:
+        value = None if interval is None else getattr(interval, side)
+        return "" if value is None else repr(value)
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
         writer.writerow([r.configuration, r.method, r.protocol, r.branch, r.attack, len(r.seeds),
                          " ".join(map(str, r.seeds)), repr(r.clean[0]), "" if r.clean[1] is None else repr(r.clean[1]),
-                         repr(r.robust[0]), "" if r.robust[1] is None else repr(r.robust[1])])
+                         repr(r.robust[0]), "" if r.robust[1] is None else repr(r.robust[1]),
+                         bound(r.clean_ci, "lo"), bound(r.clean_ci, "hi"), bound(r.robust_ci, "lo"),
+                         bound(r.robust_ci, "hi")])
     return buffer.getvalue()
 
 
@@ -521,20 +559,30 @@ def _evaluation_lines(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> l
 
 
 def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None) -> Path:
-    """summary.md, summary.csv and clean_vs_robust.png in the sweep directory; returns summary.md."""
+    """summary.md, summary.csv (raw per-seed rows), summary_stats.csv, summary_differences.csv (with a baseline)
+    and clean_vs_robust.png in the sweep directory; returns summary.md."""
+    from robustcl.sweep_stats import differences_csv, differences_markdown, paired_differences, raw_csv
+
     entries = _finished_results(plan)
     rows = aggregate(entries)
-    atomic_write_text(plan.out / "summary.csv", summary_csv(rows))
+    atomic_write_text(plan.out / "summary.csv", raw_csv(entries))
+    atomic_write_text(plan.out / "summary_stats.csv", summary_csv(rows))
     plotted = plot_clean_vs_robust(entries, plan.out / "clean_vs_robust.png")
     spec = plan.sweep.spec
     missing = [r.name for r in plan.runs if not r.run.read_results().get("protocols")]
     lines = [f"# Sweep {spec.name}", "", plan.sweep.description, "",
              f"Spec: {plan.sweep.origin}; {len(entries)} of {len(plan.runs)} runs finished; seeds {list(spec.seeds)}. "
-             "Each cell is the mean ± sample standard deviation (n-1) over seeds, in percent; `seeds` is n. "
-             "Accuracy is read through the branch named (the same one for clean and robust).",
+             "Each cell is the mean ± sample standard deviation (n-1) over seeds, in percent; `seeds` is n; the 95% CI "
+             "is Student's t over seeds, mean ± t(0.975, n-1)·s/√n (docs/statistics.md; none for one seed). "
+             "Accuracy is read through the branch named (the same one for clean and robust). summary.csv holds "
+             "every run's raw numbers, summary_stats.csv this table.",
              *_evaluation_lines(entries), "",
-             summary_markdown_table(rows), "",
-             "Configurations:", *_configuration_lines(plan), ""]
+             summary_markdown_table(rows), ""]
+    if spec.baseline:
+        diffs = paired_differences(entries, spec.baseline)
+        atomic_write_text(plan.out / "summary_differences.csv", differences_csv(diffs, spec.baseline))
+        lines += [*differences_markdown(diffs, spec.baseline), ""]
+    lines += ["Configurations:", *_configuration_lines(plan), ""]
     if spec.overrides or plan.overrides:
         lines += [f"Overrides for every run: {' '.join((*spec.overrides, *plan.overrides))}", ""]
     if missing:

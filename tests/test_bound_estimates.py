@@ -7,8 +7,9 @@ import statistics
 import pytest
 import torch
 
-from robustcl.bound.estimates import (CriticSettings, average_ranks, critic_bounds, mmd2_unbiased,
-                                      mmd_permutation_p, spearman, spearman_exact_p)
+from robustcl.bound.estimates import (CriticSettings, _average_ranks_rows, average_ranks, critic_bounds, mmd2_unbiased,
+                                      mmd_permutation_p, spearman, spearman_bootstrap, spearman_exact_p, spearman_p,
+                                      spearman_permutation_p)
 from robustcl.objectives.divergences import gaussian_divergence
 
 P, Q = (0.0, 1.0), (1.0, 1.0)  # N(mu, sd) for the benign and adversarial samples
@@ -148,3 +149,43 @@ def test_exact_p_value_of_four_points():
     assert spearman_exact_p([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(2 / 24)  # only the two monotone orders
     assert spearman_exact_p([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(8 / 24)   # |rho| >= 0.8: 8 of 24 orders
     assert spearman_exact_p(list(range(9)), list(range(9))) is None
+
+
+def test_monte_carlo_permutation_p_agrees_with_the_exact_one():
+    x, y = [1, 2, 3, 4, 5, 6, 7], [2, 1, 4, 3, 7, 5, 6]
+    exact = spearman_exact_p(x, y)
+    assert spearman_permutation_p(x, y, permutations=40_000, seed=1) == pytest.approx(exact, abs=0.006)
+    assert spearman_p(x, y) == (exact, "exact")
+    p, method = spearman_p(list(range(12)), list(range(12)))
+    assert method == "permutation" and p == pytest.approx(1 / 20_001)  # no random order reaches |rho| = 1
+    assert spearman_permutation_p([1, 1, 1, 1], [1, 2, 3, 4]) is None
+
+
+def test_vectorised_ranks_match_average_ranks():
+    rows = torch.randint(0, 4, (6, 9)).double().numpy()  # many ties
+    assert _average_ranks_rows(rows).tolist() == [average_ranks(list(r)) for r in rows]
+
+
+def test_bootstrap_interval_of_a_perfectly_monotone_relation_is_at_one():
+    x = [0.1 * i for i in range(12)]
+    ci = spearman_bootstrap(x, [math.exp(v) for v in x], reps=2000)
+    assert (ci.lo, ci.hi) == (1.0, 1.0) and ci.valid == 2000
+    ci = spearman_bootstrap(x, [-v for v in x], reps=2000)
+    assert (ci.lo, ci.hi) == (-1.0, -1.0)
+
+
+def test_bootstrap_interval_of_independent_variables_covers_zero():
+    gen = torch.Generator().manual_seed(0)
+    covered = 0
+    for trial in range(20):
+        x, y = torch.randn(15, generator=gen).tolist(), torch.randn(15, generator=gen).tolist()
+        ci = spearman_bootstrap(x, y, reps=2000, seed=trial)
+        covered += ci.lo < 0 < ci.hi
+        assert ci.hi - ci.lo > 0.5  # 15 independent points cannot pin rho down
+    assert covered >= 17  # a 95% interval: about 19 of 20
+
+
+def test_bootstrap_needs_three_points():
+    with pytest.raises(ValueError, match="length >= 3"):
+        spearman_bootstrap([1, 2], [1, 2])
+    assert spearman_bootstrap([1, 1, 1], [1, 2, 3]) is None

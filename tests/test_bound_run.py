@@ -148,6 +148,9 @@ def test_sweep_gathers_reuses_and_measures(tiny_run, measured, tmp_path, capsys)
     md = (sweep / "bound_summary.md").read_text()
     assert "Spearman" in md and "`broken-s0` not measured" in md
     assert (sweep / "bound_vs_robust.png").read_bytes()[:4] == b"\x89PNG"
+    plots = {p.name for p in (sweep / "bound_plots").iterdir()}
+    assert {"bound_sum.png", "js_z.png", "sharpness_asam_rho=0.5.png"} <= plots and len(plots) == len(flat_terms(measured))
+    assert "| bound_sum |" in md and "Reading (p < 0.05" in md
 
 
 def test_correlations_rank_terms_against_robust_error(measured):
@@ -161,7 +164,12 @@ def test_correlations_rank_terms_against_robust_error(measured):
     c = corr[("benign_nce", "slf_robust_error")]
     assert c["n"] == 4 and c["rho"] == pytest.approx(0.8) and c["p_exact"] == pytest.approx(8 / 24)
     assert math.isnan(corr[("adversarial_nce", "slf_robust_error")]["rho"])  # constant across these fakes
-    assert set(flat_terms(measured)) >= {"benign_nce", "sharpness_asam_rho=0.5", "js_z", "mmd2_h_head"}
+    assert set(flat_terms(measured)) >= {"benign_nce", "sharpness_asam_rho=0.5", "js_z", "mmd2_h_head", "bound_sum"}
+    assert c["p"] == c["p_exact"] and c["p_method"] == "exact" and c["ci"].lo <= 0.8 <= c["ci"].hi
+    t = flat_terms(measured)
+    largest = max(r["rho"] for r in measured["terms"]["sharpness"]["per_rho"])
+    assert t["bound_sum"] == pytest.approx(t["adversarial_nce"] + t["benign_nce"] + t["js_z"]
+                                           + t[f"sharpness_asam_rho={largest:g}"], rel=1e-12)
     assert torch.get_num_threads() >= 1
 
 

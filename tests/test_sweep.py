@@ -15,6 +15,7 @@ from robustcl.cli import main
 from robustcl.config import ConfigError, list_presets, load_config
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.runs import RunError
+from robustcl.sweep_stats import RAW_COLUMNS
 from robustcl.sweep import (CSV_COLUMNS, GridSpec, PlannedRun, aggregate, configurations, grid_runs, list_sweeps,
                             load_spec, mean_std, plan_sweep, run_sweep, safe_name, summary_markdown_table)
 
@@ -87,17 +88,30 @@ def test_sweep_writes_every_run_and_the_comparison(swept):
 
 def test_csv_has_the_expected_columns_and_rows(swept):
     _, outcome = swept
-    rows = _csv_rows(outcome.plan.out / "summary.csv")
+    rows = _csv_rows(outcome.plan.out / "summary_stats.csv")
     assert list(rows[0]) == CSV_COLUMNS
     assert [(r["configuration"], r["method"], r["protocol"], r["attack"], r["n_seeds"], r["seeds"]) for r in rows] == [
         ("simclr", "simclr", "slf", "pgd3-linf-0.1", "2", "0 1"),
         ("critic.weight=0.3", "gbrcl", "slf", "pgd3-linf-0.1", "2", "0 1")]
 
 
+def test_summary_csv_holds_the_raw_per_seed_rows(swept):
+    _, outcome = swept
+    out = outcome.plan.out
+    rows = _csv_rows(out / "summary.csv")
+    assert list(rows[0]) == RAW_COLUMNS
+    assert [(r["configuration"], r["seed"], r["run"], r["protocol"]) for r in rows] == [
+        ("simclr", "0", "simclr-s0", "slf"), ("simclr", "1", "simclr-s1", "slf"),
+        ("critic.weight=0.3", "0", "critic.weight=0.3-s0", "slf"), ("critic.weight=0.3", "1", "critic.weight=0.3-s1", "slf")]
+    for r in rows:
+        stored = json.loads((out / r["run"] / "results.json").read_text())["protocols"]["slf"]
+        assert float(r["clean_acc"]) == stored["clean_acc"] and float(r["robust_acc"]) == stored["robust"][r["attack"]]
+
+
 def test_table_mean_and_std_match_the_runs_results(swept):
     _, outcome = swept
     out = outcome.plan.out
-    rows = {r["configuration"]: r for r in _csv_rows(out / "summary.csv")}
+    rows = {r["configuration"]: r for r in _csv_rows(out / "summary_stats.csv")}
     text = (out / "summary.md").read_text()
     for label in ("simclr", "critic.weight=0.3"):
         results = [json.loads((out / f"{label}-s{s}" / "results.json").read_text())["protocols"]["slf"] for s in (0, 1)]

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -293,3 +294,73 @@ def spearman_exact_p(x: Sequence[float], y: Sequence[float], max_n: int = 8) -> 
         total += 1
         hits += abs(_pearson(rx, perm)) >= abs(observed) - 1e-12
     return hits / total
+
+
+def _average_ranks_rows(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1..n, ties sharing their mean rank) of every row of a 2-D array, vectorised."""
+    less = (values[:, None, :] < values[:, :, None]).sum(axis=2)
+    equal = (values[:, None, :] == values[:, :, None]).sum(axis=2)
+    return less + (equal + 1) / 2
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson's r of matching rows of a and b; nan where a row is constant."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1), np.nan)
+
+
+def spearman_permutation_p(x: Sequence[float], y: Sequence[float], permutations: int = 20_000,
+                           seed: int = 0) -> float | None:
+    """Two-sided Monte Carlo permutation p-value of Spearman's rho: (1 + #{|rho_perm| >= |rho|}) / (1 + permutations)."""
+    rx, ry = np.asarray(average_ranks(x), float), np.asarray(average_ranks(y), float)
+    observed = _pearson(list(rx), list(ry))
+    if math.isnan(observed):
+        return None
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, permutations, 2000):
+        count = min(2000, permutations - start)
+        shuffled = rng.permuted(np.tile(ry, (count, 1)), axis=1)
+        rho = _pearson_rows(np.tile(rx, (count, 1)), shuffled)
+        hits += int((np.abs(rho) >= abs(observed) - 1e-12).sum())
+    return (1 + hits) / (1 + permutations)
+
+
+def spearman_p(x: Sequence[float], y: Sequence[float], exact_max_n: int = 8, permutations: int = 20_000,
+               seed: int = 0) -> tuple[float | None, str]:
+    """(p, method): the exact permutation p-value for n <= exact_max_n, else the Monte Carlo one."""
+    if len(x) <= exact_max_n:
+        return spearman_exact_p(x, y, exact_max_n), "exact"
+    return spearman_permutation_p(x, y, permutations, seed), "permutation"
+
+
+@dataclass(frozen=True)
+class RhoInterval:
+    """A percentile bootstrap interval of Spearman's rho; `valid` resamples had a rho (neither variable constant)."""
+    lo: float
+    hi: float
+    valid: int
+    reps: int
+
+
+def spearman_bootstrap(x: Sequence[float], y: Sequence[float], reps: int = 5000, seed: int = 0,
+                       level: float = 0.95) -> RhoInterval | None:
+    """Percentile interval of Spearman's rho over (x, y) pairs resampled with replacement; None if no resample has one."""
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"spearman_bootstrap needs two sequences of equal length >= 3, got {len(x)} and {len(y)}")
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for start in range(0, reps, 500):
+        idx = rng.integers(0, len(xs), size=(min(500, reps - start), len(xs)))
+        rhos.append(_pearson_rows(_average_ranks_rows(xs[idx]), _average_ranks_rows(ys[idx])))
+    values = np.concatenate(rhos)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha])
+    return RhoInterval(float(lo), float(hi), int(len(values)), reps)

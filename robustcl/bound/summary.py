@@ -1,8 +1,9 @@
 """`robustcl bound --sweep`: every run's bound.json, one table, each term against robust error, rank correlations.
 
-Writes bound_summary.csv (a row per run: every term, robust error and loss per protocol),
-bound_summary.md (the table and Spearman's rho of each term against each protocol's robust error,
-with the exact permutation p-value for n <= 8 runs) and bound_vs_robust.png (a panel per headline term).
+Writes bound_summary.csv (a row per run: every term, their sum, robust error and loss per protocol),
+bound_summary.md (the table and Spearman's rho of each term against each protocol's robust error, with
+a permutation p-value, exact for n <= 8 runs, and a bootstrap interval over runs; docs/statistics.md),
+bound_vs_robust.png (a panel per headline term) and bound_plots/<term>.png (one plot per term).
 """
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from robustcl.bound.estimates import spearman, spearman_exact_p
+from robustcl.bound.estimates import spearman, spearman_bootstrap, spearman_exact_p, spearman_p
 from robustcl.bound.measure import BoundSettings, measure_run, reusable
 from robustcl.config import ConfigError
 from robustcl.data import DataError
 from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
-PLOT_TERMS_FIXED = ("benign_nce", "adversarial_nce", "js_z", "js_h", "js_h_head", "mmd2_z", "mmd2_h", "mmd2_h_head")
+SUM_TERM = "bound_sum"
+PLOT_FOLDER = "bound_plots"
+PLOT_TERMS_FIXED = ("benign_nce", "adversarial_nce", "js_z", "js_h", "js_h_head", "mmd2_z", "mmd2_h", "mmd2_h_head",
+                    SUM_TERM)
 MARKERS = {"slf": "o", "alf": "^", "aff": "s"}
 
 
@@ -52,7 +56,20 @@ def flat_terms(bound: dict[str, Any]) -> dict[str, float]:
         for name in DIVERGENCES:
             out[f"{name}_{space}"] = d[name]["bound"]
         out[f"mmd2_{space}"] = d["mmd2"]
+    out[SUM_TERM] = bound_sum(out, sharp)
     return out
+
+
+def bound_sum(terms: dict[str, float], sharpness: dict[str, Any]) -> float:
+    """The bound's right-hand side as measured, unit weights: adversarial + benign NCE + sharpness (largest rho) + js_z.
+
+    These are the four quantities arXiv 2311.09671 bounds the robust supervised loss by, all in nats; the
+    theorem's constants are not measurable, hence unit weights. nan when a part is missing (e.g. a failed critic).
+    """
+    largest = max((r["rho"] for r in sharpness["per_rho"]), default=None)
+    parts = [terms["adversarial_nce"], terms["benign_nce"], terms.get("js_z")]
+    parts.append(None if largest is None else terms[f"sharpness_{sharpness['mode']}_rho={largest:g}"])
+    return math.fsum(parts) if all(v is not None and math.isfinite(v) for v in parts) else math.nan
 
 
 def targets(bound: dict[str, Any]) -> dict[str, float]:
@@ -67,7 +84,8 @@ def targets(bound: dict[str, Any]) -> dict[str, float]:
 
 
 def correlations(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Spearman's rho (and exact p for n <= 8) of every term against every protocol's robust error and loss."""
+    """Spearman's rho of every term against every protocol's robust error and loss: permutation p-value (exact for
+    n <= 8, `p_exact`; Monte Carlo above, `p`) and a 95% bootstrap interval over runs (`ci`)."""
     terms = list(flat_terms(rows[0][1]))
     wanted = [k for k in dict.fromkeys(k for _, b in rows for k in targets(b)) if not k.endswith("clean_error")]
     out = []
@@ -77,11 +95,32 @@ def correlations(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, A
         for term in terms:
             xs = [f[term] for f, _ in pairs]
             ys = [g[target] for _, g in pairs]
-            ok = len(xs) >= 3 and all(math.isfinite(v) for v in xs + ys)
+            ok = len(xs) >= 3 and all(v is not None and math.isfinite(v) for v in xs + ys)
             rho = spearman(xs, ys) if ok else math.nan
+            p, method = spearman_p(xs, ys) if ok and not math.isnan(rho) else (None, "")
             out.append({"term": term, "target": target, "n": len(xs), "rho": rho,
-                        "p_exact": spearman_exact_p(xs, ys) if ok else None})
+                        "p_exact": spearman_exact_p(xs, ys) if ok else None, "p": p, "p_method": method,
+                        "ci": spearman_bootstrap(xs, ys) if ok and not math.isnan(rho) else None})
     return out
+
+
+def _rho_cell(c: dict[str, Any]) -> str:
+    """'0.62 [0.1, 0.9] (p 0.03)': rho, bootstrap interval, permutation p."""
+    ci = c.get("ci")
+    interval = f" [{ci.lo:.2f}, {ci.hi:.2f}]" if ci is not None else ""
+    return f"{_cell(c['rho'], 3)}{interval} (p {_cell(c.get('p'), 2)})"
+
+
+def reading(c: dict[str, Any]) -> str:
+    """tracks / tracks inversely when p < 0.05 and the bootstrap interval excludes 0, else not resolved."""
+    ci = c.get("ci")
+    if c["n"] < 3:
+        return "too few runs (< 3)"
+    if c.get("p") is None or ci is None or math.isnan(c["rho"]):
+        return "no correlation (a constant or missing term)"
+    if c["p"] < 0.05 and (ci.lo > 0 or ci.hi < 0):
+        return "tracks robust error" if c["rho"] > 0 else "tracks it inversely (larger term, lower error)"
+    return "not resolved"
 
 
 def summary_csv(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -123,8 +162,11 @@ def summary_markdown(folder: Path, rows: Sequence[tuple[str, dict[str, Any]]], c
              "are held-out lower bounds from fresh critics (z: z_b(q) vs z_a(q'); h: h_b(q) vs h_a(q'); h_head: "
              "f_r(q) vs f_r(q') through the phase-2 branch r). Robust error = 1 - the evaluation's headline PGD "
              "accuracy (results.json); robust loss = the mean cross-entropy at one pass of that PGD.", "",
-             "Spearman columns: rank correlation across the runs of the row's term with the column's phase-2 "
-             "quantity (average ranks for ties), exact two-sided permutation p-value in brackets.", "",
+             f"`{SUM_TERM}` = adversarial_nce + benign_nce + sharpness at the largest rho + js_z (the bound's "
+             "four quantities, unit weights). Spearman columns: rank correlation across the runs of the row's term "
+             "with the column's phase-2 quantity (average ranks for ties), its 95% bootstrap interval over runs "
+             "(5,000 resamples of the runs, percentile) and the two-sided permutation p-value "
+             + ("(exact: all n! orders)." if n <= 8 else "(Monte Carlo, 20,000 random orders)."), "",
              "| quantity | " + " | ".join(name for name, _ in rows) + " | "
              + " | ".join(f"Spearman vs {c}" for c in cols) + " |",
              "|---" * (1 + n + len(cols)) + "|"]
@@ -132,7 +174,7 @@ def summary_markdown(folder: Path, rows: Sequence[tuple[str, dict[str, Any]]], c
         lines.append(f"| **{goal}** | " + " | ".join(_cell(targets(b).get(goal)) for _, b in rows) + " |"
                      + " |" * len(cols))
     for term in terms:
-        cells = [f"{_cell(by_target[t][term]['rho'], 3)} (p {_cell(by_target[t][term]['p_exact'], 2)})" for t in cols]
+        cells = [_rho_cell(by_target[t][term]) for t in cols]
         lines.append(f"| {term} | " + " | ".join(_cell(flat_terms(b).get(term)) for _, b in rows) + " | "
                      + " | ".join(cells) + " |")
     smallest = 2 / math.factorial(n) if n <= 8 else None
@@ -141,10 +183,20 @@ def summary_markdown(folder: Path, rows: Sequence[tuple[str, dict[str, Any]]], c
                  f"of {_cell(smallest, 2)}" if smallest is not None else "")
               + ". Each run is one point: seed-to-seed noise is not separated from the configurations' effect "
                 "unless the sweep repeats seeds. Read the signs as hints, not evidence.", ""]
+    errors = [c for c in cols if c.endswith("_robust_error")]
+    if errors:
+        lines += ["Reading (p < 0.05 and a bootstrap interval excluding 0):", ""]
+        for target in errors:
+            verdicts: dict[str, list[str]] = {}
+            for term in terms:
+                verdicts.setdefault(reading(by_target[target][term]), []).append(f"`{term}`")
+            lines.append(f"- {target}: " + "; ".join(f"{v}: {', '.join(ts)}" for v, ts in verdicts.items()))
+        lines.append("")
     if failed:
         lines += [*(f"- `{name}` not measured: {message}" for name, message in failed.items()), ""]
     if plotted:
-        lines += ["![terms vs robust error](bound_vs_robust.png)", ""]
+        lines += ["![terms vs robust error](bound_vs_robust.png)", "",
+                  f"One plot per term: {PLOT_FOLDER}/<term>.png.", ""]
     return "\n".join(lines)
 
 
@@ -191,6 +243,49 @@ def plot_terms(rows: Sequence[tuple[str, dict[str, Any]]], corr: list[dict[str, 
     return True
 
 
+def _term_file(term: str) -> str:
+    """A term's plot file name (rho=0.5 keeps its '=' and '.'; nothing else needs escaping)."""
+    return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in term) + ".png"
+
+
+def plot_each_term(rows: Sequence[tuple[str, dict[str, Any]]], corr: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """One plot per term (and the sum): each protocol's robust error (%) against it, rho [interval] and p in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = list(dict.fromkeys(k[:-len("_robust_error")] for _, b in rows for k in targets(b)
+                                   if k.endswith("_robust_error")))
+    if not protocols:
+        return []
+    by_key = {(c["term"], c["target"]): c for c in corr}
+    written = []
+    for term in dict.fromkeys(k for _, b in rows for k in flat_terms(b)):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for i, protocol in enumerate(protocols):
+            pts = [(flat_terms(b).get(term), 100 * targets(b)[f"{protocol}_robust_error"]) for _, b in rows
+                   if f"{protocol}_robust_error" in targets(b)]
+            pts = [(x, y) for x, y in pts if x is not None and math.isfinite(x)]
+            c = by_key.get((term, f"{protocol}_robust_error"))
+            label = f"{protocol.upper()}: rho {_rho_cell(c)}" if c else protocol.upper()
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS.get(protocol, "D"),
+                       color=plt.get_cmap("tab10")(i), label=label, edgecolors="black", linewidths=0.4)
+        ax.set_xlabel(term, fontsize=8)
+        ax.set_ylabel("robust error (%)", fontsize=8)
+        ax.set_title(f"{term} vs robust error, {len(rows)} runs", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        path = folder / _term_file(term)
+        atomic_write_bytes(path, buffer.getvalue())
+        written.append(path)
+    return written
+
+
 def measure_sweep(folder: Path | str, settings: BoundSettings, overwrite: bool = False, geometry: bool = False,
                   echo: Callable[[str], None] = print, threads: int = 1) -> tuple[Path, dict[str, str]]:
     """bound.json for every run (measuring those without), then the summary files; (bound_summary.md, failures)."""
@@ -218,6 +313,7 @@ def measure_sweep(folder: Path | str, settings: BoundSettings, overwrite: bool =
     corr = correlations(rows)
     atomic_write_text(folder / "bound_summary.csv", summary_csv(rows))
     plotted = plot_terms(rows, corr, folder / "bound_vs_robust.png")
+    plot_each_term(rows, corr, folder / PLOT_FOLDER)
     path = folder / "bound_summary.md"
     atomic_write_text(path, summary_markdown(folder, rows, corr, failed, plotted))
     return path, failed

@@ -52,9 +52,9 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device
 Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def accuracy_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, perturb: Perturb | None,
-                   batch_size: int = 500, autocast: Autocast = _no_autocast, restarts: int = 1) -> float:
-    """Top-1 accuracy on perturb(x, y) (on x itself when None); the model must be in eval mode.
+def correct_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, perturb: Perturb | None,
+                  batch_size: int = 500, autocast: Autocast = _no_autocast, restarts: int = 1) -> torch.Tensor:
+    """Per-image correctness (bool, on the CPU) on perturb(x, y) (on x itself when None); eval mode required.
 
     With `restarts` > 1 an image counts as robust only if it survives every restart; each restart
     attacks only the images still classified correctly (the per-example worst case).
@@ -64,11 +64,11 @@ def accuracy_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     device = next(model.parameters()).device
-    correct = torch.zeros((), dtype=torch.long, device=device)  # summed on device: one sync at the end
+    flags = []  # kept on device: one transfer at the end
     for x, y in _batches(images, labels, batch_size, device):
         if perturb is None:
             with torch.no_grad(), autocast():
-                correct += (model(x).argmax(1) == y).sum()
+                flags.append(model(x).argmax(1) == y)
             continue
         alive = torch.ones_like(y, dtype=torch.bool)
         for _ in range(restarts):
@@ -78,8 +78,19 @@ def accuracy_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             x_adv = perturb(x[idx], y[idx])
             with torch.no_grad(), autocast():
                 alive[idx] = model(x_adv).argmax(1) == y[idx]
-        correct += alive.sum()
-    return correct.item() / max(1, len(images))
+        flags.append(alive)
+    return torch.cat(flags).cpu() if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def fraction(flags: torch.Tensor) -> float:
+    """Accuracy from per-image flags (0 for no images)."""
+    return int(flags.sum()) / max(1, len(flags))
+
+
+def accuracy_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, perturb: Perturb | None,
+                   batch_size: int = 500, autocast: Autocast = _no_autocast, restarts: int = 1) -> float:
+    """Top-1 accuracy on perturb(x, y) (on x itself when None), worst over restarts; see correct_under."""
+    return fraction(correct_under(model, images, labels, perturb, batch_size, autocast, restarts))
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
@@ -88,15 +99,22 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return accuracy_under(model, images, labels, None, batch_size, autocast)
 
 
-def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
-                 batch_size: int = 500, generator: torch.Generator | None = None,
-                 autocast: Autocast = _no_autocast, restarts: int = 1) -> float:
-    """Accuracy under L-inf PGD on the cross-entropy (parameters frozen, eval mode), worst over restarts."""
+def pgd_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
+                batch_size: int = 500, generator: torch.Generator | None = None,
+                autocast: Autocast = _no_autocast, restarts: int = 1) -> torch.Tensor:
+    """Per-image robustness (bool) under L-inf PGD on the cross-entropy, worst over restarts (eval mode)."""
     def perturb(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd(ce_objective(model, y, autocast), x, attack.eps, attack.alpha, attack.steps,
                    attack.random_start, generator, modules=[model])
 
-    return accuracy_under(model, images, labels, perturb, batch_size, autocast, restarts)
+    return correct_under(model, images, labels, perturb, batch_size, autocast, restarts)
+
+
+def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
+                 batch_size: int = 500, generator: torch.Generator | None = None,
+                 autocast: Autocast = _no_autocast, restarts: int = 1) -> float:
+    """Accuracy under L-inf PGD on the cross-entropy (parameters frozen, eval mode), worst over restarts."""
+    return fraction(pgd_correct(model, images, labels, attack, batch_size, generator, autocast, restarts))
 
 
 def robustness_curve(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,

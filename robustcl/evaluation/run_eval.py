@@ -17,9 +17,10 @@ from robustcl.config import Config, reference_switches
 from robustcl.evaluation.autoattack import autoattack_accuracy, state_key
 from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_square_vs_whitebox,
                                            run_integrity_checks, square_survivors, timed_check)
+from robustcl.evaluation.per_image import PerImage, as_numpy, read_per_image, write_per_image
 from robustcl.evaluation.reference_reading import reference_reading
-from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, cw_margin_objective,
-                                       pgd_accuracy, robustness_curve, steps_curve)
+from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, correct_under, cw_margin_objective,
+                                       fraction, pgd_accuracy, pgd_correct, robustness_curve, steps_curve)
 from robustcl.export import check_encoder_fits, read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd, pgd_l2
@@ -61,15 +62,21 @@ def extra_attack(kind: str, model, images, labels, cfg: Config, gen, autocast) -
             accuracy_under(model, images, labels, perturb_l2, e.batch_size, autocast, e.restarts))
 
 
-def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The test images to evaluate: all, or a seeded random subset of eval.limit (stated in results)."""
+def indexed_test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
+    """test_subset plus each image's position in the full test split (what pairs two runs image by image)."""
     test = load_split(cfg, "test")
     if cfg.eval.limit is None or cfg.eval.limit >= len(test):
-        return test.images, test.labels, f"full test set ({len(test)} images)"
+        return test.images, test.labels, f"full test set ({len(test)} images)", torch.arange(len(test))
     gen = torch.Generator().manual_seed(cfg.eval.subset_seed + 104_729)
     idx = torch.randperm(len(test), generator=gen)[: cfg.eval.limit]
     return (test.images[idx], test.labels[idx],
-            f"random subset of {cfg.eval.limit} of {len(test)} test images (subset seed {cfg.eval.subset_seed})")
+            f"random subset of {cfg.eval.limit} of {len(test)} test images (subset seed {cfg.eval.subset_seed})", idx)
+
+
+def test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The test images to evaluate: all, or a seeded random subset of eval.limit (stated in results)."""
+    images, labels, subset, _ = indexed_test_subset(cfg)
+    return images, labels, subset
 
 
 def protocol_model(run: RunDir, protocol: str, encoder: Encoder, device: torch.device,
@@ -96,18 +103,25 @@ def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: st
 
 
 def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
-                   autocast, run: RunDir, protocol: str) -> dict[str, Any]:
-    """Clean accuracy, every configured attack, the eps and steps curves and the integrity checks of one model."""
+                   autocast, run: RunDir, protocol: str, flags: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Clean accuracy, every configured attack, the eps and steps curves and the integrity checks of one model.
+
+    `flags`, when given, receives the per-image correctness: "clean" and "robust" (the headline PGD).
+    """
     a, e = cfg.eval.attack, cfg.eval
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     seconds: dict[str, float] = {}  # wall time of each part, so a slow evaluation says where its time went
     t0 = time.perf_counter()
-    clean = accuracy(model, images, labels, e.batch_size, autocast)
+    clean_flags = correct_under(model, images, labels, None, e.batch_size, autocast)
+    clean = fraction(clean_flags)
     seconds["clean"], t0 = time.perf_counter() - t0, time.perf_counter()
     pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
-    robust = {pgd_key: pgd_accuracy(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)}
+    robust_flags = pgd_correct(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)
+    robust = {pgd_key: fraction(robust_flags)}
     seconds[pgd_key], t0 = time.perf_counter() - t0, time.perf_counter()
+    if flags is not None:
+        flags.update(clean=clean_flags, robust=robust_flags)
     for kind in e.attacks:
         if kind in ("cw", "pgd-l2"):
             key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
@@ -187,15 +201,18 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)
-    images, labels, subset = test_subset(cfg)
+    images, labels, subset, index = indexed_test_subset(cfg)
     autocast = autocast_factory(device, cfg.eval.precision)
     a, e = cfg.eval.attack, cfg.eval
     per_protocol: dict[str, Any] = {}
+    per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
     for protocol in chosen:
         t0 = time.perf_counter()
         model, saved = protocol_model(run, protocol, encoder, device)
         num_classes = model.head.out_features
-        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol)
+        flags: dict[str, torch.Tensor] = {}
+        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags)
+        per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
         per_protocol[protocol] = {
             "protocol": protocol, "branch": saved["branch"], **record,
             "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
@@ -221,6 +238,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
             per_protocol = {**{p: r for p, r in earlier.get("protocols", {}).items() if p not in per_protocol},
                             **per_protocol}
             per_protocol = {p: per_protocol[p] for p in ("slf", "alf", "aff") if p in per_protocol}
+            per_image = _merge_earlier_flags(run, per_image, per_protocol)
     headline = next(iter(per_protocol.values()))
     results = {
         "method": meta["method"], "dataset": meta["dataset"],
@@ -238,6 +256,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
                                                          num_classes, device, autocast, progress)
     write_curves_csv(run, per_protocol)
+    write_per_image(run, per_image)
     run.write_json(run.results, results)
     return results
 
@@ -251,5 +270,17 @@ def training_images(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return data.images[train_idx], data.labels[train_idx]
 
 
-__all__ = ["MIXED_LABEL", "attack_name", "autoattack_name", "evaluate_model", "evaluate_run", "protocol_model",
-           "test_subset"]
+def _merge_earlier_flags(run: RunDir, flags: PerImage, kept: dict[str, Any]) -> PerImage:
+    """The kept earlier protocols' per-image flags added to this evaluation's (same images and attack only)."""
+    earlier = read_per_image(run)
+    if earlier is None or not earlier.matches(flags):
+        return flags
+    for protocol in kept:
+        if protocol not in flags.clean and protocol in earlier.clean:
+            flags.clean[protocol], flags.robust[protocol] = earlier.clean[protocol], earlier.robust[protocol]
+    order = [p for p in ("slf", "alf", "aff") if p in flags.clean]
+    return PerImage(flags.index, flags.attack, {p: flags.clean[p] for p in order}, {p: flags.robust[p] for p in order})
+
+
+__all__ = ["MIXED_LABEL", "attack_name", "autoattack_name", "evaluate_model", "evaluate_run", "indexed_test_subset",
+           "protocol_model", "test_subset"]
