@@ -84,7 +84,8 @@ class RunDir:
         if exists and overwrite:
             for path in (self.checkpoint, self.metrics, self.results, self.report, self.encoder, self.pretrain_done):
                 path.unlink(missing_ok=True)
-            for folder in (self.root / "heads", self.plots):
+            (self.root / "wandb-run.json").unlink(missing_ok=True)  # a new W&B run (its offline files stay)
+            for folder in (self.root / "heads", self.plots, self.root / "tensorboard"):
                 shutil.rmtree(folder, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config, config_yaml)
