@@ -151,6 +151,8 @@ class WandbSink:
         atomic_write_text(self.path, json.dumps(self.state) + "\n")
 
     def close(self) -> None:
+        """Finish the W&B run. Offline, the last records reach the run files when W&B's service process
+        flushes them (at the latest at interpreter exit, or `wandb.teardown()`); measured with wandb 0.31."""
         self.run.finish()
 
 
