@@ -18,6 +18,7 @@ EXTRA_COMMANDS: tuple[str, ...] = (
     "robustcl.transfer",
     "robustcl.bench_cli",
     "robustcl.bound.cli",
+    "robustcl.export_cli",
 )
 
 
@@ -97,6 +98,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if getattr(args, "encoder", None) is not None:  # any encoder: robustcl/evaluation/external.py
+        from robustcl.evaluation.external import cmd_evaluate_encoder
+
+        if args.run is not None:
+            raise ConfigError("evaluate takes --run DIR or --encoder SPEC, not both")
+        return cmd_evaluate_encoder(args, [*evaluate_overrides(args), *args.overrides])
+    if args.run is None:
+        raise ConfigError("evaluate needs --run DIR (a robustcl run) or --encoder PATH|module:callable --data NAME")
     from robustcl.evaluation.run_eval import evaluate_run
     from robustcl.runs import RunDir
     from robustcl.runs.report import results_table, write_report
@@ -235,7 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="clean and robust accuracy of a run's heads; results.json and report.md")
-    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--run", help="run directory")
+    p.add_argument("--encoder", help="instead of --run: an encoder file (encoder.safetensors, torchvision-layout "
+                                     "ResNet-18/50 state dict) or module:callable returning an nn.Module; heads "
+                                     "are fitted (--protocol, default finetune.protocols) and evaluated")
+    p.add_argument("--data", help="with --encoder: the dataset to fit heads on and evaluate, e.g. cifar10")
+    p.add_argument("--config", help="with --encoder: preset or YAML whose finetune/eval settings are used "
+                                    "(default: the dataset's reference preset)")
+    p.add_argument("--out", help="with --encoder: results directory (default runs/encoders/<name>-<data>)")
+    p.add_argument("--mean", nargs="+", type=float, help="with a torchvision-layout --encoder: input normalisation "
+                                                        "mean per channel (default: the dataset's)")
+    p.add_argument("--std", nargs="+", type=float, help="with a torchvision-layout --encoder: input std per channel")
+    p.add_argument("--overwrite", action="store_true", help="with --encoder: redo an earlier evaluation in --out")
     p.add_argument("--protocol", nargs="+", choices=["slf", "alf", "aff"], help="evaluate only these fitted models")
     p.add_argument("--attacks", nargs="+", choices=["pgd", "cw", "pgd-l2", "autoattack"],
                    help="attacks to report besides PGD (eval.attacks)")

@@ -185,6 +185,10 @@ class TrainConfig:
     threads: int | Literal["auto"] | None = "auto"
     log_every: int = 20
     checkpoint_every: int = 200      # steps between checkpoints (and one at every epoch end)
+    # metric sinks for phase 1, phase 2 and evaluation: metrics.jsonl is always written; tensorboard
+    # (pip install robustcl[tensorboard]) and wandb (robustcl[wandb]; WANDB_MODE=offline keeps it local) on request
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl",)
+    wandb_project: str = "robustcl"  # the W&B project a run is logged to (train.loggers with wandb)
 
     def validate(self) -> None:
         _check(self.batch_size >= 2, "train.batch_size", self.batch_size, "must be >= 2 (contrastive negatives)")
@@ -201,6 +205,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         _check(not isinstance(self.threads, int) or self.threads >= 1, "train.threads", self.threads,
                "must be >= 1, auto (the cores this process may use) or null (torch's default)")
+        _check(len(set(self.loggers)) == len(self.loggers), "train.loggers", self.loggers, "must not repeat a logger")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
 
@@ -689,7 +694,8 @@ def first_difference(a: Any, b: Any, prefix: str = "", ignore: tuple[str, ...] =
 
 # Settings that do not change what phase 1 computes: a resumed run may change these.
 PHASE1_FREE = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
-               "diagnostics", "finetune", "eval", "reference.evaluation", "reference.test_attack")
+               "train.loggers", "train.wandb_project", "diagnostics", "finetune", "eval", "reference.evaluation",
+               "reference.test_attack")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from robustcl.models import BRANCHES, Branch, Encoder, build_encoder
-from robustcl.runs import atomic_write_bytes
+from robustcl.runs import atomic_write_bytes, save_torch_atomic
 
 FORMAT = "robustcl.encoder/1"
 
@@ -131,3 +131,22 @@ def load_encoder(path: Path | str, branch: Branch | str = "headline") -> FixedBr
     return FixedBranchEncoder(encoder, chosen).eval()  # type: ignore[arg-type]
 
 
+def export_torchvision(source: Path | str, branch: str = "headline", path: Path | str | None = None) -> dict[str, Any]:
+    """Write one BN branch of a robustcl ResNet encoder as a torchvision-layout state dict (torch.save, atomic).
+
+    `source` is a run directory or encoder.safetensors; `branch` may be "headline"; `path` defaults to
+    resnet-<branch>.pth beside the encoder. Returns what was written: path, arch, stem, branch and the
+    input normalisation the weights expect (a state dict cannot hold it).
+    """
+    from robustcl.models.torchvision_layout import to_torchvision
+
+    encoder, meta = read_encoder(source)
+    if meta["arch"] not in ("resnet18", "resnet50"):
+        raise ValueError(f"{source} holds a {meta['arch']} encoder; only ResNet-18/50 encoders have a torchvision layout")
+    chosen = meta["headline_branch"] if branch == "headline" else branch
+    chosen = chosen if meta["dual_bn"] else "benign"  # a single-BN encoder has one set of statistics
+    source = Path(source)
+    out = Path(path) if path is not None else (source if source.is_dir() else source.parent) / f"resnet-{chosen}.pth"
+    save_torch_atomic(to_torchvision(encoder.backbone, chosen), out)
+    return {"path": str(out), "arch": meta["arch"], "stem": meta.get("stem") or "cifar", "branch": chosen,
+            "mean": meta["mean"], "std": meta["std"]}

@@ -30,6 +30,7 @@ from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
 from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
                                    train_val_indices)
+from robustcl.runs.loggers import check_loggers, open_logger
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
                "accuracy through the adversarial branch; these are two different models, not one model's trade-off")
@@ -93,20 +94,26 @@ def protocol_model(run: RunDir, protocol: str, encoder: Encoder, device: torch.d
     return BranchModel(encoder, head, branch or saved["branch"]).eval(), saved
 
 
-def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: str) -> dict[str, Any]:
-    """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/."""
+def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: str,
+                   fingerprint: str | None = None) -> dict[str, Any]:
+    """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/.
+
+    The state is keyed by the head and encoder files, or by `fingerprint` for an encoder held in memory."""
     e = cfg.eval
-    key = state_key(protocol, e.attack.eps, len(images), e.limit, e.subset_seed, cfg.seed, e.precision,
-                    files=(run.head(protocol), run.encoder))
+    identity = (fingerprint,) if fingerprint is not None else ()
+    key = state_key(protocol, e.attack.eps, len(images), e.limit, e.subset_seed, cfg.seed, e.precision, *identity,
+                    files=(run.head(protocol),) if fingerprint is not None else (run.head(protocol), run.encoder))
     state = run.root / "eval_state" / f"autoattack-{protocol}-{key}.json"
     return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state).to_dict()
 
 
 def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
-                   autocast, run: RunDir, protocol: str, flags: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                   autocast, run: RunDir, protocol: str, flags: dict[str, torch.Tensor] | None = None,
+                   fingerprint: str | None = None) -> dict[str, Any]:
     """Clean accuracy, every configured attack, the eps and steps curves and the integrity checks of one model.
 
-    `flags`, when given, receives the per-image correctness: "clean" and "robust" (the headline PGD).
+    `flags`, when given, receives the per-image correctness: "clean" and "robust" (the headline PGD);
+    `fingerprint` identifies an encoder held in memory (AutoAttack's resumable state).
     """
     a, e = cfg.eval.attack, cfg.eval
     device = next(model.parameters()).device
@@ -128,7 +135,7 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
             robust[key] = acc
     record: dict[str, Any] = {"clean_acc": clean, "robust": robust}
     if "autoattack" in e.attacks:
-        aa = run_autoattack(model, images, labels, cfg, run, protocol)
+        aa = run_autoattack(model, images, labels, cfg, run, protocol, fingerprint)
         robust[autoattack_name(a.eps)] = aa["accuracy"]
         record["autoattack"] = aa
     eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
@@ -172,15 +179,22 @@ def write_curves_csv(run: RunDir, per_protocol: dict[str, Any]) -> None:
             atomic_write_text(run.root / f"{name}.csv", "\n".join([f"protocol,{x_key},accuracy", *rows]) + "\n")
 
 
-def evaluate_run(cfg: Config, run: RunDir, progress: bool = True,
-                 protocols: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Evaluate every fitted model of `run` (or the given protocols); writes and returns results.json's content."""
+def evaluate_run(cfg: Config, run: RunDir, progress: bool = True, protocols: tuple[str, ...] | None = None,
+                 loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Evaluate every fitted model of `run` (or the given protocols); writes and returns results.json's content.
+
+    `loaded`: an (encoder, metadata) pair in memory instead of the run's encoder.safetensors (as in `finetune`);
+    its metadata's "fingerprint" identifies it and "source" is stored in the results."""
     device = resolve_device(cfg.train.device)
     cfg = resolve_runtime(cfg, device, started_config(run.config))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if not run.encoder.is_file():
+    if loaded is None and not run.encoder.is_file():
+        if (run.root / "encoder.json").is_file():  # an evaluation of a module: it has no file to read back
+            raise RunError(f"{run.root} evaluated an encoder given as a module; evaluate it again with "
+                           "`robustcl evaluate --encoder module:callable` (or robustcl.evaluation.evaluate_encoder)")
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first")
+    check_loggers(cfg.train.loggers)
     wanted = protocols or tuple(p for p in ("slf", "alf", "aff") if p in cfg.finetune.protocols or run.head(p).is_file())
     missing = [p for p in wanted if not run.head(p).is_file()]
     if protocols and missing:
@@ -190,14 +204,17 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True,
     if not chosen:
         raise RunError(f"{run.root} has no fitted heads; run `robustcl finetune --run {run.root}` first")
     with writing(run.root, "results.json, eval_state/ and the report"):  # before any work: writable, one writer
-        return _evaluate(cfg, run, progress, protocols, chosen, device)
+        return _evaluate(cfg, run, progress, protocols, chosen, device, loaded)
 
 
 def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ...] | None, chosen: list[str],
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, Any]:
     """`evaluate_run`'s work, once the run is known writable and locked."""
-    encoder, meta = read_encoder(run.encoder)
-    check_encoder_fits(meta, cfg, run.encoder)
+    if loaded is not None:
+        encoder, meta = loaded
+    else:
+        encoder, meta = read_encoder(run.encoder)
+        check_encoder_fits(meta, cfg, run.encoder)
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)
@@ -211,7 +228,8 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         model, saved = protocol_model(run, protocol, encoder, device)
         num_classes = model.head.out_features
         flags: dict[str, torch.Tensor] = {}
-        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags)
+        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags,
+                                meta["fingerprint"] if loaded is not None else None)
         per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
         per_protocol[protocol] = {
             "protocol": protocol, "branch": saved["branch"], **record,
@@ -251,6 +269,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
                      "eval_precision": cfg.eval.precision, "threads": torch.get_num_threads()},
         "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
         "protocols": per_protocol,
+        **({"encoder": meta["source"]} if "source" in meta else {}),
     }
     if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
         results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
@@ -258,6 +277,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     write_curves_csv(run, per_protocol)
     write_per_image(run, per_image)
     run.write_json(run.results, results)
+    log_results(cfg, run, {p: per_protocol[p] for p in chosen})
     return results
 
 
@@ -282,5 +302,17 @@ def _merge_earlier_flags(run: RunDir, flags: PerImage, kept: dict[str, Any]) -> 
     return PerImage(flags.index, flags.attack, {p: flags.clean[p] for p in order}, {p: flags.robust[p] for p in order})
 
 
+def log_results(cfg: Config, run: RunDir, per_protocol: dict[str, Any]) -> None:
+    """One "evaluate" record per evaluated protocol (clean and robust accuracy) to metrics.jsonl and the
+    train.loggers sinks, at the encoder's phase-1 step (0 without one): a re-evaluation replaces the points."""
+    text = run.pretrain_done.read_text().strip() if run.pretrain_done.is_file() else ""
+    step = int(text) if text.isdigit() else 0
+    with open_logger(run, cfg, purge_from=step) as logger:
+        for protocol, r in per_protocol.items():
+            logger.log({"phase": "evaluate", "protocol": protocol, "step": step, "branch": r["branch"],
+                        "clean_acc": r["clean_acc"], "robust": r["robust"]})
+
+
 __all__ = ["MIXED_LABEL", "attack_name", "autoattack_name", "evaluate_model", "evaluate_run", "indexed_test_subset",
+           "log_results",
            "protocol_model", "test_subset"]

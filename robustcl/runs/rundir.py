@@ -114,7 +114,8 @@ class RunDir:
                          self.root / "eps_curve.csv", self.root / "steps_curve.csv", self.root / "bound.json",
                          self.root / "bound.md"):
                 path.unlink(missing_ok=True)
-            for folder in (self.root / "heads", self.plots, self.root / "eval_state"):
+            (self.root / "wandb-run.json").unlink(missing_ok=True)  # a new W&B run (its offline files stay)
+            for folder in (self.root / "heads", self.plots, self.root / "eval_state", self.root / "tensorboard"):
                 shutil.rmtree(folder, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         write_marker(self.root)

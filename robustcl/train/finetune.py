@@ -27,6 +27,7 @@ from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.runs.guard import writing
 from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
                                    train_val_indices)
+from robustcl.runs.loggers import check_loggers, open_logger
 from robustcl.views import weak_view
 
 
@@ -212,13 +213,17 @@ TRAINERS = {"slf": train_slf, "alf": train_alf, "aff": train_aff}
 
 
 def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
-             progress: bool = True, overwrite: bool = False) -> dict[str, dict[str, Any]]:
+             progress: bool = True, overwrite: bool = False,
+             loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Fit each protocol's head on the run's frozen encoder; heads saved to heads/<protocol>.pt.
 
-    An existing head is refitted only with `overwrite` (the CLI's --overwrite).
+    An existing head is refitted only with `overwrite` (the CLI's --overwrite). `loaded` is an
+    (encoder, metadata) pair already in memory to use instead of the run's encoder.safetensors
+    (`robustcl.evaluation.evaluate_encoder`); the encoder is called as encoder(x, branch).
     """
-    if not run.encoder.is_file():
+    if loaded is None and not run.encoder.is_file():
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first (or --resume it)")
+    check_loggers(cfg.train.loggers)
     fitted = [p for p in (protocols or cfg.finetune.protocols) if run.head(p).is_file()]
     if fitted and not overwrite:
         raise RunError(f"{run.head(fitted[0])} already exists; pass --overwrite to refit "
@@ -234,8 +239,11 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None,
     cfg = resolve_runtime(cfg, device, started_config(run.config))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    encoder, meta = read_encoder(run.encoder)
-    check_encoder_fits(meta, cfg, run.encoder)
+    if loaded is not None:
+        encoder, meta = loaded
+    else:
+        encoder, meta = read_encoder(run.encoder)
+        check_encoder_fits(meta, cfg, run.encoder)
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)
@@ -251,19 +259,21 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None,
     val = (data.images[val_idx], data.labels[val_idx])
     autocast = autocast_factory(device, cfg.train.precision)
     out = {}
-    for protocol in protocols or cfg.finetune.protocols:
-        torch.manual_seed(cfg.seed)
-        head = LinearHead(encoder.feature_dim, data.info.num_classes).to(device)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        t0 = time.perf_counter()
-        best = TRAINERS[protocol](encoder, head, branch, train, val, cfg, device, autocast, gen, run.log, progress)
-        record = {"protocol": protocol, "branch": branch, "best_epoch": best["epoch"], "val_acc": best["val_acc"],
-                  "selected_on": "validation " + ("clean accuracy" if protocol == "slf" else "PGD accuracy"),
-                  "n_train": len(train[0]), "n_val": len(val[0]), "seconds": time.perf_counter() - t0,
-                  "finetune": cfg.to_dict()["finetune"]}  # the settings this head was fitted with
-        if protocol == "aff":
-            record["aff"] = {"loss": cfg.finetune.aff.loss, "beta": cfg.finetune.aff.beta}
-        extra = {"encoder": best["encoder"]} if "encoder" in best else {}  # AFF: the fine-tuned encoder too
-        save_torch_atomic({"head": best["state"], **extra, **record}, run.head(protocol))
-        out[protocol] = record
+    with open_logger(run, cfg) as logger:  # each fit is a new series: TensorBoard hides an earlier fit's epochs
+        for protocol in protocols or cfg.finetune.protocols:
+            torch.manual_seed(cfg.seed)
+            head = LinearHead(encoder.feature_dim, data.info.num_classes).to(device)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            t0 = time.perf_counter()
+            best = TRAINERS[protocol](encoder, head, branch, train, val, cfg, device, autocast, gen, logger.log,
+                                      progress)
+            record = {"protocol": protocol, "branch": branch, "best_epoch": best["epoch"], "val_acc": best["val_acc"],
+                      "selected_on": "validation " + ("clean accuracy" if protocol == "slf" else "PGD accuracy"),
+                      "n_train": len(train[0]), "n_val": len(val[0]), "seconds": time.perf_counter() - t0,
+                      "finetune": cfg.to_dict()["finetune"]}  # the settings this head was fitted with
+            if protocol == "aff":
+                record["aff"] = {"loss": cfg.finetune.aff.loss, "beta": cfg.finetune.aff.beta}
+            extra = {"encoder": best["encoder"]} if "encoder" in best else {}  # AFF: the fine-tuned encoder too
+            save_torch_atomic({"head": best["state"], **extra, **record}, run.head(protocol))
+            out[protocol] = record
     return out

@@ -38,6 +38,7 @@ from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
 from robustcl.train.common import (autocast_factory, build_method, load_split, resolve_device, resolve_runtime,
                                    started_config, train_val_indices)
+from robustcl.runs.loggers import MetricLogger, check_loggers, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.train.schedule import reference_learning_rate
 
@@ -78,6 +79,7 @@ class Pretrainer:
         self.cfg, self.run = cfg, run
         self.dist = distributed if distributed is not None else Distributed.current()
         t = cfg.train
+        check_loggers(t.loggers)  # a missing TensorBoard / W&B library fails here, before any write
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = self.dist.device(resolve_device(t.device))
@@ -123,6 +125,7 @@ class Pretrainer:
         # (held-out labels: measured, never trained on; rank 0 alone measures and logs)
         self.step = 0
         self.saved_step: int | None = None  # step of the checkpoint on disk, None until one is written
+        self.logger: MetricLogger | None = None  # rank 0, while fit() runs
         self.sync_from_main()
 
     def sync_from_main(self) -> None:
@@ -270,11 +273,24 @@ class Pretrainer:
         """One diagnostics check (rank 0): logged; returns its seconds and the robust-collapse warning if any."""
         assert self.diagnostics is not None
         record = self.diagnostics.check(self.step, last)
-        self.run.log(record)
+        assert self.logger is not None
+        self.logger.log(record)
         collapse = next((w for w in record["warnings"] if w.startswith("robust-collapse")), None)
         return record["seconds"], collapse
 
     def fit(self, progress: bool = True) -> PretrainResult:
+        """Train to total_steps from the current step, logging through train.loggers (rank 0)."""
+        def open_sinks() -> None:  # TensorBoard hides earlier processes' points after this step (a resume)
+            self.logger = open_logger(self.run, self.cfg, purge_from=self.step + 1, resuming=self.step > 0)
+        self.dist.on_main(open_sinks)
+        try:
+            return self._train(progress)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+                self.logger = None
+
+    def _train(self, progress: bool) -> PretrainResult:
         t = self.cfg.train
         main = self.dist.is_main
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.cfg.method.name} {t.precision}",
@@ -306,8 +322,9 @@ class Pretrainer:
                 now = time.perf_counter()
                 ips = count * t.batch_size / max(now - window_start, 1e-9)
                 if main:
-                    self.run.log({"phase": "pretrain", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                  "lr": lr, "images_per_s": ips, **last})
+                    assert self.logger is not None
+                    self.logger.log({"phase": "pretrain", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                     "lr": lr, "images_per_s": ips, **last})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
                 sums, count, window_start = {}, 0, now
             every = self.cfg.diagnostics.every
