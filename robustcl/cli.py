@@ -98,6 +98,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from robustcl.config import ConfigError
+
     if getattr(args, "encoder", None) is not None:  # any encoder: robustcl/evaluation/external.py
         from robustcl.evaluation.external import cmd_evaluate_encoder
 

@@ -195,7 +195,7 @@ def smoke_run(tmp_path_factory) -> RunDir:
 
 def _without_timings(obj):
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "encoder")}
+        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "seconds_by_part", "encoder")}
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj

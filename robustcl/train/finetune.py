@@ -229,11 +229,11 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
         raise RunError(f"{run.head(fitted[0])} already exists; pass --overwrite to refit "
                        f"{', '.join(fitted)} or choose other --protocol values")
     with writing(run.root, "heads/ and metrics.jsonl"):  # writable, one writer, no symbolic links, before any work
-        return _fit_heads(cfg, run, protocols, progress)
+        return _fit_heads(cfg, run, protocols, progress, loaded)
 
 
-def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None,
-               progress: bool) -> dict[str, dict[str, Any]]:
+def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, progress: bool,
+               loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """`finetune`'s work, once the run is known writable and locked."""
     device = resolve_device(cfg.train.device)
     cfg = resolve_runtime(cfg, device, started_config(run.config))
