@@ -179,7 +179,7 @@ def test_demo_refuses_to_reuse_a_run_made_with_other_settings(tmp_path):
     out = tmp_path / "demo"
     (out / "gbrcl").mkdir(parents=True)
     (out / "gbrcl" / "config.yaml").write_text(dump_yaml(load_config("fmnist-gbrcl", ["train.max_steps=7"])))
-    with pytest.raises(RunError, match=r"other settings \(train.max_steps: 7 -> 120\)"):
+    with pytest.raises(RunError, match=r"other settings \(train.max_steps: 7 -> 200\)"):
         run_demo(out, progress=False)
 
 
