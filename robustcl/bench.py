@@ -425,9 +425,10 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
         log(f"robustcl bench: {name} batch {cfg.train.batch_size} {cfg.train.precision}"
             f"{' channels-last' if cfg.train.channels_last else ''}{' compile' if opts.compile else ''} on {device}")
         results.append(bench_case(cfg, name, opts, device, flops_cache, log))
+    cpu = cpu_capability()
     return {
         "schema": SCHEMA, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_capability": cpu_capability().describe(), "cpu_native_bf16": cpu_capability().native_bf16,
+        "cpu_capability": cpu.describe(), "cpu_native_bf16": cpu.native_bf16,
         "flop_counter": "dispatch-level, torch.utils.flop_counter formulas (FlopCounterMode fails under autograd.grad)",
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),

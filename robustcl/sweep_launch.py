@@ -183,6 +183,14 @@ def _logged(path: str | None) -> Iterator[None]:
 Echo = Callable[[str], None]
 
 
+def runs_to_do(runs: Sequence["PlannedRun"], echo: Echo) -> list["PlannedRun"]:
+    """The runs not yet done, after saying which finished ones are skipped."""
+    for planned in runs:
+        if planned.status == "done":
+            echo(f"{planned.name}: done, skipped")
+    return [r for r in runs if r.status != "done"]
+
+
 def run_local_processes(runs: Sequence["PlannedRun"], plan: "SweepPlan", settings: LaunchSettings, overwrite: bool,
                         echo: Echo) -> dict[str, str]:
     """Up to settings.jobs local worker processes (spawned), each run a task; returns failed runs (name -> message)."""
@@ -190,10 +198,7 @@ def run_local_processes(runs: Sequence["PlannedRun"], plan: "SweepPlan", setting
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = thread_share(settings.jobs)
-    todo = [r for r in runs if r.status != "done"]
-    for planned in runs:
-        if planned.status == "done":
-            echo(f"{planned.name}: done, skipped")
+    todo = runs_to_do(runs, echo)
     failed: dict[str, str] = {}
     if not todo:
         return failed
@@ -248,10 +253,7 @@ def submitit_executor(folder: Path, settings: LaunchSettings, name: str) -> Any:
 def run_submitit(runs: Sequence["PlannedRun"], plan: "SweepPlan", settings: LaunchSettings, overwrite: bool,
                  echo: Echo) -> dict[str, str]:
     """Submit the not-done runs as one submitit job array, wait for every job; returns failed runs (name -> message)."""
-    todo = [r for r in runs if r.status != "done"]
-    for planned in runs:
-        if planned.status == "done":
-            echo(f"{planned.name}: done, skipped")
+    todo = runs_to_do(runs, echo)
     failed: dict[str, str] = {}
     if not todo:
         return failed

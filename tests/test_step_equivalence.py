@@ -101,20 +101,25 @@ def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, c
             "divergence": divergence_term.item(), "critic_loss": critic_loss.item() - LOG2}
 
 
-@pytest.mark.parametrize("channels_last", ["false", "true"])
-def test_the_library_gbrcl_step_equals_the_plain_algorithm(tmp_path, channels_last):
-    cfg = load_config("smoke", ["train.threads=1", "train.precision=fp32", f"train.channels_last={channels_last}",
-                                "method.attack.steps=3"])
-    trainer = Pretrainer(cfg, RunDir(tmp_path / "run"))
+def library_and_plain_step(trainer, plain_step, cfg, lr: float = 0.05):
+    """One library step of `trainer` on its first batch, and `plain_step` on a copy of the same model with the
+    same views' random state: (the copy after its plain step, the library's stats, the plain step's values)."""
     images = trainer.batch(0)
-    lr = 0.05
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     reference = copy.deepcopy(trainer.method)
     generator = torch.Generator().manual_seed(0)
     generator.set_state(trainer.generator.get_state())
     stats = trainer.method.training_step(images, trainer.ctx)
-    expected = plain_gbrcl_step(reference, images, generator, cfg, lr)
+    return reference, stats, plain_step(reference, images, generator, cfg, lr)
+
+
+@pytest.mark.parametrize("channels_last", ["false", "true"])
+def test_the_library_gbrcl_step_equals_the_plain_algorithm(tmp_path, channels_last):
+    cfg = load_config("smoke", ["train.threads=1", "train.precision=fp32", f"train.channels_last={channels_last}",
+                                "method.attack.steps=3"])
+    trainer = Pretrainer(cfg, RunDir(tmp_path / "run"))
+    reference, stats, expected = library_and_plain_step(trainer, plain_gbrcl_step, cfg)
     for name, value in expected.items():
         assert abs(stats[name].item() - value) < 1e-5, (name, stats[name].item(), value)
     for (name, mine), theirs in zip(trainer.method.named_parameters(), reference.parameters()):
@@ -156,15 +161,7 @@ def test_the_adversarial_only_rung_step_equals_its_plain_transcription(tmp_path)
                                 "method.benign_weight=0", "method.sam.mode=off", "method.critic.enabled=false"])
     trainer = Pretrainer(cfg, RunDir(tmp_path / "run"))
     assert trainer.method.critic is None and trainer.sam is None
-    images = trainer.batch(0)
-    lr = 0.05
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
-    reference = copy.deepcopy(trainer.method)
-    generator = torch.Generator().manual_seed(0)
-    generator.set_state(trainer.generator.get_state())
-    stats = trainer.method.training_step(images, trainer.ctx)
-    expected = plain_adv_only_step(reference, images, generator, cfg, lr)
+    reference, stats, expected = library_and_plain_step(trainer, plain_adv_only_step, cfg)
     assert set(stats) == {"adversarial"}
     assert abs(stats["adversarial"].item() - expected["adversarial"]) < 1e-6
     for (name, mine), theirs in zip(trainer.method.named_parameters(), reference.parameters()):

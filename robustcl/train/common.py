@@ -33,7 +33,7 @@ def resolve_runtime(cfg: Config, device: torch.device, started: dict[str, Any] |
     `started` is the stored config of a run that already began: an `auto` precision keeps the value
     that run started with, so a resumed run never switches precision half-way.
     """
-    before = (started or {}).get("train", {}).get("precision") if started else None
+    before = (started or {}).get("train", {}).get("precision")
     train_precision = cfg.train.precision
     if train_precision == "auto" and before in ("fp32", "bf16"):
         train_precision = before
