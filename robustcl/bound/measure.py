@@ -197,7 +197,7 @@ def collect(loaded: LoadedRun, attack: AttackConfig, batch_size: int, seed: int)
     b = min(batch_size, n)
     n_batches = n // b
     gen = torch.Generator(device=device).manual_seed(seed)
-    strong, weak, q_kind = cfg.views.strong.build(), cfg.views.weak.build(), attacked_view(method)
+    strong, weak, q_kind = cfg.views.strong, cfg.views.weak, attacked_view(method)
     tau = method.cfg.temperature
     views: dict[str, list[torch.Tensor]] = {"p": [], "q": []}
     nce: dict[str, list[float]] = {"benign": [], "adversarial": []}

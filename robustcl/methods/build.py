@@ -107,8 +107,8 @@ def build_training(cfg: Config, info: DatasetInfo, device: torch.device, distrib
     generator = torch.Generator(device=device).manual_seed(seed)
     reference = reference_switches(cfg)
     ctx = StepContext(method, optimizers["encoder"], optimizers.get("critic"), sam, method.sam_config().terms,
-                      generator, autocast_factory(device, t.precision), strong=cfg.views.strong.build(),
-                      weak=cfg.views.weak.build(), channels_last=t.channels_last, distributed=dist,
+                      generator, autocast_factory(device, t.precision), strong=cfg.views.strong,
+                      weak=cfg.views.weak, channels_last=t.channels_last, distributed=dist,
                       reference=reference, optimizers=optimizers)
     critic = method.critic_config() if "critic" in optimizers else None
     return Training(method, optimizers, sam, ctx, lr_at, t.lr, critic.lr if critic is not None else None,

@@ -167,7 +167,7 @@ def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     if steps_per_epoch == 0:
         raise RunError(f"finetune.aff.batch_size={aff.batch_size} exceeds the {len(images)} AFF training images; lower it")
     view_gen = torch.Generator(device=device).manual_seed(cfg.seed + 31)
-    weak = cfg.views.weak.build()
+    weak = cfg.views.weak
     total, step = aff.epochs * steps_per_epoch, 0
     best: dict[str, Any] = {"val_acc": -1.0}
     bar = tqdm(total=total, desc=f"AFF-{aff.loss} ({branch})", disable=not progress, file=sys.stderr, mininterval=1.0)
