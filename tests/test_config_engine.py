@@ -59,3 +59,15 @@ def test_plain_and_dump_yaml_keep_config_keys_only_and_first_difference_finds_th
     changed = build(Outer, {"limit": 3, "inner": {"eps": 0.25}})
     assert first_difference(plain(obj), plain(changed)) == "inner.eps: 0.5 -> 0.25"
     assert first_difference(plain(obj), plain(changed), ignore=("inner",)) is None
+
+
+def test_the_package_keeps_every_name_the_single_module_had():
+    import robustcl.config as config
+
+    former = ("AffConfig AttackConfig Config ConfigError DataConfig DiagnosticsConfig EvalAttack EvalConfig "
+              "FinetuneConfig LINF_RANGE ModelConfig OFF PHASE1_FREE PRESET_PACKAGE ReferenceConfig SCHEDULE_PACKAGE "
+              "StrongViewSection SyntheticConfig TrainConfig ViewsConfig WeakViewSection _check _convert _merge "
+              "_parse_float _plain _read_yaml _resolve_extends apply_override apply_overrides build dump_yaml "
+              "first_difference from_mapping list_presets list_schedules load_config reference_switches "
+              "schedule_overrides").split()
+    assert [name for name in former if not hasattr(config, name)] == []

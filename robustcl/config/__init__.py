@@ -6,23 +6,23 @@ name is re-exported here, so `from robustcl.config import X` is all callers need
 """
 from __future__ import annotations
 
-from robustcl.config.engine import (_check, _convert, _merge, _parse_float, _plain,  # noqa: F401 - the old module's
-                                    CODE_ONLY, ConfigError, apply_override, apply_overrides, build, check, config_fields, convert,
-                                    dump_yaml, first_difference, merge, parse_float, parse_yaml, plain)
-from robustcl.config.schema import (LINF_RANGE, OFF, PHASE1_FREE, AffConfig, AttackConfig, Config, DataConfig,
-                                    DiagnosticsConfig, EvalAttack, EvalConfig, FinetuneConfig, ModelConfig,
-                                    ReferenceConfig, StrongViewConfig, StrongViewSection, SyntheticConfig,
-                                    TrainConfig, ViewsConfig, WeakViewConfig, WeakViewSection, from_mapping,
-                                    reference_switches)
-from robustcl.config.presets import (_read_yaml, _resolve_extends,  # noqa: F401 - the old module's private helpers
-                                     PRESET_PACKAGE, SCHEDULE_PACKAGE, list_presets, preset_chain,
-                                     list_schedules, load_config, schedule_overrides)
+from robustcl.config.engine import (  # noqa: F401 - the underscored names: the former module's helpers
+    CODE_ONLY, ConfigError, _check, _convert, _merge, _parse_float, _plain, apply_override, apply_overrides, build,
+    check, config_fields, convert, dump_yaml, first_difference, merge, parse_float, parse_yaml, plain)
+from robustcl.config.schema import (
+    LINF_RANGE, OFF, PHASE1_FREE, AffConfig, AttackConfig, Config, DataConfig, DiagnosticsConfig, EvalAttack,
+    EvalConfig, FinetuneConfig, ModelConfig, ReferenceConfig, StrongViewConfig, StrongViewSection, SyntheticConfig,
+    TrainConfig, ViewsConfig, WeakViewConfig, WeakViewSection, from_mapping, reference_switches)
+from robustcl.config.presets import (  # noqa: F401 - the underscored names: the former module's helpers
+    PRESET_PACKAGE, SCHEDULE_PACKAGE, _read_yaml, _resolve_extends, list_presets, list_schedules, load_config,
+    preset_chain, schedule_overrides)
 
 __all__ = [
-    "CODE_ONLY", "LINF_RANGE", "OFF", "PHASE1_FREE", "PRESET_PACKAGE", "SCHEDULE_PACKAGE", "AffConfig", "AttackConfig",
-    "Config", "ConfigError", "DataConfig", "DiagnosticsConfig", "EvalAttack", "EvalConfig", "FinetuneConfig",
-    "ModelConfig", "ReferenceConfig", "StrongViewConfig", "StrongViewSection", "SyntheticConfig", "TrainConfig",
-    "ViewsConfig", "WeakViewConfig", "WeakViewSection", "apply_override", "apply_overrides", "build", "check",
-    "config_fields", "convert", "dump_yaml", "first_difference", "from_mapping", "list_presets", "list_schedules",
-    "load_config", "merge", "parse_float", "parse_yaml", "plain", "preset_chain", "reference_switches", "schedule_overrides",
+    "CODE_ONLY", "LINF_RANGE", "OFF", "PHASE1_FREE", "PRESET_PACKAGE", "SCHEDULE_PACKAGE", "AffConfig",
+    "AttackConfig", "Config", "ConfigError", "DataConfig", "DiagnosticsConfig", "EvalAttack", "EvalConfig",
+    "FinetuneConfig", "ModelConfig", "ReferenceConfig", "StrongViewConfig", "StrongViewSection", "SyntheticConfig",
+    "TrainConfig", "ViewsConfig", "WeakViewConfig", "WeakViewSection", "apply_override", "apply_overrides", "build",
+    "check", "config_fields", "convert", "dump_yaml", "first_difference", "from_mapping", "list_presets",
+    "list_schedules", "load_config", "merge", "parse_float", "parse_yaml", "plain", "preset_chain",
+    "reference_switches", "schedule_overrides",
 ]
