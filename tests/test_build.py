@@ -82,6 +82,17 @@ def test_optimizer_step_steps_the_optimiser_under_a_key_on_its_own_loss():
     assert any(not torch.equal(a, b) for a, b in zip(before, critic.parameters()))
 
 
+def test_an_auxiliary_module_in_the_param_groups_is_refused(registry):
+    class Leaky(Simclr):
+        name = "leaky-test"
+
+        def auxiliary_modules(self) -> dict[str, nn.Module]:
+            return {"projector": self.projector}  # also in the default "encoder" group
+
+    with pytest.raises(TypeError, match="hold parameters of an auxiliary module"):
+        build_training(load_config("smoke", ["method.name=leaky-test"]), smoke_info(), CPU)
+
+
 # ------------------------------------------------------------------------------------ trainer hooks
 def _kill_at_call(monkeypatch: pytest.MonkeyPatch, cls: type, call: int) -> None:
     """Make cls.training_step raise KeyboardInterrupt at its `call`-th call (a killed run)."""

@@ -65,11 +65,17 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def build_optimizers(method: Method, cfg: Config) -> dict[str, torch.optim.SGD]:
-    """One SGD (foreach) per key of `method.param_groups`; "encoder" must be one of them."""
+    """One SGD (foreach) per key of `method.param_groups`; "encoder" must be one of them, and no group may hold
+    a parameter of `method.auxiliary_modules`."""
     groups = method.param_groups(cfg.train)
     if "encoder" not in groups:
         raise TypeError(f"method {method.name!r}: param_groups must have an 'encoder' key (the optimiser SAM wraps "
                         f"and the lr schedule drives), got {', '.join(groups)}")
+    frozen = {id(p) for module in method.auxiliary_modules().values() for p in module.parameters()}
+    leaked = [key for key, value in groups.items() for group in value if any(id(p) in frozen for p in group["params"])]
+    if leaked:
+        raise TypeError(f"method {method.name!r}: param_groups key(s) {', '.join(sorted(set(leaked)))} hold parameters "
+                        "of an auxiliary module (frozen teachers and EMA networks are never optimised)")
     return {key: torch.optim.SGD(value, foreach=True) for key, value in groups.items()}
 
 
