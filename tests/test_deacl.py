@@ -14,10 +14,11 @@ from robustcl.config import ConfigError, load_config
 from robustcl.distributed import Distributed
 from robustcl.export import load_encoder, read_encoder
 from robustcl.methods import SetupEnv, StepContext, deacl
+from robustcl.methods.build import build_training
 from robustcl.methods.deacl import Deacl, deacl_terms, teacher_config
 from robustcl.methods.simclr import Simclr
 from robustcl.runs import RunDir, RunError
-from robustcl.train.common import autocast_factory, build_method, load_split
+from robustcl.train.common import load_split
 
 SMALL = ["method.name=deacl", "method.attack.steps=2", "train.threads=1"]
 TEACHER = ["method.teacher=smoke", "method.teacher_overrides=[method.name=simclr, train.threads=1]"]
@@ -31,16 +32,12 @@ def _keep_torch_threads():  # noqa: ANN202 - the Pretrainer sets torch's global 
 
 
 def build(*overrides: str) -> tuple[Deacl, StepContext, torch.Tensor]:
-    """A DeACL method on the smoke config, wired as the trainer wires it, and a batch of its images."""
+    """A DeACL method on the smoke config from the trainer's factory, and a batch of its images."""
     cfg = load_config("smoke", [*SMALL, *overrides])
     data = load_split(cfg, "train")
-    torch.manual_seed(0)
-    method = build_method(cfg, data.info.channels, data.info.mean, data.info.std)
-    assert isinstance(method, Deacl)
-    opt = torch.optim.SGD(method.param_groups(cfg.train)["encoder"], lr=0.1, momentum=0.9, weight_decay=1e-3)
-    ctx = StepContext(method, opt, None, None, (), torch.Generator().manual_seed(0),
-                      autocast_factory(torch.device("cpu"), "fp32"))
-    return method, ctx, data.images[:16]
+    training = build_training(cfg, data.info, torch.device("cpu"))
+    assert isinstance(training.method, Deacl)
+    return training.method, training.ctx, data.images[:16]
 
 
 def env(cfg, run_root: Path | None) -> SetupEnv:
