@@ -260,6 +260,11 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, prog
     autocast = autocast_factory(device, cfg.train.precision)
     out = {}
     with open_logger(run, cfg) as logger:  # each fit is a new series: TensorBoard hides an earlier fit's epochs
+        post = None
+        if cfg.finetune.postprocess is not None and cfg.finetune.postprocess.name != "none":
+            from robustcl.methods.dynacl import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
+
+            encoder, post = lp_aff(encoder, train[0], branch, cfg, device, autocast, logger.log)
         for protocol in protocols or cfg.finetune.protocols:
             torch.manual_seed(cfg.seed)
             head = LinearHead(encoder.feature_dim, data.info.num_classes).to(device)
@@ -273,7 +278,11 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, prog
                       "finetune": cfg.to_dict()["finetune"]}  # the settings this head was fitted with
             if protocol == "aff":
                 record["aff"] = {"loss": cfg.finetune.aff.loss, "beta": cfg.finetune.aff.beta}
+            if post is not None:
+                record["postprocess"] = post
             extra = {"encoder": best["encoder"]} if "encoder" in best else {}  # AFF: the fine-tuned encoder too
+            if post is not None and not extra:  # SLF/ALF read the post-processed encoder: it travels with the head
+                extra = {"encoder": _copy(encoder)}
             save_torch_atomic({"head": best["state"], **extra, **record}, run.head(protocol))
             out[protocol] = record
     return out
