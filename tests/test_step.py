@@ -24,6 +24,9 @@ class Toy(nn.Module):
         self.b = torch.tensor([1.0, 0.5])
         self.c = torch.tensor([0.3, -0.1, 0.2])
 
+    def attack_config(self):  # the Method hook StepContext reads: no attack, so no free mode
+        return None
+
     def terms(self, only):
         out = {}
         if only is None or "benign" in only:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from robustcl.config import Config
 from robustcl.evaluation import ce_objective, pgd_accuracy
-from robustcl.export import check_encoder_fits, read_encoder
+from robustcl.export import check_encoder_fits, read_encoder, resolve_branch
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
@@ -29,12 +29,6 @@ from robustcl.train.common import (autocast_factory, load_split, resolve_device,
                                    train_val_indices)
 from robustcl.runs.loggers import check_loggers, open_logger
 from robustcl.views import weak_view
-
-
-def resolve_branch(requested: str, meta: dict[str, Any]) -> str:
-    """`headline` -> the method's reporting branch; single-BN encoders only have `benign`."""
-    branch = meta["headline_branch"] if requested == "headline" else requested
-    return branch if meta["dual_bn"] else "benign"
 
 
 @torch.no_grad()
