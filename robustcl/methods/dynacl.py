@@ -30,7 +30,7 @@ Where robustcl differs from the authors' code:
 - LARS (lr 5.0, weight decay 1e-6) and a 3-layer BN projection head there; robustcl's SGD and 2-layer head.
 - A `period` below one epoch (CPU-sized presets) is followed step by step through `on_step_end`: exact,
   except on the first step of a fit resumed inside an epoch, which runs at the strength of the epoch's start
-  (the contract has no per-step hook before a step; requested in docs of the method API).
+  (no hook runs before a step; one is requested from the method API).
 - LP-AFF: k-means on robustcl's unit-norm features with k-means++ seeding (kmeans_pytorch: random seeding,
   raw features); a head of k outputs (the authors': the dataset's class count); TRADES from x + 0.001 N(0, 1)
   (robustcl's trades_attack; the authors' starts at x); the phase-2 training split only (not its
@@ -118,7 +118,8 @@ class Dynacl(Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.strength, self.weights = 1.0, dynamic_weights(0, 1, 1, 0.0)
+        self.strength, self.weights = 1.0, dynamic_weights(0, 1, 1, 0.0)  # the next step's schedule
+        self._last = (self.strength, self.weights["adversarial"])          # the last step's (logged)
         self._total_epochs: float | None = None
         self._full: StrongViewConfig | None = None    # the run's full-strength strong view
         self._applied: StrongViewConfig | None = None  # the view this method last put on ctx.strong
@@ -148,7 +149,8 @@ class Dynacl(Method):
             self.schedule_at(step * self._total_epochs / total_steps, self._total_epochs, ctx)
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"strength": self.strength, "adversarial_weight": self.weights["adversarial"]}
+        """The strength and adversarial weight the last step trained with (logged with its metrics)."""
+        return {"strength": self._last[0], "adversarial_weight": self._last[1]}
 
     # ---------------------------------------------------------------------- the step
     def attack(self, p: torch.Tensor, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -183,6 +185,7 @@ class Dynacl(Method):
         return terms
 
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        self._last = (self.strength, self.weights["adversarial"])
         p, q = draw_view("strong", images, ctx), draw_view("strong", images, ctx)
         return ours_step(self, lambda: self.attack(p, q, ctx), torch.cat([p, q]),
                          lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only),
