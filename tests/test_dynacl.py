@@ -321,3 +321,52 @@ def test_finetune_post_processes_once_and_every_protocol_reads_the_new_encoder(t
     assert changed
     assert any(not torch.equal(aff[k], slf[k]) for k in aff)  # AFF fine-tuned it further
     assert not math.isnan(records["alf"]["val_acc"])
+
+
+# ------------------------------------------------------------------------------ through the trainer
+REAL_STEP = Dynacl.training_step
+
+
+def trained(tmp_path, name: str, overrides: list[str], monkeypatch, die_at: int | None = None):
+    """Pretrain the smoke preset (8 steps an epoch) with dynacl, recording each step's jitter_p and weights;
+    with `die_at`, the run is killed in that call and resumed."""
+    from robustcl.runs import RunDir
+    from robustcl.train.pretrain import pretrain
+
+    seen: list[tuple[float, float]] = []
+    original, calls = REAL_STEP, {"n": 0}
+
+    def recording(self, images, ctx):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt
+        seen.append((ctx.strong.jitter_p, self.weights["adversarial"]))
+        return original(self, images, ctx)
+
+    monkeypatch.setattr(Dynacl, "training_step", recording)
+    cfg, run = smoke("train.max_steps=16", "train.epochs=2", "train.checkpoint_every=4", "train.log_every=1",
+                     "diagnostics.every=0", *overrides), RunDir(tmp_path / name)
+    if die_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, run, progress=False)
+        pretrain(cfg, run, resume=True, progress=False)
+    else:
+        pretrain(cfg, run, progress=False)
+    return run, seen
+
+
+def test_the_trainer_sets_each_steps_view_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    run, seen = trained(tmp_path, "straight", ["method.period=1"], monkeypatch)  # 2 epochs: s = 1, then 0.5
+    assert [p for p, _ in seen] == pytest.approx([0.8] * 8 + [0.4] * 8)  # jitter_p = 0.8 s, from step 8 on
+    assert [w for _, w in seen] == pytest.approx([0.5] * 8 + [(1 + 2 / 3 * 0.5) / 2] * 8)
+    logged = [r["strength"] for r in run.iter_metrics("pretrain")]
+    assert logged == pytest.approx([1.0] * 8 + [0.5] * 8)
+    killed, again = trained(tmp_path, "killed", ["method.period=1"], monkeypatch, die_at=15)  # resumed at step 12
+    assert again[:14] == seen[:14] and again[14:] == seen[12:]  # 14 steps, then steps 12-15 after the resume
+    a, b = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (run, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_period_under_an_epoch_anneals_step_by_step_in_the_trainer(tmp_path, monkeypatch):
+    _, seen = trained(tmp_path, "sub", ["method.period=0.25"], monkeypatch)  # stages of 2 steps, s = 1 - stage/8
+    assert [p for p, _ in seen] == pytest.approx([0.8 * (1 - (k // 2) / 8) for k in range(16)])

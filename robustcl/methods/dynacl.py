@@ -28,6 +28,8 @@ Where robustcl differs from the authors' code:
 - There w uses the 1-based epoch // K, so it steps one epoch before s does at each stage boundary; robustcl
   uses w = lambda (1 - s(e)) of the same epoch, as those re-implementations do.
 - LARS (lr 5.0, weight decay 1e-6) and a 3-layer BN projection head there; robustcl's SGD and 2-layer head.
+- Their view has no blur (the presets set views.strong.blur_p 0); a view with blur anneals its probability
+  like the other colour operations (our generalisation).
 - A `period` below one epoch (CPU-sized presets) is followed step by step through `on_step_end`: exact,
   except on the first step of a fit resumed inside an epoch, which runs at the strength of the epoch's start
   (no hook runs before a step; one is requested from the method API).

@@ -3,7 +3,8 @@
 SLF trains the head on clean features, ALF on PGD examples made against the current head, AFF
 fine-tunes encoder and head with TRADES (or PGD-AT); all read features through one stated BN
 branch, and the best epoch is chosen by validation accuracy (clean for SLF, PGD for ALF and AFF),
-never on the test set.
+never on the test set. With finetune.postprocess (lp-aff: DynACL++, robustcl/methods/dynacl.py) the encoder
+is first post-processed once per call; every protocol starts from the result, which SLF/ALF heads carry.
 """
 from __future__ import annotations
 
