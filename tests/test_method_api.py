@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ from robustcl.methods.base import SamConfig
 from robustcl.models import reported_branch
 from robustcl.train.common import build_method
 from robustcl.train.diagnostics import Diagnostics
-
-
-@pytest.fixture
-def registry() -> Iterator[dict[str, type[Method]]]:
-    """METHODS as it was before the test: a method class defined inside a test is removed after it."""
-    saved = dict(METHODS)
-    yield METHODS
-    METHODS.clear()
-    METHODS.update(saved)
 
 
 def smoke(name: str, *overrides: str):

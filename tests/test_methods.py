@@ -10,10 +10,13 @@ import torch.nn.functional as F
 from robustcl.config import list_presets, load_config
 from robustcl.methods import METHODS, Method, StepContext
 from robustcl.methods.advcl import high_frequency
+from robustcl.data import DatasetInfo
 from robustcl.methods.base import weighted_sum
-from robustcl.objectives import DIVERGENCES, SAM, f_divergence_bound, info_nce, multi_positive_nce
-from robustcl.train.common import autocast_factory, build_method, load_split
-from robustcl.views import StrongViewConfig, WeakViewConfig
+from robustcl.methods.build import build_training
+from robustcl.objectives import DIVERGENCES, f_divergence_bound, info_nce, multi_positive_nce
+from robustcl.train.common import load_split
+
+CPU = torch.device("cpu")
 
 NEW_PRESETS = [f"{d}-{m}" for d in ("cifar10", "cifar100")
                for m in ("simclr", "acl", "rocl", "clae", "advcl", "advcl-ours")]
@@ -72,36 +75,19 @@ def smoke(*overrides: str):
     return load_config("smoke", list(overrides))
 
 
-class RecordingContext(StepContext):
-    """A StepContext that remembers the weights each encoder step used."""
+def build(cfg, channels: int = 1, mean=(0.5,), std=(0.25,)) -> tuple[Method, StepContext]:
+    """Method + context from the trainer's factory (`build_training`); the context remembers, as `weights`,
+    the weights its last encoder step used."""
+    training = build_training(cfg, DatasetInfo("synthetic", 2, channels, 16, 16, tuple(mean), tuple(std)), CPU)
+    ctx = training.ctx
+    encoder_step = ctx.encoder_step
 
-    def encoder_step(self, terms_fn, weights):  # type: ignore[override]
-        self.weights = dict(weights)
-        return super().encoder_step(terms_fn, weights)
+    def recording(terms_fn, weights):  # noqa: ANN001, ANN202
+        ctx.weights = dict(weights)  # type: ignore[attr-defined]
+        return encoder_step(terms_fn, weights)
 
-
-def build(cfg, channels: int = 1, mean=(0.5,), std=(0.25,)) -> tuple[Method, RecordingContext]:
-    """Method + context wired as the trainer wires them (optimisers, SAM, views, precision, layout)."""
-    torch.manual_seed(0)
-    method = build_method(cfg, channels, mean, std)
-    if cfg.train.channels_last:
-        method.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(method.encoder_parameters(), lr=0.05, momentum=0.9)
-    copt = None
-    if method.critic is not None:
-        c = cfg.method.critic
-        copt = torch.optim.SGD(method.critic.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    s = method.sam_config()
-    sam = SAM(method.encoder_parameters(), s.rho, s.mode == "asam") if s.mode != "off" else None
-    v = cfg.views
-    strong = StrongViewConfig(crop_scale=v.strong.crop_scale, flip_p=v.strong.flip_p, jitter=v.strong.jitter,
-                              jitter_p=v.strong.jitter_p, gray_p=v.strong.gray_p, blur_p=v.strong.blur_p,
-                              blur_sigma=v.strong.blur_sigma)
-    ctx = RecordingContext(method, opt, copt, sam, s.terms, torch.Generator().manual_seed(0),
-                           autocast_factory(torch.device("cpu"), cfg.train.precision), strong=strong,
-                           weak=WeakViewConfig(padding=v.weak.padding, flip_p=v.weak.flip_p),
-                           channels_last=cfg.train.channels_last)
-    return method, ctx
+    ctx.encoder_step = recording  # type: ignore[method-assign]
+    return training.method, ctx
 
 
 def linear_map(out: int = 5) -> dict[str, torch.Tensor]:
@@ -118,7 +104,7 @@ def images(n: int = 8, channels: int = 1, size: int = 16) -> torch.Tensor:
     return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
 
 
-def total_loss(method: Method, ctx: RecordingContext, *views: torch.Tensor, out: int = 5) -> torch.Tensor:
+def total_loss(method: Method, ctx: StepContext, *views: torch.Tensor, out: int = 5) -> torch.Tensor:
     """One real step (records the weights it uses; trains the critic), then the weighted loss on hand-made
     views with z = g(f_branch(x)) replaced by `E`, so that each loss has a direct formula."""
     method.training_step(images(), ctx)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from robustcl.config import load_config
+from robustcl.data import DatasetInfo
 from robustcl.methods.base import StepContext
+from robustcl.methods.build import build_training
 from robustcl.objectives import SAM
-from robustcl.train.common import build_method
 
 
 class Toy(nn.Module):
@@ -79,15 +80,10 @@ def smoke_cfg(*overrides: str):
 
 
 def _gbrcl(*overrides: str):
-    cfg = smoke_cfg(*overrides)
-    torch.manual_seed(0)
-    method = build_method(cfg, 1, (0.5,), (0.25,))
-    opt = torch.optim.SGD(method.encoder_parameters(), lr=0.1)
-    copt = torch.optim.SGD(method.critic.parameters(), lr=0.2) if method.critic is not None else None
-    sam_cfg = method.sam_config()
-    sam = SAM(method.encoder_parameters(), sam_cfg.rho, sam_cfg.mode == "asam") if sam_cfg.mode != "off" else None
-    ctx = StepContext(method, opt, copt, sam, sam_cfg.terms, torch.Generator().manual_seed(0), contextlib.nullcontext)
-    return method, ctx
+    """gbrcl on the smoke preset, built by the trainer's factory."""
+    training = build_training(smoke_cfg(*overrides), DatasetInfo("synthetic", 4, 1, 16, 16, (0.5,), (0.25,)),
+                              torch.device("cpu"))
+    return training.method, training.ctx
 
 
 def test_encoder_step_does_not_touch_the_critic():

@@ -193,7 +193,8 @@ class StepContext:
                  sam_terms: tuple[str, ...], generator: torch.Generator, autocast: Callable[[], contextlib.AbstractContextManager],
                  strong: StrongViewConfig = StrongViewConfig(), weak: WeakViewConfig = WeakViewConfig(),
                  channels_last: bool = False, distributed: Distributed | None = None,
-                 reference: ReferenceConfig = OFF) -> None:
+                 reference: ReferenceConfig = OFF,
+                 optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
         self.reference = reference
         self.distributed = distributed if distributed is not None else Distributed()
         self.method = method
@@ -201,6 +202,11 @@ class StepContext:
         self.weak = weak
         self.optimizer = optimizer
         self.critic_optimizer = critic_optimizer
+        # every optimiser by its `Method.param_groups` key: "encoder" and "critic" are the two above
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers or {})
+        self.optimizers.setdefault("encoder", optimizer)
+        if critic_optimizer is not None:
+            self.optimizers.setdefault("critic", critic_optimizer)
         self.sam = sam
         self.sam_terms = sam_terms
         self.generator = generator
@@ -215,10 +221,16 @@ class StepContext:
     def critic_step(self, loss: torch.Tensor) -> None:
         """One optimiser step of D on its own loss (its gradient averaged over ranks first)."""
         assert self.critic_optimizer is not None
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step(self.critic_optimizer, loss)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | str, loss: torch.Tensor) -> None:
+        """One step of `optimizer` (or the one under that `Method.param_groups` key) on its own `loss`:
+        zero its gradients, backward, average them over ranks, step."""
+        opt = self.optimizers[optimizer] if isinstance(optimizer, str) else optimizer
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.distributed.all_reduce_grads(optimizer_params(self.critic_optimizer))
-        self.critic_optimizer.step()
+        self.distributed.all_reduce_grads(optimizer_params(opt))
+        opt.step()
 
     def encoder_step(self, terms_fn: Callable[[tuple[str, ...] | None], Terms],
                      weights: dict[str, float]) -> Terms:
