@@ -14,9 +14,11 @@ from robustcl.methods import METHODS, StepContext
 from robustcl.methods.base import weighted_sum
 from robustcl.methods.dynacl import (Dynacl, augmentation_strength, dynamic_weights, kmeans, lp_aff,
                                      strong_view_at)
-from robustcl.objectives import SAM, f_divergence_bound
-from robustcl.train.common import autocast_factory, build_method, load_split
-from robustcl.views import StrongViewConfig, WeakViewConfig
+from robustcl.data import DatasetInfo
+from robustcl.methods.build import build_training
+from robustcl.objectives import f_divergence_bound
+from robustcl.train.common import build_method, load_split
+from robustcl.views import StrongViewConfig
 
 AUTHORS_VIEW = StrongViewConfig(crop_scale=(0.1, 1.0), blur_p=0.0)  # train_DynACL.py's view at strength 1
 
@@ -90,27 +92,17 @@ def smoke(*overrides: str):
     return load_config("smoke", ["method.name=dynacl", "method.attack.steps=1", *overrides])
 
 
-class RecordingContext(StepContext):
-    """A StepContext that remembers the weights each encoder step used."""
+def build(cfg) -> tuple[Dynacl, StepContext]:
+    """Method + context from the trainer's factory; the context remembers, as `weights`, its last encoder step's."""
+    training = build_training(cfg, DatasetInfo("synthetic", 2, 1, 16, 16, (0.5,), (0.25,)), torch.device("cpu"))
+    ctx, encoder_step = training.ctx, training.ctx.encoder_step
 
-    def encoder_step(self, terms_fn, weights):  # type: ignore[override]
-        self.weights = dict(weights)
-        return super().encoder_step(terms_fn, weights)
+    def recording(terms_fn, weights):  # noqa: ANN001, ANN202
+        ctx.weights = dict(weights)  # type: ignore[attr-defined]
+        return encoder_step(terms_fn, weights)
 
-
-def build(cfg) -> tuple[Dynacl, RecordingContext]:
-    torch.manual_seed(0)
-    method = build_method(cfg, 1, (0.5,), (0.25,))
-    opt = torch.optim.SGD(method.encoder_parameters(), lr=0.05, momentum=0.9)
-    c = cfg.method.critic
-    copt = (torch.optim.SGD(method.critic.parameters(), lr=c.lr, momentum=c.momentum)
-            if method.critic is not None else None)
-    s = method.sam_config()
-    sam = SAM(method.encoder_parameters(), s.rho, s.mode == "asam") if s.mode != "off" else None
-    ctx = RecordingContext(method, opt, copt, sam, s.terms, torch.Generator().manual_seed(0),
-                           autocast_factory(torch.device("cpu"), "fp32"), strong=cfg.views.strong.build(),
-                           weak=WeakViewConfig(padding=cfg.views.weak.padding))
-    return method, ctx  # type: ignore[return-value]
+    ctx.encoder_step = recording  # type: ignore[method-assign]
+    return training.method, ctx  # type: ignore[return-value]
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
@@ -142,7 +134,7 @@ def images(n: int = 8) -> torch.Tensor:
 HAND = [randn(4, 1, 4, 4, seed=k) for k in range(4)]
 
 
-def weighted_loss(method: Dynacl, ctx: RecordingContext) -> torch.Tensor:
+def weighted_loss(method: Dynacl, ctx: StepContext) -> torch.Tensor:
     """One real step (records its weights, moves the critic), then the weighted loss of HAND with z = E."""
     method.training_step(images(), ctx)
     method.embed = lambda x, branch: E(x, branch)  # type: ignore[method-assign]
