@@ -236,6 +236,31 @@ class AffConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Encoder post-processing before the protocols: lp-aff is DynACL++'s (robustcl/methods/dynacl.py `lp_aff`).
+
+    k-means pseudo-labels of the benign-branch features, `lp_epochs` of linear probing, then `aff.epochs` of
+    adversarial full fine-tuning on them (lr x 0.1 at each of `milestones`); every protocol starts from the result.
+    """
+    name: Literal["none", "lp-aff"] = "none"
+    clusters: int = 10
+    kmeans_iters: int = 100
+    lp_epochs: int = 10
+    lp_lr: float = 0.01
+    milestones: tuple[int, ...] = (10, 20)
+    aff: AffConfig = field(default_factory=lambda: AffConfig(epochs=25, lr=0.1, weight_decay=1e-4, batch_size=512))
+
+    def validate(self) -> None:
+        _check(self.clusters >= 2, "finetune.postprocess.clusters", self.clusters, "must be >= 2")
+        _check(self.kmeans_iters >= 1, "finetune.postprocess.kmeans_iters", self.kmeans_iters, "must be >= 1")
+        _check(self.lp_epochs >= 0, "finetune.postprocess.lp_epochs", self.lp_epochs, "must be >= 0")
+        _check(self.lp_lr > 0, "finetune.postprocess.lp_lr", self.lp_lr, "must be > 0")
+        _check(all(m >= 1 for m in self.milestones), "finetune.postprocess.milestones", self.milestones,
+               "must be epochs >= 1")
+        self.aff.validate()
+
+
+@dataclass
 class FinetuneConfig:
     """Phase 2: SLF/ALF linear heads on the frozen encoder, or AFF (encoder and head), epoch chosen on a held-out split."""
     protocols: tuple[Literal["slf", "alf", "aff"], ...] = ("slf", "alf")
@@ -250,6 +275,8 @@ class FinetuneConfig:
     val_limit: int = 1000              # validation images used for epoch selection
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 0.007, 10))
     aff: AffConfig = field(default_factory=AffConfig)
+    # run before the protocols (DynACL++: lp-aff); null by default so configs stored before it compare equal
+    postprocess: PostprocessConfig | None = None
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "finetune.epochs", self.epochs, "must be >= 1")

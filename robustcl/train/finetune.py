@@ -3,7 +3,8 @@
 SLF trains the head on clean features, ALF on PGD examples made against the current head, AFF
 fine-tunes encoder and head with TRADES (or PGD-AT); all read features through one stated BN
 branch, and the best epoch is chosen by validation accuracy (clean for SLF, PGD for ALF and AFF),
-never on the test set.
+never on the test set. With finetune.postprocess (lp-aff: DynACL++, robustcl/methods/dynacl.py) the encoder
+is first post-processed once per call; every protocol starts from the result, which SLF/ALF heads carry.
 """
 from __future__ import annotations
 
@@ -254,6 +255,11 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, prog
     autocast = autocast_factory(device, cfg.train.precision)
     out = {}
     with open_logger(run, cfg) as logger:  # each fit is a new series: TensorBoard hides an earlier fit's epochs
+        post = None
+        if cfg.finetune.postprocess is not None and cfg.finetune.postprocess.name != "none":
+            from robustcl.methods.dynacl import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
+
+            encoder, post = lp_aff(encoder, train[0], branch, cfg, device, autocast, logger.log)
         for protocol in protocols or cfg.finetune.protocols:
             torch.manual_seed(cfg.seed)
             head = LinearHead(encoder.feature_dim, data.info.num_classes).to(device)
@@ -267,7 +273,11 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, prog
                       "finetune": cfg.to_dict()["finetune"]}  # the settings this head was fitted with
             if protocol == "aff":
                 record["aff"] = {"loss": cfg.finetune.aff.loss, "beta": cfg.finetune.aff.beta}
+            if post is not None:
+                record["postprocess"] = post
             extra = {"encoder": best["encoder"]} if "encoder" in best else {}  # AFF: the fine-tuned encoder too
+            if post is not None and not extra:  # SLF/ALF read the post-processed encoder: it travels with the head
+                extra = {"encoder": _copy(encoder)}
             save_torch_atomic({"head": best["state"], **extra, **record}, run.head(protocol))
             out[protocol] = record
     return out
