@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -229,8 +229,12 @@ class StepContext:
         opt = self.optimizers[optimizer] if isinstance(optimizer, str) else optimizer
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.distributed.all_reduce_grads(optimizer_params(opt))
-        opt.step()
+        self.reduce_and_step(opt)
+
+    def reduce_and_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average the accumulated gradients of `optimizer`'s parameters over ranks (none for one process), then step."""
+        self.distributed.all_reduce_grads(optimizer_params(optimizer))
+        optimizer.step()
 
     def encoder_step(self, terms_fn: Callable[[tuple[str, ...] | None], Terms],
                      weights: dict[str, float]) -> Terms:
@@ -238,65 +242,109 @@ class StepContext:
 
         `terms_fn(None)` computes every term at the current parameters; `terms_fn(names)` only the
         named ones (used for the SAM pass at theta + e, with BN running statistics frozen).
-        Across ranks, SAM's ascent direction is the ALL-REDUCED gradient of the sharp terms (that of
-        the global batch), so e is the same on every rank and the step equals the single-process one;
-        a rank-local e would save one all-reduce but perturb each rank differently. The accumulated
-        gradient is averaged over ranks once, just before the optimiser step.
-        In free mode the perturbed inputs' gradients come from the same backward(s) at theta (under SAM
-        they are kept from the first pass; the pass at theta + e does not change them) and are never
-        all-reduced; after the optimiser step each perturbation takes its signed step (`FreeReplay`).
-        Reference switches: `sam_reached_only` drops the gradient of every parameter the SAM terms do
-        not reach (the authors' SAM steps only parameters with a gradient from its second pass: with SAM
-        on the benign term, the adversarial-BN weights and biases get no update, not even weight decay
-        or momentum); `sam_pass_updates_bn` lets BN running statistics move in the pass at theta + e.
+        The pieces: `weighted_backward` (no SAM) or `sam_backward` (SAM's two passes), then
+        `reduce_and_step` (the gradient averaged over ranks once, just before the optimiser step), then,
+        in free mode, each carried perturbation's signed step (`FreeReplay.end_step`).
         """
-        method, opt = self.method, self.optimizer
+        method = self.method
         perturbed = self.free.perturbed() if self.free is not None else []
         method.train()
-        opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         critic = [method.critic] if method.critic is not None else []
         with frozen_parameters(*critic), phase("encoder_step"):
             with self.autocast():
                 terms = terms_fn(None)
             if self.sam is None:
-                weighted_sum(terms, weights).backward()
+                weighted_backward(terms, weights)
             else:
-                sharp_names = tuple(k for k in self.sam_terms if k in terms)
-                if not sharp_names:
-                    raise ConfigError(f"method.sam.terms={list(self.sam_terms)} names none of this method's loss "
-                                      f"terms ({', '.join(terms)}); name one of them or set method.sam.mode=off")
-                sharp = weighted_sum({k: terms[k] for k in sharp_names}, weights)
-                rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
-                n = len(self.sam.params)
-                grads = torch.autograd.grad(sharp, [*self.sam.params, *perturbed], retain_graph=rest.requires_grad,
-                                            allow_unused=True)
-                grads, input_grads = grads[:n], grads[n:]
-                unreached = ([prm for prm, g in zip(self.sam.params, grads) if g is None]
-                             if self.reference.sam_reached_only else [])
-                for x_adv, grad in zip(perturbed, input_grads):  # free mode: the sharp terms' input gradient
-                    x_adv.grad = grad
-                self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
-                if rest.requires_grad:
-                    rest.backward()
-                kept = [x_adv.grad for x_adv in perturbed]  # free mode: the input gradient at theta only
-                for x_adv in perturbed:
-                    x_adv.grad = None  # (else the pass at theta + e would accumulate into `kept` in place)
-                with phase("sam_second_pass"):
-                    self.sam.ascend(grads)
-                    stats = contextlib.nullcontext() if self.reference.sam_pass_updates_bn else frozen_bn_stats(method)
-                    with stats, self.autocast():
-                        at_e = terms_fn(sharp_names)
-                    weighted_sum(at_e, weights).backward()
-                    self.sam.descend()
-                for prm in unreached:  # reference: the optimiser skips them (no step, weight decay or momentum)
-                    prm.grad = None
-                for x_adv, grad in zip(perturbed, kept):
-                    x_adv.grad = grad
-        self.distributed.all_reduce_grads(optimizer_params(opt))
-        opt.step()
+                self.sam_backward(terms_fn, terms, weights, perturbed)
+        self.reduce_and_step(self.optimizer)
         if self.free is not None:
             self.free.end_step()
         return {k: v.detach() for k, v in terms.items()}
+
+    def sam_backward(self, terms_fn: Callable[[tuple[str, ...] | None], Terms], terms: Terms,
+                     weights: dict[str, float], perturbed: list[torch.Tensor]) -> None:
+        """Accumulate SAM's gradient: the sharp terms' at theta + e, the other terms' at theta (not yet all-reduced).
+
+        Across ranks, SAM's ascent direction is the ALL-REDUCED gradient of the sharp terms (that of
+        the global batch), so e is the same on every rank and the step equals the single-process one;
+        a rank-local e would save one all-reduce but perturb each rank differently.
+        In free mode the perturbed inputs' gradients are the sharp and other terms' at theta (the pass
+        at theta + e does not change them) and are never all-reduced.
+        Reference switches: `sam_reached_only` drops the gradient of every parameter the SAM terms do
+        not reach (the authors' SAM steps only parameters with a gradient from its second pass: with SAM
+        on the benign term, the adversarial-BN weights and biases get no update, not even weight decay
+        or momentum); `sam_pass_updates_bn` lets BN running statistics move in the pass at theta + e.
+        """
+        assert self.sam is not None
+        sharp_names = sam_term_names(self.sam_terms, terms)
+        sharp = weighted_sum({k: terms[k] for k in sharp_names}, weights)
+        rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
+        grads, input_grads = sharp_gradients(sharp, self.sam.params, perturbed, retain_graph=rest.requires_grad)
+        unreached = unreached_parameters(self.sam.params, grads) if self.reference.sam_reached_only else []
+        set_grads(perturbed, input_grads)  # free mode: the sharp terms' input gradient
+        self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
+        if rest.requires_grad:
+            rest.backward()
+        kept = take_grads(perturbed)  # free mode: the input gradient at theta, kept out of the pass at theta + e
+        with phase("sam_second_pass"):
+            self.sam_second_pass(terms_fn, sharp_names, weights, grads)
+        set_grads(unreached, [None] * len(unreached))  # reference: the optimiser skips them (no step, decay, momentum)
+        set_grads(perturbed, kept)
+
+    def sam_second_pass(self, terms_fn: Callable[[tuple[str, ...] | None], Terms], names: tuple[str, ...],
+                        weights: dict[str, float], grads: Sequence[torch.Tensor | None]) -> None:
+        """Move to theta + e (from the sharp terms' gradient `grads`), accumulate the named terms' gradient there,
+        move back; BN running statistics frozen meanwhile unless reference.sam_pass_updates_bn."""
+        assert self.sam is not None
+        self.sam.ascend(grads)
+        stats = contextlib.nullcontext() if self.reference.sam_pass_updates_bn else frozen_bn_stats(self.method)
+        with stats, self.autocast():
+            at_e = terms_fn(names)
+        weighted_sum(at_e, weights).backward()
+        self.sam.descend()
+
+
+def weighted_backward(terms: Terms, weights: dict[str, float]) -> None:
+    """The plain encoder step's backward: accumulate the gradient of sum_k w_k * term_k."""
+    weighted_sum(terms, weights).backward()
+
+
+def sam_term_names(sam_terms: tuple[str, ...], terms: Terms) -> tuple[str, ...]:
+    """The configured SAM terms this step computed (in sam_terms' order); a ConfigError when it computed none."""
+    names = tuple(k for k in sam_terms if k in terms)
+    if not names:
+        raise ConfigError(f"method.sam.terms={list(sam_terms)} names none of this method's loss "
+                          f"terms ({', '.join(terms)}); name one of them or set method.sam.mode=off")
+    return names
+
+
+def sharp_gradients(sharp: torch.Tensor, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                    retain_graph: bool) -> tuple[tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]]:
+    """(d sharp / d params, d sharp / d inputs), None where unreached; the graph kept when other terms need it."""
+    grads = torch.autograd.grad(sharp, [*params, *inputs], retain_graph=retain_graph, allow_unused=True)
+    n = len(params)
+    return grads[:n], grads[n:]
+
+
+def unreached_parameters(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The parameters whose gradient is None (the SAM terms do not depend on them)."""
+    return [prm for prm, g in zip(params, grads) if g is None]
+
+
+def set_grads(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """tensor.grad = grad for each pair (free mode's perturbed inputs; None drops a parameter's gradient)."""
+    for tensor, grad in zip(tensors, grads):
+        tensor.grad = grad
+
+
+def take_grads(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The tensors' current .grad, each then cleared, so a later backward cannot accumulate into them in place."""
+    grads = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return grads
 
 
 PHASES: tuple[str, ...] = ("views", "attack", "critic", "encoder_step", "sam_second_pass")
