@@ -311,6 +311,10 @@ class EvalConfig:
     steps_curve: tuple[int, ...] = ()  # PGD step counts for the accuracy-vs-steps curve (same eps, alpha)
     mixed_reading: bool = False        # also report the reference protocol's labelled clean-benign/robust-adv reading
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
+    # the integrity checks and AutoAttack on the first N of the evaluated images (a random subset of
+    # them, since those are in random order), null: all; PGD and the curves always use every evaluated image
+    checks_limit: int | None = None
+    autoattack_limit: int | None = None
     subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
     batch_size: int = 500
     # fp32 by default even where bf16 is native: attacks in low precision can under-report robustness.
@@ -329,6 +333,9 @@ class EvalConfig:
         _check(all(0 <= e <= 1 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, LINF_RANGE)
         _check(all(k >= 1 for k in self.steps_curve), "eval.steps_curve", self.steps_curve, "must be >= 1")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
+        for key in ("checks_limit", "autoattack_limit"):
+            value = getattr(self, key)
+            _check(value is None or value >= 20, f"eval.{key}", value, "must be >= 20 or null (all evaluated images)")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
