@@ -7,7 +7,8 @@ z_b(h), with the adversarial sample treated asymmetrically. For a row i (one of 
 positives P(i) (the other three views of its image) and negatives K(i) (the views of the other images),
     l(i, j) = -s_ij + log D_i,   s_ij = cos(v_i, v_j) / tau,
     D_i = sum_{k != i} e^{s_ik}                                   (plain InfoNCE), or, with hard negatives,
-    D_i = mean_{p in P(i)} e^{s_ip} + max(|K| e^{-1/tau}, (sum_{k in K} w_ik e^{s_ik} - tau+ |K| mean_p e^{s_ip}) / (1 - tau+)),
+    D_i = mean_{p in P(i)} e^{s_ip}
+          + max(|K| e^{-1/tau}, (sum_{k in K} w_ik e^{s_ik} - tau+ |K| mean_p e^{s_ip}) / (1 - tau+)),
     w_ik = e^{beta s_ik} / mean_{k in K(i)} e^{beta s_ik}      (Robinson et al.'s hard-negative estimator, HCL)
 and the loss is L = 1/(4N) sum_i 1/3 sum_{j in P(i)} c_ij with
     c_ij = l(i, j)                                               for two clean views,
@@ -127,13 +128,15 @@ def a_infonce(views: Sequence[torch.Tensor], temperature: float = 0.5, *, alpha:
     sg = (_row_log_prob(queries @ keys.detach().T / temperature, positive, negative, hard_negatives, temperature)
           if stop_gradient else log_prob)
     adversarial_rows = torch.arange(n_local, device=queries.device)
-    pairs = sum(((1.0 - alpha) * -sg[adversarial_rows, local + v * n] + alpha * -sg[v * n_local + adversarial_rows, local]
-                 ).sum() for v in range(1, n_views))
+    pairs = sum(((1.0 - alpha) * -sg[adversarial_rows, local + v * n]      # l_sg(a, c): the adversarial row
+                 + alpha * -sg[v * n_local + adversarial_rows, local]).sum()  # l_sg(c, a): the clean row of view v
+                for v in range(1, n_views))
     return (-clean + 2.0 * weight * pairs) / ((n_views - 1) * n_views * n_local)
 
 
 def adaptive_alpha(distance: float, average: float, d_min: float, alpha0: float) -> float:
-    """alpha0 if distance > average; 1/2 below d_min (or if average <= d_min); linear from alpha0 (average) to 1/2 (d_min)."""
+    """alpha0 if distance > average; 1/2 below d_min (or if average <= d_min); linear in between, from alpha0 at
+    the average to 1/2 at d_min (the authors' adaptive grad stopping)."""
     if distance > average:
         return alpha0
     if distance < d_min or average <= d_min:
@@ -184,7 +187,7 @@ class Ainfonce(Method):
         self.register_buffer("distance_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("next_epoch", torch.zeros((), dtype=torch.float64))
         self._total_epochs: float | None = None
-        self._last = {"alpha": self.cfg.alpha, "feature_distance": float("nan")}
+        self._last: dict[str, float] = {"alpha": self.cfg.alpha}  # + "feature_distance" once one is measured
 
     @classmethod
     def wants_critic(cls, cfg: AinfonceConfig) -> bool:  # type: ignore[override]
@@ -207,7 +210,7 @@ class Ainfonce(Method):
             self.next_epoch.fill_(step * self._total_epochs / total_steps)
 
     def epoch_metrics(self) -> dict[str, float]:
-        """The alpha and the feature distance of the last step (logged with its metrics)."""
+        """The last step's alpha and (adaptive alpha) feature distance, logged with its metrics."""
         return dict(self._last)
 
     @torch.no_grad()
@@ -233,7 +236,7 @@ class Ainfonce(Method):
     # ---------------------------------------------------------------------- the step
     def attack(self, x: torch.Tensor, clean: torch.Tensor, ctx: StepContext,
                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """PGD from x maximising the loss with alpha 0 and no stop-gradient (+ the critic's term) against fixed z_b(clean)."""
+        """PGD from x maximising the loss at alpha 0 without stop-gradient (+ the critic's term), fixed z_b(clean)."""
         if targets is None:
             targets = fixed_embedding(self, clean, "benign", ctx)
         z_p, z_q, z_h = targets.chunk(3)

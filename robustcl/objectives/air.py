@@ -54,7 +54,8 @@ class AirConfig:
             if value < 0:
                 raise ConfigError(f"config value method.air.{key}={value!r} must be >= 0")
         if self.form not in get_args(AirForm):
-            raise ConfigError(f"config value method.air.form={self.form!r} must be one of {', '.join(get_args(AirForm))}")
+            raise ConfigError(f"config value method.air.form={self.form!r} must be one of "
+                              f"{', '.join(get_args(AirForm))}")
 
     def active(self) -> bool:
         """Whether the term is computed at all: enabled with a positive weight (else no extra forward either)."""
