@@ -15,6 +15,10 @@ NCE(z_a(p'), z_a(q')). Branches: p, q through the benign BN branch; p', q' throu
 benign_weight * NCE(z_b(p), z_b(q)) (the NCE of DynACL's own "natural" term, computed once, so SAM on
 "benign" sharpens only the added part), and a critic D between z_b([p; q]) and z_a([p'; q']).
 
+`air` (objectives/air.py, off by default) adds the term "air" = lambda1 SIR + lambda2 AIR of Xu et al. (NeurIPS
+2023, arXiv 2305.00374) on z_b(p), z_b(q), z_b(x) (x the un-augmented image, its own forward), z_a(p'),
+z_a(q'): DynACL-AIR (its ++ with the LP-AFF below: DynACL-AIR++), as the authors add IR to DynACL (AIR.py).
+
 DynACL++ (`lp_aff`: robustcl's finetune runs it before its protocols when finetune.postprocess.name is
 lp-aff): pseudo-labels = k-means (k = 10, `kmeans`) of the benign-branch features of the phase-2 training
 images; a linear head probed on them with the encoder frozen (10 epochs, lr 0.01), then encoder and head
@@ -56,8 +60,9 @@ from robustcl.methods.components import (OursConfig, critic_attack_term, diverge
                                          ours_step, uses_critic)
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import info_nce, pgd
+from robustcl.objectives.air import AirConfig, invariant_regularization
 from robustcl.objectives.trades import trades_attack, trades_loss
-from robustcl.views import StrongViewConfig, weak_view
+from robustcl.views import StrongViewConfig, to_unit, weak_view
 
 __all__ = ["Dynacl", "DynaclConfig", "augmentation_strength", "dynamic_weights", "kmeans", "lp_aff",
            "strong_view_at"]
@@ -101,6 +106,7 @@ class DynaclConfig(OursConfig):
     period: float = 50.0          # K: the strength drops every K epochs (the authors' reload frequency)
     weight_lambda: float = 2 / 3  # lambda of w = lambda (1 - s)
     anneal: bool = True           # false: s = 1 and w = 0 throughout, i.e. ACL (the authors' run without --DynAug)
+    air: AirConfig = field(default_factory=AirConfig)  # the IR term "air" (DynACL-AIR), off by default
 
     def validate(self) -> None:
         super().validate()
@@ -164,34 +170,40 @@ class Dynacl(Method):
         return eval_pgd(self, objective, torch.cat([p, q]), self.cfg.attack, ctx)
 
     def loss_terms(self, p: torch.Tensor, q: torch.Tensor, p_adv: torch.Tensor, q_adv: torch.Tensor,
-                   only: tuple[str, ...] | None = None) -> Terms:
+                   only: tuple[str, ...] | None = None, x_orig: torch.Tensor | None = None) -> Terms:
         """"natural" = NCE(z_b(p), z_b(q)), "adversarial" = NCE(z_a(p'), z_a(q')); "benign" (the same NCE)
-        if benign_weight > 0; "divergence" between z_b([p; q]) and z_a([p'; q']) with a critic."""
+        if benign_weight > 0; "divergence" between z_b([p; q]) and z_a([p'; q']) with a critic; "air" (with
+        `x_orig`, the un-augmented images, when `air` is active) = IR, z_b(x_orig) from a forward of its own."""
         want = lambda name: only is None or name in only  # noqa: E731
         tau, terms = self.cfg.temperature, {}
         need_benign = want("benign") and self.cfg.benign_weight > 0
         need_divergence = want("divergence") and self.critic is not None
-        if want("natural") or need_benign or need_divergence:
+        need_air = want("air") and self.cfg.air.active() and x_orig is not None
+        if want("natural") or need_benign or need_divergence or need_air:
             z_b = self.embed(torch.cat([p, q]), "benign")
             nce_b = info_nce(*z_b.chunk(2), tau)
             if want("natural"):
                 terms["natural"] = nce_b
             if need_benign:
                 terms["benign"] = nce_b
-        if want("adversarial") or need_divergence:
+        if want("adversarial") or need_divergence or need_air:
             z_a = self.embed(torch.cat([p_adv, q_adv]), "adversarial")
             if want("adversarial"):
                 terms["adversarial"] = info_nce(*z_a.chunk(2), tau)
             if need_divergence:
                 terms["divergence"] = divergence_term(self, z_b, z_a)
+        if need_air:
+            terms["air"] = invariant_regularization(*z_b.chunk(2), self.embed(x_orig, "benign"), *z_a.chunk(2), tau,
+                                                    self.cfg.air)
         return terms
 
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         self._last = (self.strength, self.weights["adversarial"])
         p, q = draw_view("strong", images, ctx), draw_view("strong", images, ctx)
+        x_orig = ctx.prepare(to_unit(images)) if self.cfg.air.active() else None
         return ours_step(self, lambda: self.attack(p, q, ctx), torch.cat([p, q]),
-                         lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only),
-                         dict(self.weights), ctx)
+                         lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only, x_orig=x_orig),
+                         {**self.weights, "air": 1.0}, ctx)
 
 
 # --------------------------------------------------------------------------- DynACL++: LP-AFF
