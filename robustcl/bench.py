@@ -12,7 +12,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,6 +21,9 @@ from torch.utils.flop_counter import flop_registry
 from robustcl.bench_cli import DESCRIPTION, HELP, add_arguments, cmd_bench, register  # noqa: F401 - the CLI half
 from robustcl.config import Config, ConfigError, load_config
 from robustcl.hardware import cpu_capability, native_bf16, resolve_threads
+
+if TYPE_CHECKING:
+    from robustcl.data import DatasetInfo
 
 SCHEMA = "robustcl.bench/1"
 PHASE_PREFIX = "robustcl::"
@@ -201,40 +204,42 @@ class StepSetup:
         return self.method.training_step(self.images, self.ctx)
 
 
-def build_step(cfg: Config, device: torch.device) -> StepSetup:
-    """Method, optimisers, SAM and StepContext as Pretrainer builds them, on a random uint8 batch.
+def step_info(cfg: Config) -> DatasetInfo:
+    """The shape and normalisation of cfg's images without reading the dataset (synthetic options, then
+    data.options, as the trainer passes them).
 
-    The dataset is not read: its shape and normalisation come from `dataset_info`.
+    A dataset whose info needs its files (imagefolder: class count and mean/std are measured on them) gets
+    a stand-in of the configured size and channels, mean 0.5 and std 0.25 per channel: the cost of a step
+    does not depend on those values.
     """
-    from robustcl.config import reference_switches
-    from robustcl.data import dataset_info
-    from robustcl.methods import StepContext
-    from robustcl.objectives import SAM
-    from robustcl.train.common import autocast_factory, build_method
+    from robustcl.data import DataError, DatasetInfo, dataset_info
+    from robustcl.data.base import get_reader
+    from robustcl.train.common import image_side
 
-    t = cfg.train
-    options = {k: v for k, v in vars(cfg.data.synthetic).items()} if cfg.data.name == "synthetic" else {}
-    info = dataset_info(cfg.data.name, **options)
-    torch.manual_seed(cfg.seed)
-    method = build_method(cfg, info.channels, info.mean, info.std).to(device)
-    if t.channels_last:
-        method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.encoder_parameters(), lr=t.lr, momentum=t.momentum,
-                                weight_decay=t.weight_decay, foreach=True)
-    critic_optimizer = None
-    if method.critic is not None:
-        c = cfg.method.critic
-        critic_optimizer = torch.optim.SGD(method.critic.parameters(), lr=c.lr, momentum=c.momentum,
-                                           weight_decay=c.weight_decay, foreach=True)
-    sam_cfg = method.sam_config()
-    sam = SAM(method.encoder_parameters(), sam_cfg.rho, adaptive=sam_cfg.mode == "asam") if sam_cfg.mode != "off" else None
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ctx = StepContext(method, optimizer, critic_optimizer, sam, sam_cfg.terms, generator,
-                      autocast_factory(device, t.precision), strong=cfg.views.strong.build(),
-                      weak=cfg.views.weak.build(), channels_last=t.channels_last, reference=reference_switches(cfg))
-    images = torch.randint(0, 256, (t.batch_size, info.channels, info.height, info.width), dtype=torch.uint8,
+    d = cfg.data
+    options = {**(vars(d.synthetic) if d.name == "synthetic" else {}), **(d.options or {})}
+    try:
+        return dataset_info(d.name, **options)
+    except DataError:
+        channels = {**get_reader(d.name).defaults, **options}.get("channels")
+        if not isinstance(channels, int) or isinstance(channels, bool):
+            raise
+        side = image_side(cfg)
+        return DatasetInfo(d.name, 2, channels, side, side, (0.5,) * channels, (0.25,) * channels)
+
+
+def build_step(cfg: Config, device: torch.device) -> StepSetup:
+    """Method, optimisers, SAM and StepContext as Pretrainer builds them (`build_training`), on a random uint8 batch.
+
+    The dataset is not read: its shape and normalisation come from `step_info`.
+    """
+    from robustcl.methods.build import build_training
+
+    info = step_info(cfg)
+    training = build_training(cfg, info, device)
+    images = torch.randint(0, 256, (cfg.train.batch_size, info.channels, info.height, info.width), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    return StepSetup(method, ctx, images)
+    return StepSetup(training.method, training.ctx, images)
 
 
 def compile_step(setup: StepSetup, backend: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from robustcl.models import BRANCHES, Branch, Encoder, build_encoder
+from robustcl.models import BRANCHES, Branch, Encoder, build_encoder, reported_branch
 from robustcl.runs import atomic_write_bytes, save_torch_atomic
 
 FORMAT = "robustcl.encoder/1"
@@ -45,6 +45,12 @@ def encoder_metadata(encoder: Encoder, info: Any, cfg: Any) -> dict[str, Any]:
             "identity_shortcut": getattr(encoder.backbone, "identity_shortcut", None),
             "method": cfg.method.name, "headline_branch": method_class(cfg.method.name).headline_branch,
             "dataset": info.name}
+
+
+def resolve_branch(requested: str, meta: dict[str, Any]) -> Branch:
+    """The branch an exported encoder is read through for `requested` (headline | benign | adversarial):
+    headline -> the method's reporting branch recorded in `meta`; a single-BN encoder only has benign."""
+    return reported_branch(requested, meta["headline_branch"], meta["dual_bn"])
 
 
 def export_encoder(encoder: Encoder, path: Path, info: Any, cfg: Any) -> None:
@@ -124,11 +130,10 @@ def load_encoder(path: Path | str, branch: Branch | str = "headline") -> FixedBr
     """A trained encoder as a plain nn.Module (eval mode) reading through `branch`.
 
     `branch="headline"` uses the branch the method is reported through (adversarial for robust
-    methods, benign for SimCLR).
+    methods, benign for SimCLR); a single-BN encoder reads through its one set of statistics (benign).
     """
     encoder, meta = read_encoder(path)
-    chosen = meta["headline_branch"] if branch == "headline" else branch
-    return FixedBranchEncoder(encoder, chosen).eval()  # type: ignore[arg-type]
+    return FixedBranchEncoder(encoder, resolve_branch(branch, meta)).eval()
 
 
 def export_torchvision(source: Path | str, branch: str = "headline", path: Path | str | None = None) -> dict[str, Any]:
@@ -143,8 +148,7 @@ def export_torchvision(source: Path | str, branch: str = "headline", path: Path 
     encoder, meta = read_encoder(source)
     if meta["arch"] not in ("resnet18", "resnet50"):
         raise ValueError(f"{source} holds a {meta['arch']} encoder; only ResNet-18/50 encoders have a torchvision layout")
-    chosen = meta["headline_branch"] if branch == "headline" else branch
-    chosen = chosen if meta["dual_bn"] else "benign"  # a single-BN encoder has one set of statistics
+    chosen = resolve_branch(branch, meta)  # a single-BN encoder has one set of statistics
     source = Path(source)
     out = Path(path) if path is not None else (source if source.is_dir() else source.parent) / f"resnet-{chosen}.pth"
     save_torch_atomic(to_torchvision(encoder.backbone, chosen), out)

@@ -94,6 +94,7 @@ class SweepSpec:
     runs: tuple[RunEntry, ...] = ()
     grid: GridSpec | None = None
     baseline: str = ""   # a configuration name: the summary adds every other one's paired difference to it
+    comparisons: tuple[str, ...] = ()  # "A vs B" pairs: the summary adds A's paired difference to B, for each
 
     def validate(self) -> None:
         _check(bool(NAME_RE.match(self.name)), f"sweep name {self.name!r} must be letters, digits and . _ = + , -")
@@ -206,7 +207,21 @@ def configurations(sweep: Sweep) -> list[RunEntry]:
     baseline = sweep.spec.baseline
     _check(not baseline or baseline in seen,
            f"{sweep.origin}: baseline {baseline!r} is not one of the configurations ({', '.join(e.name for e in entries)})")
+    for pair in comparisons(sweep.spec):
+        for name in pair:
+            _check(name in seen, f"{sweep.origin}: comparison {' vs '.join(pair)!r} names {name!r}, which is not one of "
+                                 f"the configurations ({', '.join(e.name for e in entries)})")
     return entries
+
+
+def comparisons(spec: SweepSpec) -> list[tuple[str, str]]:
+    """The spec's `comparisons` as (configuration, baseline) pairs; "A vs B" reads A minus B."""
+    pairs = []
+    for item in spec.comparisons:
+        parts = [p.strip() for p in item.split(" vs ")]
+        _check(len(parts) == 2 and all(parts), f"sweep comparison {item!r} must read 'A vs B' (two configuration names)")
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 # -------------------------------------------------------------------------------------- planning
@@ -578,8 +593,10 @@ def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None) -> Path
              "every run's raw numbers, summary_stats.csv this table.",
              *_evaluation_lines(entries), "",
              summary_markdown_table(rows), ""]
-    if spec.baseline:
-        diffs = paired_differences(entries, spec.baseline)
+    if spec.baseline or spec.comparisons:
+        diffs = paired_differences(entries, spec.baseline) if spec.baseline else []
+        for label, base in comparisons(spec):
+            diffs += paired_differences([e for e in entries if e[0].label in (label, base)], base)
         atomic_write_text(plan.out / "summary_differences.csv", differences_csv(diffs, spec.baseline))
         lines += [*differences_markdown(diffs, spec.baseline), ""]
     lines += ["Configurations:", *_configuration_lines(plan), ""]

@@ -67,6 +67,7 @@ class Difference:
     clean_bootstrap: Interval | None
     robust_bootstrap: Interval | None
     bootstrap_note: str = ""
+    baseline: str = ""
 
     @property
     def primary(self) -> Interval:
@@ -143,7 +144,7 @@ def paired_differences(entries: Sequence[Entry], baseline: str) -> list[Differen
                 else:
                     clean_b, robust_b, note = None, None, "per-image flags are stored for the headline PGD only"
                 out.append(Difference(label, protocol, attack, tuple(a[0].seed for a, _ in usable), clean_t, robust_t,
-                                      clean_b, robust_b, note))
+                                      clean_b, robust_b, note, baseline))
     return out
 
 
@@ -169,8 +170,11 @@ def reading(interval: Interval) -> str:
 
 
 def differences_markdown(diffs: Sequence[Difference], baseline: str) -> list[str]:
-    """The summary's section on paired differences to the baseline: a table and how to read it."""
-    lines = [f"## Paired difference to the baseline `{baseline}`", "",
+    """The summary's section on paired differences (to the baseline, or each comparison's): a table and how to read it."""
+    own = sorted({d.baseline for d in diffs} - {baseline})
+    title = (f"## Paired difference to the baseline `{baseline}`" if not own
+             else "## Paired differences (" + ", ".join(f"`{b}`" for b in ([baseline] if baseline else []) + own) + ")")
+    lines = [title, "",
              "Configuration minus baseline in percentage points, each run paired with the baseline's run of the "
              "same seed on the same test images; 95% intervals. **t (seeds)**: Student-t interval of the per-seed "
              "differences (n-1 degrees of freedom): it covers training randomness, the question a new seed asks, "
@@ -179,12 +183,13 @@ def differences_markdown(diffs: Sequence[Difference], baseline: str) -> list[str
              "jointly): test-set noise given these trained models, the only interval with one seed, and narrower "
              "than the seed interval when seeds differ more than images do (headline PGD and clean accuracy only). "
              "`reading` is the primary interval's: higher / lower when it excludes 0.", "",
-             "| configuration | protocol | attack | paired seeds | Δ clean, t (seeds) | Δ clean, bootstrap (images) | "
+             "| configuration | minus | protocol | attack | paired seeds | Δ clean, t (seeds) | Δ clean, bootstrap (images) | "
              "Δ robust, t (seeds) | Δ robust, bootstrap (images) | reading (robust) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for d in diffs:
-        lines.append(f"| {d.configuration} | {d.protocol.upper()} | {d.attack} | {len(d.seeds)} | {points(d.clean_t)} | "
+        lines.append(f"| {d.configuration} | {d.baseline or baseline} | {d.protocol.upper()} | {d.attack} | {len(d.seeds)} | "
+                     f"{points(d.clean_t)} | "
                      f"{points(d.clean_bootstrap)} | {points(d.robust_t)} | {points(d.robust_bootstrap)} | "
                      f"{reading(d.primary)} |")
         if d.bootstrap_note and d.robust_bootstrap is None and d.bootstrap_note not in notes:
@@ -211,7 +216,7 @@ def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(DIFF_COLUMNS)
     for d in diffs:
-        writer.writerow([d.configuration, baseline, d.protocol, d.attack, len(d.seeds), " ".join(map(str, d.seeds)),
+        writer.writerow([d.configuration, d.baseline or baseline, d.protocol, d.attack, len(d.seeds), " ".join(map(str, d.seeds)),
                          *parts(d.clean_t), *parts(d.clean_bootstrap), *parts(d.robust_t), *parts(d.robust_bootstrap),
                          d.primary.method, reading(d.primary), d.bootstrap_note])
     return buffer.getvalue()

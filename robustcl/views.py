@@ -13,10 +13,13 @@ with the deviations noted on each function (fixed jitter order, clamp-instead-of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from robustcl.config.schema import StrongViewConfig, WeakViewConfig  # the views' parameters: one schema
+from robustcl.config.schema import check_jitter as _check_jitter
+from robustcl.config.schema import check_kernel as _check_kernel
 
 __all__ = [
     "StrongViewConfig",
@@ -45,78 +48,6 @@ __all__ = [
 ]
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-
-
-def _check_range(name: str, lo: float, hi: float, min_value: float = 0.0) -> None:
-    """Raise if (lo, hi) is not an ordered range above `min_value` (catches swapped configs early)."""
-    if not (min_value <= lo <= hi):
-        raise ValueError(f"{name} must satisfy {min_value} <= lo <= hi, got ({lo}, {hi})")
-
-
-def _check_prob(name: str, p: float) -> None:
-    """Raise if `p` is not a probability."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {p}")
-
-
-def _check_kernel(kernel: int) -> None:
-    """Raise if the blur kernel size is not a positive odd integer (as torchvision requires)."""
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"blur kernel size must be a positive odd integer, got {kernel}")
-
-
-def _check_jitter(brightness: float, contrast: float, saturation: float, hue: float) -> None:
-    """Raise on negative jitter strengths or a hue strength above 0.5 (torchvision's limits)."""
-    for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
-        if value < 0:
-            raise ValueError(f"{name} jitter must be >= 0, got {value}")
-    if not 0.0 <= hue <= 0.5:
-        raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
-
-
-@dataclass(frozen=True)
-class StrongViewConfig:
-    """Parameters of the SimCLR-style strong view (torchvision defaults for CIFAR-scale images)."""
-
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 3
-
-    def __post_init__(self) -> None:
-        """Validate at construction so a bad preset fails before training starts."""
-        _check_range("crop_scale", *self.crop_scale)
-        if self.crop_scale[1] > 1.0 or self.crop_scale[0] <= 0.0:
-            raise ValueError(f"crop_scale must lie in (0, 1], got {self.crop_scale}")
-        _check_range("crop_ratio", *self.crop_ratio)
-        if self.crop_ratio[0] <= 0.0:
-            raise ValueError(f"crop_ratio must be positive, got {self.crop_ratio}")
-        _check_jitter(*self.jitter)
-        for name in ("flip_p", "jitter_p", "gray_p", "blur_p"):
-            _check_prob(name, getattr(self, name))
-        _check_range("blur_sigma", *self.blur_sigma)
-        if self.blur_sigma[0] <= 0.0:
-            raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
-        _check_kernel(self.blur_kernel)
-
-
-@dataclass(frozen=True)
-class WeakViewConfig:
-    """Parameters of the weak view: torchvision RandomCrop(padding) + RandomHorizontalFlip(flip_p)."""
-
-    padding: int = 4
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        """Validate at construction so a bad preset fails before training starts."""
-        if self.padding < 0:
-            raise ValueError(f"padding must be >= 0, got {self.padding}")
-        _check_prob("flip_p", self.flip_p)
 
 
 # ----------------------------------------------------------------------------- input handling

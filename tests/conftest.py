@@ -37,3 +37,14 @@ def data_http_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def registry() -> Iterator[dict[str, Any]]:
+    """robustcl.methods.METHODS, restored after the test: a method class a test defines is unregistered after it."""
+    from robustcl.methods import METHODS
+
+    saved = dict(METHODS)
+    yield METHODS
+    METHODS.clear()
+    METHODS.update(saved)

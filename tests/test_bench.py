@@ -149,6 +149,21 @@ def test_build_step_is_the_pretrainer_step(tmp_path: Path) -> None:
                [{k: v for k, v in g.items() if k != "params"} for g in b.param_groups]
 
 
+def test_build_step_honours_data_options_and_benches_the_imagefolder_preset() -> None:
+    """The batch has the size data.options asks for; imagefolder (whose info needs its files) gets a stand-in."""
+    fmnist = build_step(load_config("fmnist-gbrcl", [*TINY[1:], "data.options={size: 12}", "train.batch_size=4"]), CPU)
+    assert fmnist.images.shape == (4, 1, 12, 12)
+    cfg = load_config("imagefolder-gbrcl-r50", ["data.options={size: 12}", "model.arch=convnet", "model.widths=[4,4]",
+                                                "model.proj_dim=8", "method.attack.steps=1", "train.batch_size=4",
+                                                "train.threads=1"])
+    setup = build_step(cfg, CPU)
+    assert setup.images.shape == (4, 3, 12, 12)
+    stats = setup.step()
+    assert {"benign", "adversarial", "divergence"} <= set(stats) and all(torch.isfinite(v) for v in stats.values())
+    r50 = build_step(load_config("imagefolder-gbrcl-r50", ["train.batch_size=2"]), CPU)
+    assert r50.images.shape == (2, 3, 96, 96) and r50.method.encoder.backbone.stem == "imagenet"
+
+
 def test_bench_reports_throughput_phase_split_and_flops() -> None:
     opts = BenchOptions(configs=("smoke",), overrides=TINY, batch_sizes=(4,), precisions=("fp32",), steps=3,
                         warmup=1, gemm_size=64)  # 3 timed steps: the median is the middle one

@@ -191,7 +191,8 @@ def test_the_attack_raises_the_adversarial_nce_and_eps_zero_leaves_the_head_feat
 
 
 def _method_with(attack):
-    return SimpleNamespace(cfg=SimpleNamespace(attack=attack))
+    """A stand-in method whose `attack_config` hook (what bound reads) returns `attack`."""
+    return SimpleNamespace(attack_config=lambda: attack)
 
 
 def test_resolve_attack_takes_the_runs_budget_and_scales_alpha_with_eps():

@@ -88,3 +88,20 @@ def test_impossible_values_are_rejected_at_load_time(override, message):
 def test_eval_attacks_must_include_pgd():
     with pytest.raises(ConfigError, match="eval.attacks=.* must include pgd"):
         load_config("smoke", ["eval.attacks=[cw]"])
+
+
+def test_one_view_schema_serves_the_config_and_the_view_functions():
+    """views.strong / views.weak are the very classes strong_view / weak_view take; code-only fields stay out of YAML."""
+    from robustcl import views
+    from robustcl.config import StrongViewSection, WeakViewSection
+
+    cfg = load_config("smoke", ["views.strong.blur_p=0.3", "views.weak.padding=2"])
+    assert type(cfg.views.strong) is views.StrongViewConfig is StrongViewSection
+    assert type(cfg.views.weak) is views.WeakViewConfig is WeakViewSection
+    assert cfg.views.strong.blur_p == 0.3 and cfg.views.weak.padding == 2 and cfg.views.strong.build() is cfg.views.strong
+    assert list(cfg.to_dict()["views"]["strong"]) == ["crop_scale", "flip_p", "jitter", "jitter_p", "gray_p", "blur_p",
+                                                      "blur_sigma"]
+    with pytest.raises(ConfigError, match="unknown config key views.strong.crop_ratio"):
+        load_config("smoke", ["views.strong.crop_ratio=[1, 1]"])
+    with pytest.raises(ValueError, match="views.strong.crop_scale"):
+        views.StrongViewConfig(crop_scale=(0.8, 0.2))  # the same check, constructed in code

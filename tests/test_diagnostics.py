@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from robustcl.config import ConfigError, DiagnosticsConfig, load_config
+from robustcl.methods import METHODS
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.models import build_encoder
 from robustcl.runs import RunDir, RunError
@@ -205,9 +206,15 @@ def test_diagnostics_leave_training_bit_identical(runs):
     assert strip(runs[0]) == strip(runs[1])
 
 
-def test_simclr_diagnostics_read_the_benign_branch_without_a_critic(tmp_path):
-    run = RunDir(tmp_path / "simclr")
-    pretrain(load_config("smoke", ["method.name=simclr", "train.max_steps=2", "diagnostics.every=2"]), run,
+ATTACK_FREE_SINGLE_BN = sorted(name for name, cls in METHODS.items()
+                               if not cls.dual_bn and cls.attack_free(cls.config_class())
+                               and not cls.wants_critic(cls.config_class()))
+
+
+@pytest.mark.parametrize("name", ATTACK_FREE_SINGLE_BN)
+def test_an_attack_free_single_bn_method_reads_the_benign_branch_without_a_critic(tmp_path, name):
+    run = RunDir(tmp_path / name)
+    pretrain(load_config("smoke", [f"method.name={name}", "train.max_steps=2", "diagnostics.every=2"]), run,
              progress=False)
     (record,) = run.iter_metrics("diagnostics")
     assert record["branch"] == "benign" and "critic_acc" not in record

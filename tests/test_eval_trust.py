@@ -1,6 +1,7 @@
 """AutoAttack, restarts, TRADES/AFF, the steps curve, the mixed reading and the new integrity checks."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -230,3 +231,39 @@ def test_aff_fine_tunes_the_encoder_and_evaluation_uses_it(smoke_run, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--run", root, "--protocol", "aff", "--limit", "0", "--quiet"]) == 2
     assert "eval.limit" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checks / AutoAttack on a subset
+def test_part_index_is_a_seeded_sorted_subset_or_everything():
+    from robustcl.evaluation.run_eval import part_index
+
+    assert part_index(50, None, 0) is None and part_index(50, 50, 0) is None
+    idx = part_index(1000, 100, 0)
+    assert len(idx) == 100 == len(set(idx.tolist())) and bool((idx[1:] > idx[:-1]).all())
+    assert torch.equal(idx, part_index(1000, 100, 0)) and not torch.equal(idx, part_index(1000, 100, 1))
+    assert idx.max() > 500  # spread over the images, not their first 100
+
+
+@pytest.mark.parametrize("with_autoattack", [False, True])
+def test_checks_and_autoattack_limits_shrink_only_their_part(with_autoattack, tmp_path):
+    from robustcl.evaluation.run_eval import evaluate_model
+    from robustcl.runs import RunDir
+
+    x, y = points(300)
+    for run in ("a", "b"):  # AutoAttack's resumable state is keyed by the head file
+        (tmp_path / run / "heads").mkdir(parents=True)
+        (tmp_path / run / "heads" / "slf.pt").write_bytes(b"linear10")
+    attacks = "[pgd,autoattack]" if with_autoattack else "[pgd]"
+    base = ["eval.attack.eps=0.05", "eval.attack.alpha=0.0125", "eval.attack.steps=5", f"eval.attacks={attacks}",
+            "eval.batch_size=100"]
+    full = evaluate_model(Linear10().eval(), x, y, K, load_config("smoke", overrides=base), contextlib.nullcontext,
+                          RunDir(tmp_path / "a"), "slf", fingerprint="linear10")
+    part = evaluate_model(Linear10().eval(), x, y, K,
+                          load_config("smoke", overrides=base + ["eval.checks_limit=60", "eval.autoattack_limit=80"]),
+                          contextlib.nullcontext, RunDir(tmp_path / "b"), "slf", fingerprint="linear10")
+    assert part["clean_acc"] == full["clean_acc"] and part["robust"]["pgd5-linf-0.05"] == full["robust"]["pgd5-linf-0.05"]
+    assert full["integrity"]["images"] == 300 and part["integrity"]["images"] == 60 and part["integrity"]["passed"]
+    if with_autoattack:
+        assert full["autoattack"]["images"] == 300 and part["autoattack"]["images"] == 80
+        exact = exact_linf_accuracy(x, y, 0.05)
+        assert full["autoattack"]["accuracy"] == pytest.approx(exact, abs=1e-9)

@@ -1,24 +1,21 @@
 """FGSM-RS as a phase-1 attack mode: one step of 1.25 eps from a random start, validated config."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from robustcl.config import AttackConfig, ConfigError, load_config
-from robustcl.methods.base import StepContext
+from robustcl.data import DatasetInfo
+from robustcl.methods import METHODS
 from robustcl.methods.components import eval_pgd
-from robustcl.train.common import build_method
+from robustcl.methods.build import build_training
 
 
 def _method_and_ctx(overrides: list[str]):
     cfg = load_config("smoke", overrides)
-    torch.manual_seed(0)
-    method = build_method(cfg, 1, (0.5,), (0.25,))
-    ctx = StepContext(method, torch.optim.SGD(method.encoder_parameters(), lr=0.1), None, None, (),
-                      torch.Generator().manual_seed(3), contextlib.nullcontext)
-    return cfg, method, ctx
+    training = build_training(cfg, DatasetInfo("synthetic", 4, 1, 16, 16, (0.5,), (0.25,)), torch.device("cpu"),
+                              generator_seed=3)
+    return cfg, training.method, training.ctx
 
 
 def test_fgsm_rs_mode_is_one_step_of_one_and_a_quarter_eps_from_a_uniform_start():
@@ -42,7 +39,9 @@ def test_fgsm_rs_mode_is_one_step_of_one_and_a_quarter_eps_from_a_uniform_start(
 def test_fgsm_rs_mode_trains_every_attacking_method(tmp_path):
     from robustcl.cli import main
 
-    for name in ("gbrcl", "acl"):
+    attacking = [name for name, cls in sorted(METHODS.items()) if not cls.attack_free(cls.config_class())]
+    assert attacking
+    for name in attacking:
         out = tmp_path / name
         assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", f"method.name={name}",
                      "method.attack.mode=fgsm-rs", "method.attack.steps=1", "train.max_steps=2"]) == 0

@@ -42,6 +42,9 @@ class Toy(nn.Module):
         self.w = nn.Parameter(torch.tensor([1.0, -0.5, 2.0, 0.7, -0.3, 1.5]))
         self.critic = None
 
+    def attack_config(self) -> AttackConfig:  # the Method hook StepContext reads to set up free mode
+        return self.cfg.attack
+
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         def objective(_: torch.Tensor) -> torch.Tensor:
             raise AssertionError("free mode evaluated an attack objective")

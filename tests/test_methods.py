@@ -7,17 +7,47 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustcl.config import list_presets, load_config
-from robustcl.methods import METHODS, Method, StepContext
+from robustcl.config import list_presets, load_config, preset_chain
+from robustcl.methods import METHODS, Method, StepContext, method_class
 from robustcl.methods.advcl import high_frequency
+from robustcl.data import DatasetInfo
 from robustcl.methods.base import weighted_sum
-from robustcl.objectives import DIVERGENCES, SAM, f_divergence_bound, info_nce, multi_positive_nce
-from robustcl.train.common import autocast_factory, build_method, load_split
-from robustcl.views import StrongViewConfig, WeakViewConfig
+from robustcl.methods.build import build_training
+from robustcl.objectives import DIVERGENCES, f_divergence_bound, info_nce, multi_positive_nce
+from robustcl.train.common import load_split
 
-NEW_PRESETS = [f"{d}-{m}" for d in ("cifar10", "cifar100")
-               for m in ("simclr", "acl", "rocl", "clae", "advcl", "advcl-ours")]
-NEW_PRESETS += ["cifar100-gbrcl"] + [f"fmnist-{m}" for m in ("acl", "rocl", "clae", "advcl")]
+CPU = torch.device("cpu")
+
+
+
+def attack_free(cfg) -> bool:  # noqa: ANN001
+    """Whether cfg's method trains without an attack (asked of the method, never by its name)."""
+    return method_class(cfg.method.name).attack_free(cfg.method)
+
+
+def inherits(preset: str, base: str, writable: dict[str, set[str]]) -> bool:
+    """Whether `preset` extends `base` and every file on the way writes only the sections (and, for a
+    section mapped to a set of keys, only those keys) of `writable`, besides name and method."""
+    chain = preset_chain(preset)
+    names = [name for name, _ in chain]
+    if preset == base or base not in names:
+        return False
+    for _, raw in chain[:names.index(base)]:
+        for section, value in raw.items():
+            if section in ("extends", "name", "method"):
+                continue
+            keys = writable.get(section)
+            if keys is None or (keys and not set(value or {}) <= keys):
+                return False
+    return True
+
+
+# the paper's CIFAR setup, docs/algorithm.md section 2: presets that keep cifar10-gbrcl's schedule and model
+PAPER_SETUP = sorted(p for p in list_presets() if inherits(p, "cifar10-gbrcl", {"train": {"lr"}, "data": {"name"},
+                                                                              "reference": set()}))
+# Fashion-MNIST presets of other methods on fmnist-gbrcl's whole budget (they write only their method section)
+FMNIST_BUDGET = sorted(p for p in list_presets() if inherits(p, "fmnist-gbrcl", {})
+                       and load_config(p).method.name != "gbrcl")
 
 
 @pytest.fixture(autouse=True)
@@ -72,36 +102,19 @@ def smoke(*overrides: str):
     return load_config("smoke", list(overrides))
 
 
-class RecordingContext(StepContext):
-    """A StepContext that remembers the weights each encoder step used."""
+def build(cfg, channels: int = 1, mean=(0.5,), std=(0.25,)) -> tuple[Method, StepContext]:
+    """Method + context from the trainer's factory (`build_training`); the context remembers, as `weights`,
+    the weights its last encoder step used."""
+    training = build_training(cfg, DatasetInfo("synthetic", 2, channels, 16, 16, tuple(mean), tuple(std)), CPU)
+    ctx = training.ctx
+    encoder_step = ctx.encoder_step
 
-    def encoder_step(self, terms_fn, weights):  # type: ignore[override]
-        self.weights = dict(weights)
-        return super().encoder_step(terms_fn, weights)
+    def recording(terms_fn, weights):  # noqa: ANN001, ANN202
+        ctx.weights = dict(weights)  # type: ignore[attr-defined]
+        return encoder_step(terms_fn, weights)
 
-
-def build(cfg, channels: int = 1, mean=(0.5,), std=(0.25,)) -> tuple[Method, RecordingContext]:
-    """Method + context wired as the trainer wires them (optimisers, SAM, views, precision, layout)."""
-    torch.manual_seed(0)
-    method = build_method(cfg, channels, mean, std)
-    if cfg.train.channels_last:
-        method.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(method.encoder_parameters(), lr=0.05, momentum=0.9)
-    copt = None
-    if method.critic is not None:
-        c = cfg.method.critic
-        copt = torch.optim.SGD(method.critic.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    s = method.sam_config()
-    sam = SAM(method.encoder_parameters(), s.rho, s.mode == "asam") if s.mode != "off" else None
-    v = cfg.views
-    strong = StrongViewConfig(crop_scale=v.strong.crop_scale, flip_p=v.strong.flip_p, jitter=v.strong.jitter,
-                              jitter_p=v.strong.jitter_p, gray_p=v.strong.gray_p, blur_p=v.strong.blur_p,
-                              blur_sigma=v.strong.blur_sigma)
-    ctx = RecordingContext(method, opt, copt, sam, s.terms, torch.Generator().manual_seed(0),
-                           autocast_factory(torch.device("cpu"), cfg.train.precision), strong=strong,
-                           weak=WeakViewConfig(padding=v.weak.padding, flip_p=v.weak.flip_p),
-                           channels_last=cfg.train.channels_last)
-    return method, ctx
+    ctx.encoder_step = recording  # type: ignore[method-assign]
+    return training.method, ctx
 
 
 def linear_map(out: int = 5) -> dict[str, torch.Tensor]:
@@ -118,7 +131,7 @@ def images(n: int = 8, channels: int = 1, size: int = 16) -> torch.Tensor:
     return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
 
 
-def total_loss(method: Method, ctx: RecordingContext, *views: torch.Tensor, out: int = 5) -> torch.Tensor:
+def total_loss(method: Method, ctx: StepContext, *views: torch.Tensor, out: int = 5) -> torch.Tensor:
     """One real step (records the weights it uses; trains the critic), then the weighted loss on hand-made
     views with z = g(f_branch(x)) replaced by `E`, so that each loss has a direct formula."""
     method.training_step(images(), ctx)
@@ -224,7 +237,9 @@ def two_steps(method: Method, ctx: StepContext, batch: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_two_steps_on_synthetic_data(name):
-    cfg = smoke(f"method.name={name}", "method.attack.steps=1") if name != "simclr" else smoke("method.name=simclr")
+    cfg = smoke(f"method.name={name}")
+    if not attack_free(cfg):
+        cfg = smoke(f"method.name={name}", "method.attack.steps=1")
     data = load_split(cfg, "train")
     method, ctx = build(cfg, data.info.channels, data.info.mean, data.info.std)
     two_steps(method, ctx, data.images[:16])
@@ -238,7 +253,7 @@ def test_every_preset_runs_two_steps_on_synthetic_data(preset):
              "data.synthetic.size=16", "data.synthetic.n_train=64", "data.synthetic.n_test=16",
              "model.arch=convnet", "model.widths=[8,16,16,32]", "model.proj_dim=16"]
     cfg = load_config(preset)
-    if cfg.method.name != "simclr":
+    if not attack_free(cfg):
         small.append("method.attack.steps=1")
     if cfg.reference is not None and cfg.reference.projection_only_shortcut:
         small.append("reference.projection_only_shortcut=false")  # a ResNet-only switch (the ConvNet has no shortcut)
@@ -280,17 +295,20 @@ def test_gbrcl_attack_view_switch_and_presets_reference_values():
     assert load_config("cifar10-acl").method.attack.steps == 5
     rocl = load_config("cifar10-rocl")
     assert rocl.train.lr == 0.1 and rocl.method.regularizer_weight == 1 / 256
-    for preset in NEW_PRESETS[:13]:
+    assert load_config("cifar10-gbrcl").train.lr == 0.5
+    assert {"cifar10-simclr", "cifar100-gbrcl", "cifar10-acl"} <= set(PAPER_SETUP)  # the derivation finds them
+    for preset in PAPER_SETUP:
         cfg = load_config(preset)
         t = cfg.train
         assert (t.batch_size, t.epochs, t.momentum, t.weight_decay, t.warmup_epochs) == (512, 500, 0.9, 1e-4, 10)
-        assert cfg.model.arch == "resnet18" and cfg.method.temperature == 0.5
-        assert t.lr == (0.1 if preset.endswith("rocl") else 0.5)
-        if cfg.method.name != "simclr":
-            assert (cfg.method.attack.eps, cfg.method.attack.alpha) == (8 / 255, 2 / 255)
+        assert cfg.model.arch == "resnet18"
+        if not attack_free(cfg):
+            assert (cfg.method.attack.eps, cfg.method.attack.alpha) == (8 / 255, 2 / 255), preset
     fm = load_config("fmnist-gbrcl")
-    for m in ("acl", "rocl", "clae", "advcl"):
-        cfg = load_config(f"fmnist-{m}")
-        assert cfg.method.name == m and cfg.method.attack == fm.method.attack
+    assert FMNIST_BUDGET and "fmnist-simclr" in FMNIST_BUDGET
+    for preset in FMNIST_BUDGET:
+        cfg = load_config(preset)
+        if "attack as fmnist-gbrcl" in list_presets()[preset]:  # what the preset's own description says
+            assert cfg.method.attack == fm.method.attack, preset
         assert {k: v for k, v in cfg.to_dict().items() if k not in ("name", "method")} == \
             {k: v for k, v in fm.to_dict().items() if k not in ("name", "method")}

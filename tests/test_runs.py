@@ -9,6 +9,7 @@ import torch
 from robustcl import load_encoder
 from robustcl.cli import main
 from robustcl.config import dump_yaml, load_config
+from robustcl.methods import METHODS
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.runs import RunDir, RunError
 from robustcl.train.pretrain import NonFiniteLoss, pretrain
@@ -130,14 +131,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_simclr_smoke_run_reads_through_the_benign_branch(tmp_path):
-    out = tmp_path / "simclr"
-    assert main(["run", "--config", "smoke", "--out", str(out), "--quiet", "method.name=simclr",
+SINGLE_BN = sorted(name for name, cls in METHODS.items() if not cls.dual_bn)
+
+
+@pytest.mark.parametrize("name", SINGLE_BN)
+def test_a_single_bn_method_smoke_run_reads_through_the_benign_branch(tmp_path, name):
+    out = tmp_path / name
+    attack = [] if METHODS[name].attack_free(METHODS[name].config_class()) else ["method.attack.steps=1"]
+    assert main(["run", "--config", "smoke", "--out", str(out), "--quiet", f"method.name={name}", *attack,
                  "finetune.protocols=[slf]"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["method"] == "simclr" and results["branch"] == "benign"
+    assert results["method"] == name and results["branch"] == "benign"
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert state["critic_optimizer"] is None and state["sam"] is None
+    assert (state["critic_optimizer"] is None) == (not any(k.startswith("critic.") for k in state["model"]))
     assert not any(".adversarial." in k for k in state["model"])  # a single-BN encoder
 
 

@@ -154,7 +154,7 @@ def test_summary_files_with_a_baseline(tmp_path):
         fake_run(out, "better", seed, clean, improved(robust, 20))
     summary = write_summary(plan_sweep(str(spec), out)).read_text()
     assert "## Paired difference to the baseline `base`" in summary
-    assert f"| better | SLF | {ATTACK} | 2 | +0.00 [+0.00, +0.00] |" in summary
+    assert f"| better | base | SLF | {ATTACK} | 2 | +0.00 [+0.00, +0.00] |" in summary
     assert "+5.00 [+5.00, +5.00]" in summary and "| higher |" in summary
     with open(out / "summary_differences.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -192,3 +192,30 @@ def test_evaluation_writes_flags_that_reproduce_results(tmp_path):
     for protocol, r in results["protocols"].items():
         assert flags.clean[protocol].mean() == r["clean_acc"]
         assert flags.robust[protocol].mean() == r["robust"][flags.attack]
+
+
+def test_comparisons_pair_each_configuration_with_its_own_twin(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.replace("baseline: base\n", "comparisons: [a.ref vs a, b.ref vs b]\n").replace(
+        "  - {name: better, config: smoke}\n",
+        "  - {name: better, config: smoke}\n  - {name: a, config: smoke}\n  - {name: a.ref, config: smoke}\n"
+        "  - {name: b, config: smoke}\n  - {name: b.ref, config: smoke}\n"))
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        clean, robust = base_flags(seed)
+        fake_run(out, "a", seed, clean, robust)
+        fake_run(out, "a.ref", seed, clean, improved(robust, 20))   # a.ref - a: +5 points exactly
+        fake_run(out, "b", seed, clean, improved(robust, 40))
+        fake_run(out, "b.ref", seed, clean, improved(robust, 40))   # b.ref - b: 0 exactly (b - a would be +10)
+    summary = write_summary(plan_sweep(str(spec), out)).read_text()
+    robust_cells = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines() if f"| {ATTACK} |" in line
+                    and " minus " not in line and line.count("[") >= 3}
+    assert "| a | SLF |" in robust_cells["a.ref"] and "+5.00 [+5.00, +5.00]" in robust_cells["a.ref"]
+    assert "| b | SLF |" in robust_cells["b.ref"] and "+0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] | +0.00" in \
+        robust_cells["b.ref"].split(f"| {ATTACK} | 2 | ")[1]
+    with open(out / "summary_differences.csv", newline="") as fh:
+        baselines = {(r["configuration"], r["baseline"]) for r in csv.DictReader(fh)}
+    assert baselines == {("a.ref", "a"), ("b.ref", "b")}
+    spec.write_text(SPEC.replace("baseline: base\n", "comparisons: [better vs nope]\n"))
+    with pytest.raises(ConfigError, match=r"comparison 'better vs nope' names 'nope'"):
+        configurations(load_spec(str(spec)))

@@ -144,11 +144,11 @@ def resolve_attack(cfg: Config, method: Method, settings: BoundSettings) -> tupl
     A phase-1 FGSM-RS attack (mode fgsm-rs) is one step of 1.25 eps from a random start, i.e. PGD with
     steps=1, alpha=1.25 eps; --alpha defaults to the run's alpha scaled by --eps / the run's eps.
     """
-    base = getattr(method.cfg, "attack", None)
+    base = method.attack_config()
     source = "method.attack (the run's phase-1 attack)"
-    if not isinstance(base, AttackConfig):
+    if base is None:
         base, source = cfg.eval.attack, "eval.attack (the method has no phase-1 attack)"
-    base_alpha = 1.25 * base.eps if getattr(base, "mode", "pgd") == "fgsm-rs" else base.alpha
+    base_alpha = 1.25 * base.eps if base.mode == "fgsm-rs" else base.alpha
     eps = base.eps if settings.eps is None else settings.eps
     if settings.alpha is not None:
         alpha = settings.alpha
@@ -180,14 +180,14 @@ class Collected:
     adversarial_nce: list[float]
 
 
-def head_branch(method: Method) -> str:
-    """The BN branch phase 2 reads (the method's headline branch; benign without dual BN)."""
-    return type(method).headline_branch if method.encoder.dual_bn else "benign"
+def head_branch(method: Method, cfg: Config) -> str:
+    """The BN branch phase 2 reads: finetune.branch resolved by the method (headline; benign without dual BN)."""
+    return method.report_branch(cfg.finetune.branch)
 
 
 def attacked_view(method: Method) -> str:
-    """Which augmentation the method attacks: its attack_view, else the strong view."""
-    return str(getattr(method.cfg, "attack_view", "strong"))
+    """Which augmentation the method attacks (`Method.attack_view`: the strong view unless it says otherwise)."""
+    return method.attack_view()
 
 
 def collect(loaded: LoadedRun, attack: AttackConfig, batch_size: int, seed: int) -> Collected:
@@ -197,13 +197,13 @@ def collect(loaded: LoadedRun, attack: AttackConfig, batch_size: int, seed: int)
     b = min(batch_size, n)
     n_batches = n // b
     gen = torch.Generator(device=device).manual_seed(seed)
-    strong, weak, q_kind = cfg.views.strong.build(), cfg.views.weak.build(), attacked_view(method)
+    strong, weak, q_kind = cfg.views.strong, cfg.views.weak, attacked_view(method)
     tau = method.cfg.temperature
     views: dict[str, list[torch.Tensor]] = {"p": [], "q": []}
     nce: dict[str, list[float]] = {"benign": [], "adversarial": []}
     keys = ("z_b", "z_a", "h_b", "h_a", "h_head_b", "h_head_a")
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    head = head_branch(method)
+    head = head_branch(method, cfg)
     with method.evaluating():
         for i in range(n_batches):
             x = loaded.images[i * b:(i + 1) * b]

@@ -69,7 +69,7 @@ def fit_and_select(protocol: str, encoder: Encoder, train: tuple[torch.Tensor, t
     opt = torch.optim.SGD(head.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    weak = cfg.views.weak.build()
+    weak = cfg.views.weak
     steps = math.ceil(len(images) / f.batch_size)  # their loader keeps the last, partial batch
     best: dict[str, Any] = {"robust_acc_adversarial_branch": -1.0}
     history = []

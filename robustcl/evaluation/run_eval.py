@@ -94,6 +94,13 @@ def protocol_model(run: RunDir, protocol: str, encoder: Encoder, device: torch.d
     return BranchModel(encoder, head, branch or saved["branch"]).eval(), saved
 
 
+def part_index(n: int, limit: int | None, subset_seed: int) -> torch.Tensor | None:
+    """Positions of a seeded random `limit` of n evaluated images (for the checks or AutoAttack); None: all n."""
+    if limit is None or limit >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(subset_seed + 7_919))[:limit].sort().values
+
+
 def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: str,
                    fingerprint: str | None = None) -> dict[str, Any]:
     """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/.
@@ -134,8 +141,12 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
             key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
             robust[key] = acc
     record: dict[str, Any] = {"clean_acc": clean, "robust": robust}
+    aa_index = part_index(len(images), e.autoattack_limit, e.subset_seed)
+    aa_images, aa_labels = (images, labels) if aa_index is None else (images[aa_index], labels[aa_index])
     if "autoattack" in e.attacks:
-        aa = run_autoattack(model, images, labels, cfg, run, protocol, fingerprint)
+        aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint)
+        aa["images"] = len(aa_images)
+        aa["pgd_on_same_images"] = fraction(robust_flags if aa_index is None else robust_flags[aa_index])
         robust[autoattack_name(a.eps)] = aa["accuracy"]
         record["autoattack"] = aa
     eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
@@ -147,19 +158,28 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
         steps_known = {a.steps: robust[pgd_key]} if e.restarts == 1 else {}
         record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
                                             e.batch_size, cfg.seed, autocast, steps_known)
-    single = robust[pgd_key] if e.restarts == 1 else pgd_accuracy(model, images, labels, a, e.batch_size,
-                                                                  torch.Generator(device=device).manual_seed(cfg.seed),
-                                                                  autocast)
-    curve_single = [c if c["eps"] != a.eps else {"eps": a.eps, "accuracy": single} for c in record["eps_curve"]]
-    integrity = run_integrity_checks(model, images, labels, a, clean, single, curve_single, num_classes,
+    check_index = part_index(len(images), e.checks_limit, e.subset_seed)  # the checks' images (all by default)
+    c_images, c_labels = (images, labels) if check_index is None else (images[check_index], labels[check_index])
+    c_clean = clean if check_index is None else fraction(clean_flags[check_index])
+    single_pgd = lambda x, y: pgd_accuracy(model, x, y, a, e.batch_size,  # noqa: E731 (one restart)
+                                           torch.Generator(device=device).manual_seed(cfg.seed), autocast)
+    single_all = robust[pgd_key] if e.restarts == 1 else single_pgd(images, labels)
+    if check_index is None:
+        single = single_all
+    else:
+        single = fraction(robust_flags[check_index]) if e.restarts == 1 else single_pgd(c_images, c_labels)
+    curve_single = [c if c["eps"] != a.eps else {"eps": a.eps, "accuracy": single_all} for c in record["eps_curve"]]
+    integrity = run_integrity_checks(model, c_images, c_labels, a, c_clean, single, curve_single, num_classes,
                                      e.batch_size, cfg.seed, autocast)
+    integrity["images"] = len(c_images)
     extra = []
     if "autoattack" in record:
-        extra.append(check_autoattack_below_pgd(record["autoattack"]["accuracy"], robust[pgd_key], len(images),
-                                                a.steps))
-        extra.append(check_square_vs_whitebox(record["autoattack"]["after"], len(images)))
+        extra.append(check_autoattack_below_pgd(record["autoattack"]["accuracy"],
+                                                record["autoattack"]["pgd_on_same_images"], len(aa_images), a.steps))
+        extra.append(check_square_vs_whitebox(record["autoattack"]["after"], len(aa_images)))
     else:
-        extra.append(timed_check(lambda: square_survivors(model, images, labels, a, e.batch_size, cfg.seed, autocast)))
+        extra.append(timed_check(lambda: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed,
+                                                          autocast)))
     for check in extra:
         integrity["checks"].append(check.__dict__)
         if not check.passed:

@@ -1,22 +1,32 @@
-"""Phase-1 methods, one file each, selected by `method.name` in a config."""
+"""Phase-1 methods, one file each, selected by `method.name` in a config.
+
+Every module of this package is imported here (`pkgutil.iter_modules`), and every `Method` subclass
+that sets `name` registers itself in `METHODS` (`Method.__init_subclass__`): a new method is one new
+file in this folder and nothing else to edit.
+"""
 from __future__ import annotations
 
-from robustcl.config import ConfigError
-from robustcl.methods.acl import Acl
-from robustcl.methods.advcl import Advcl
-from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext
-from robustcl.methods.clae import Clae
-from robustcl.methods.gbrcl import Gbrcl
-from robustcl.methods.rocl import Rocl
-from robustcl.methods.simclr import Simclr
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Gbrcl, Simclr, Acl, Rocl, Clae, Advcl)}
+from robustcl.config import ConfigError
+from robustcl.methods.base import METHODS, Method, MethodConfig, SamConfig, SetupEnv, StepContext
+
+
+def _import_all() -> None:
+    """Import every module of robustcl.methods (each registers the methods it defines)."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
 
 
 def method_class(name: str) -> type[Method]:
     """The Method subclass registered under `name` (one-line error listing the known ones)."""
     if name not in METHODS:
-        raise ConfigError(f"unknown method.name {name!r}; known methods: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method.name {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
@@ -25,4 +35,5 @@ def method_config_class(name: str) -> type[MethodConfig]:
     return method_class(name).config_class
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "SamConfig", "StepContext", "method_class", "method_config_class"]
+__all__ = ["METHODS", "Method", "MethodConfig", "SamConfig", "SetupEnv", "StepContext", "method_class",
+           "method_config_class"]

@@ -1,25 +1,44 @@
-"""What every method shares: its modules, its config schema, and the optimisation context.
+"""What every method shares: its modules, its config schema, its hooks, and the optimisation context.
 
 A method is an `nn.Module` holding the encoder f, the projection head g and (optionally) the
 critic D. Its `training_step` reads like the paper's algorithm and delegates the mechanics
-(autocast, SAM on a subset of terms, optimiser steps) to `StepContext`.
+(autocast, SAM on a subset of terms, optimiser steps) to `StepContext`. Everything the harness needs
+to know about a method (its attack, SAM, reporting branch, parameter groups, per-step and per-epoch
+hooks, auxiliary networks) is a hook on `Method` with a default; a subclass with a `name` registers
+itself in `METHODS` (see docs/methods.md).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, Literal
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence, TypeVar
 
 import torch
 from torch import nn
 
-from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig
+from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig, TrainConfig
 from robustcl.distributed import Distributed
-from robustcl.models import Branch, Critic, Encoder, ProjectionHead, frozen_bn_stats
+from robustcl.models import Branch, Critic, Encoder, ProjectionHead, frozen_bn_stats, reported_branch
 from robustcl.objectives import SAM, frozen_parameters
 from robustcl.views import StrongViewConfig, WeakViewConfig
 
 Terms = dict[str, torch.Tensor]
+ParamGroups = dict[str, list[dict[str, Any]]]
+T = TypeVar("T")
+
+
+def declared(cfg: object, name: str, kind: type[T]) -> T | None:
+    """cfg's field `name` when its dataclass declares one holding a `kind`, else None.
+
+    The one place a method config is read by field name: the defaults of the `Method` hooks use it,
+    so the harness itself never looks a field up by name.
+    """
+    if not dataclasses.is_dataclass(cfg) or name not in {f.name for f in dataclasses.fields(cfg)}:
+        return None
+    value = getattr(cfg, name)
+    return value if isinstance(value, kind) else None
 
 
 @dataclass
@@ -37,6 +56,28 @@ class SamConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The critic D: on/off, weight lambda_D, its SGD optimiser, in the attack or not, step order."""
+    enabled: bool = True
+    weight: float = 0.1
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    in_attack: bool = True
+    order: Literal[3, 4] = 3
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"config value method.critic.weight={self.weight!r} must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"config value method.critic.lr={self.lr!r} must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"config value method.critic.momentum={self.momentum!r} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config value method.critic.weight_decay={self.weight_decay!r} must be >= 0")
+
+
+@dataclass
 class MethodConfig:
     """Fields every method has; each method extends it with its own."""
     name: str = ""
@@ -45,8 +86,8 @@ class MethodConfig:
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"config value method.temperature={self.temperature!r} must be > 0")
-        attack = getattr(self, "attack", None)  # every attacking method's `attack` section
-        if isinstance(attack, AttackConfig):
+        attack = declared(self, "attack", AttackConfig)  # every attacking method's `attack` section
+        if attack is not None:
             attack.validate("method.attack")
 
 
@@ -125,10 +166,10 @@ class FreeReplay:
         self.views, self._inputs, self._view_calls = [], [], 0
 
 
-def free_replay_for(method: nn.Module) -> FreeReplay | None:
-    """The FreeReplay state for a method whose method.attack.mode is free, else None."""
-    attack = getattr(getattr(method, "cfg", None), "attack", None)
-    if isinstance(attack, AttackConfig) and attack.mode == "free":
+def free_replay_for(method: "Method") -> FreeReplay | None:
+    """The FreeReplay state for a method whose attack (`Method.attack_config`) has mode free, else None."""
+    attack = method.attack_config()
+    if attack is not None and attack.mode == "free":
         assert attack.replays is not None  # validated: >= 2
         return FreeReplay(attack.replays, attack.eps)
     return None
@@ -152,7 +193,8 @@ class StepContext:
                  sam_terms: tuple[str, ...], generator: torch.Generator, autocast: Callable[[], contextlib.AbstractContextManager],
                  strong: StrongViewConfig = StrongViewConfig(), weak: WeakViewConfig = WeakViewConfig(),
                  channels_last: bool = False, distributed: Distributed | None = None,
-                 reference: ReferenceConfig = OFF) -> None:
+                 reference: ReferenceConfig = OFF,
+                 optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
         self.reference = reference
         self.distributed = distributed if distributed is not None else Distributed()
         self.method = method
@@ -160,6 +202,11 @@ class StepContext:
         self.weak = weak
         self.optimizer = optimizer
         self.critic_optimizer = critic_optimizer
+        # every optimiser by its `Method.param_groups` key: "encoder" and "critic" are the two above
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers or {})
+        self.optimizers.setdefault("encoder", optimizer)
+        if critic_optimizer is not None:
+            self.optimizers.setdefault("critic", critic_optimizer)
         self.sam = sam
         self.sam_terms = sam_terms
         self.generator = generator
@@ -174,10 +221,20 @@ class StepContext:
     def critic_step(self, loss: torch.Tensor) -> None:
         """One optimiser step of D on its own loss (its gradient averaged over ranks first)."""
         assert self.critic_optimizer is not None
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step(self.critic_optimizer, loss)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | str, loss: torch.Tensor) -> None:
+        """One step of `optimizer` (or the one under that `Method.param_groups` key) on its own `loss`:
+        zero its gradients, backward, average them over ranks, step."""
+        opt = self.optimizers[optimizer] if isinstance(optimizer, str) else optimizer
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.distributed.all_reduce_grads(optimizer_params(self.critic_optimizer))
-        self.critic_optimizer.step()
+        self.reduce_and_step(opt)
+
+    def reduce_and_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average the accumulated gradients of `optimizer`'s parameters over ranks (none for one process), then step."""
+        self.distributed.all_reduce_grads(optimizer_params(optimizer))
+        optimizer.step()
 
     def encoder_step(self, terms_fn: Callable[[tuple[str, ...] | None], Terms],
                      weights: dict[str, float]) -> Terms:
@@ -185,65 +242,109 @@ class StepContext:
 
         `terms_fn(None)` computes every term at the current parameters; `terms_fn(names)` only the
         named ones (used for the SAM pass at theta + e, with BN running statistics frozen).
-        Across ranks, SAM's ascent direction is the ALL-REDUCED gradient of the sharp terms (that of
-        the global batch), so e is the same on every rank and the step equals the single-process one;
-        a rank-local e would save one all-reduce but perturb each rank differently. The accumulated
-        gradient is averaged over ranks once, just before the optimiser step.
-        In free mode the perturbed inputs' gradients come from the same backward(s) at theta (under SAM
-        they are kept from the first pass; the pass at theta + e does not change them) and are never
-        all-reduced; after the optimiser step each perturbation takes its signed step (`FreeReplay`).
-        Reference switches: `sam_reached_only` drops the gradient of every parameter the SAM terms do
-        not reach (the authors' SAM steps only parameters with a gradient from its second pass: with SAM
-        on the benign term, the adversarial-BN weights and biases get no update, not even weight decay
-        or momentum); `sam_pass_updates_bn` lets BN running statistics move in the pass at theta + e.
+        The pieces: `weighted_backward` (no SAM) or `sam_backward` (SAM's two passes), then
+        `reduce_and_step` (the gradient averaged over ranks once, just before the optimiser step), then,
+        in free mode, each carried perturbation's signed step (`FreeReplay.end_step`).
         """
-        method, opt = self.method, self.optimizer
+        method = self.method
         perturbed = self.free.perturbed() if self.free is not None else []
         method.train()
-        opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         critic = [method.critic] if method.critic is not None else []
         with frozen_parameters(*critic), phase("encoder_step"):
             with self.autocast():
                 terms = terms_fn(None)
             if self.sam is None:
-                weighted_sum(terms, weights).backward()
+                weighted_backward(terms, weights)
             else:
-                sharp_names = tuple(k for k in self.sam_terms if k in terms)
-                if not sharp_names:
-                    raise ConfigError(f"method.sam.terms={list(self.sam_terms)} names none of this method's loss "
-                                      f"terms ({', '.join(terms)}); name one of them or set method.sam.mode=off")
-                sharp = weighted_sum({k: terms[k] for k in sharp_names}, weights)
-                rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
-                n = len(self.sam.params)
-                grads = torch.autograd.grad(sharp, [*self.sam.params, *perturbed], retain_graph=rest.requires_grad,
-                                            allow_unused=True)
-                grads, input_grads = grads[:n], grads[n:]
-                unreached = ([prm for prm, g in zip(self.sam.params, grads) if g is None]
-                             if self.reference.sam_reached_only else [])
-                for x_adv, grad in zip(perturbed, input_grads):  # free mode: the sharp terms' input gradient
-                    x_adv.grad = grad
-                self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
-                if rest.requires_grad:
-                    rest.backward()
-                kept = [x_adv.grad for x_adv in perturbed]  # free mode: the input gradient at theta only
-                for x_adv in perturbed:
-                    x_adv.grad = None  # (else the pass at theta + e would accumulate into `kept` in place)
-                with phase("sam_second_pass"):
-                    self.sam.ascend(grads)
-                    stats = contextlib.nullcontext() if self.reference.sam_pass_updates_bn else frozen_bn_stats(method)
-                    with stats, self.autocast():
-                        at_e = terms_fn(sharp_names)
-                    weighted_sum(at_e, weights).backward()
-                    self.sam.descend()
-                for prm in unreached:  # reference: the optimiser skips them (no step, weight decay or momentum)
-                    prm.grad = None
-                for x_adv, grad in zip(perturbed, kept):
-                    x_adv.grad = grad
-        self.distributed.all_reduce_grads(optimizer_params(opt))
-        opt.step()
+                self.sam_backward(terms_fn, terms, weights, perturbed)
+        self.reduce_and_step(self.optimizer)
         if self.free is not None:
             self.free.end_step()
         return {k: v.detach() for k, v in terms.items()}
+
+    def sam_backward(self, terms_fn: Callable[[tuple[str, ...] | None], Terms], terms: Terms,
+                     weights: dict[str, float], perturbed: list[torch.Tensor]) -> None:
+        """Accumulate SAM's gradient: the sharp terms' at theta + e, the other terms' at theta (not yet all-reduced).
+
+        Across ranks, SAM's ascent direction is the ALL-REDUCED gradient of the sharp terms (that of
+        the global batch), so e is the same on every rank and the step equals the single-process one;
+        a rank-local e would save one all-reduce but perturb each rank differently.
+        In free mode the perturbed inputs' gradients are the sharp and other terms' at theta (the pass
+        at theta + e does not change them) and are never all-reduced.
+        Reference switches: `sam_reached_only` drops the gradient of every parameter the SAM terms do
+        not reach (the authors' SAM steps only parameters with a gradient from its second pass: with SAM
+        on the benign term, the adversarial-BN weights and biases get no update, not even weight decay
+        or momentum); `sam_pass_updates_bn` lets BN running statistics move in the pass at theta + e.
+        """
+        assert self.sam is not None
+        sharp_names = sam_term_names(self.sam_terms, terms)
+        sharp = weighted_sum({k: terms[k] for k in sharp_names}, weights)
+        rest = weighted_sum({k: v for k, v in terms.items() if k not in sharp_names}, weights)
+        grads, input_grads = sharp_gradients(sharp, self.sam.params, perturbed, retain_graph=rest.requires_grad)
+        unreached = unreached_parameters(self.sam.params, grads) if self.reference.sam_reached_only else []
+        set_grads(perturbed, input_grads)  # free mode: the sharp terms' input gradient
+        self.distributed.all_reduce_mean_(grads)  # the global batch's ascent direction
+        if rest.requires_grad:
+            rest.backward()
+        kept = take_grads(perturbed)  # free mode: the input gradient at theta, kept out of the pass at theta + e
+        with phase("sam_second_pass"):
+            self.sam_second_pass(terms_fn, sharp_names, weights, grads)
+        set_grads(unreached, [None] * len(unreached))  # reference: the optimiser skips them (no step, decay, momentum)
+        set_grads(perturbed, kept)
+
+    def sam_second_pass(self, terms_fn: Callable[[tuple[str, ...] | None], Terms], names: tuple[str, ...],
+                        weights: dict[str, float], grads: Sequence[torch.Tensor | None]) -> None:
+        """Move to theta + e (from the sharp terms' gradient `grads`), accumulate the named terms' gradient there,
+        move back; BN running statistics frozen meanwhile unless reference.sam_pass_updates_bn."""
+        assert self.sam is not None
+        self.sam.ascend(grads)
+        stats = contextlib.nullcontext() if self.reference.sam_pass_updates_bn else frozen_bn_stats(self.method)
+        with stats, self.autocast():
+            at_e = terms_fn(names)
+        weighted_sum(at_e, weights).backward()
+        self.sam.descend()
+
+
+def weighted_backward(terms: Terms, weights: dict[str, float]) -> None:
+    """The plain encoder step's backward: accumulate the gradient of sum_k w_k * term_k."""
+    weighted_sum(terms, weights).backward()
+
+
+def sam_term_names(sam_terms: tuple[str, ...], terms: Terms) -> tuple[str, ...]:
+    """The configured SAM terms this step computed (in sam_terms' order); a ConfigError when it computed none."""
+    names = tuple(k for k in sam_terms if k in terms)
+    if not names:
+        raise ConfigError(f"method.sam.terms={list(sam_terms)} names none of this method's loss "
+                          f"terms ({', '.join(terms)}); name one of them or set method.sam.mode=off")
+    return names
+
+
+def sharp_gradients(sharp: torch.Tensor, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                    retain_graph: bool) -> tuple[tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]]:
+    """(d sharp / d params, d sharp / d inputs), None where unreached; the graph kept when other terms need it."""
+    grads = torch.autograd.grad(sharp, [*params, *inputs], retain_graph=retain_graph, allow_unused=True)
+    n = len(params)
+    return grads[:n], grads[n:]
+
+
+def unreached_parameters(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The parameters whose gradient is None (the SAM terms do not depend on them)."""
+    return [prm for prm, g in zip(params, grads) if g is None]
+
+
+def set_grads(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """tensor.grad = grad for each pair (free mode's perturbed inputs; None drops a parameter's gradient)."""
+    for tensor, grad in zip(tensors, grads):
+        tensor.grad = grad
+
+
+def take_grads(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The tensors' current .grad, each then cleared, so a later backward cannot accumulate into them in place."""
+    grads = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return grads
 
 
 PHASES: tuple[str, ...] = ("views", "attack", "critic", "encoder_step", "sam_second_pass")
@@ -269,13 +370,42 @@ def weighted_sum(terms: Terms, weights: dict[str, float]) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
+@dataclass(frozen=True)
+class SetupEnv:
+    """What `Method.setup` may use: the run's config, its directory (None outside a run), device, ranks, verbosity."""
+    cfg: Any
+    run_root: Path | None
+    device: torch.device
+    distributed: Distributed
+    quiet: bool  # True on every rank but 0 (and when the caller asked for silence): print nothing
+
+
+METHODS: dict[str, type["Method"]] = {}  # name -> class, filled by `Method.__init_subclass__`
+
+
 class Method(nn.Module):
-    """Base of every phase-1 method: f (encoder), g (projection head), optional D (critic)."""
+    """Base of every phase-1 method: f (encoder), g (projection head), optional D (critic), and its hooks.
+
+    A subclass that sets `name` is registered in `METHODS` when its class statement runs. The hooks
+    below are the whole contract between a method and the harness (pretrain, bench, bound, diagnostics,
+    export, finetune); each has a default that fits the methods of docs/methods.md.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     dual_bn: ClassVar[bool] = True
     headline_branch: ClassVar[Branch] = "adversarial"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a subclass that names itself (`name` set in its own body) in METHODS."""
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # an intermediate base class
+        known = METHODS.get(cls.name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is already taken by "
+                            f"{known.__module__}.{known.__qualname__}; choose another `name`")
+        METHODS[cls.name] = cls  # the same class again (a module reloaded) replaces itself
 
     def __init__(self, cfg: MethodConfig, encoder: Encoder, projector: ProjectionHead,
                  critic: Critic | None = None) -> None:
@@ -285,22 +415,101 @@ class Method(nn.Module):
         self.projector = projector
         self.critic = critic
 
+    # ------------------------------------------------------------------ what the method is
     @classmethod
     def wants_critic(cls, cfg: MethodConfig) -> bool:
         """Whether this configuration needs a critic D."""
         return False
 
-    def sam_config(self) -> SamConfig:
-        """The SAM settings of this method (off unless the method's config has a `sam` section)."""
-        return getattr(self.cfg, "sam", SamConfig())
+    @classmethod
+    def attack_for(cls, cfg: MethodConfig) -> AttackConfig | None:
+        """The phase-1 attack of config `cfg` (None: the method attacks nothing); override this, not attack_config."""
+        return declared(cfg, "attack", AttackConfig)
 
-    def embed(self, x: torch.Tensor, branch: Branch) -> torch.Tensor:
-        """z = g(f_branch(x)), L2-normalised."""
-        return self.projector(self.encoder(x, branch))
+    @classmethod
+    def attack_free(cls, cfg: MethodConfig) -> bool:
+        """Whether config `cfg` of this method trains without any attack (SimCLR)."""
+        return cls.attack_for(cfg) is None
+
+    def attack_config(self) -> AttackConfig | None:
+        """This method's phase-1 attack (free mode, diagnostics' eps and bound's budget read it), None if none."""
+        return type(self).attack_for(self.cfg)
+
+    def sam_config(self) -> SamConfig:
+        """The SAM settings of this method (off unless the method's config declares a `sam` section)."""
+        found = declared(self.cfg, "sam", SamConfig)
+        return found if found is not None else SamConfig()
+
+    def critic_config(self) -> CriticConfig | None:
+        """The critic's settings (its optimiser's lr, momentum, weight decay), from a declared `critic` section."""
+        return declared(self.cfg, "critic", CriticConfig)
+
+    def attack_view(self) -> Literal["weak", "strong"]:
+        """Which augmentation the method attacks (bound measures with it): the strong view unless overridden."""
+        return "strong"
+
+    def divergence(self) -> str | None:
+        """The f-divergence the critic estimates (diagnostics read its threshold), None without a critic."""
+        return declared(self.cfg, "divergence", str) if self.critic is not None else None
+
+    def report_branch(self, requested: str = "headline") -> Branch:
+        """The BN branch a reading through `requested` uses: headline -> `headline_branch`; one BN -> benign."""
+        return reported_branch(requested, self.headline_branch, self.encoder.dual_bn)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, train: TrainConfig) -> ParamGroups:
+        """Optimiser key -> SGD param groups: one SGD is built per key (`robustcl.methods.build`).
+
+        "encoder" (f and g, train.lr/momentum/weight_decay) is the optimiser SAM wraps and the lr
+        schedule drives (each group at schedule(train.lr) * group["lr_scale"], default 1); "critic"
+        (D, its own settings) follows the critic's schedule. A method may add groups or keys.
+        """
+        groups: ParamGroups = {"encoder": [{"params": self.encoder_parameters(), "lr": train.lr,
+                                            "momentum": train.momentum, "weight_decay": train.weight_decay,
+                                            "name": "encoder"}]}
+        if self.critic is not None:
+            c = self.critic_config()
+            if c is None:
+                raise TypeError(f"method {self.name!r} has a critic but no `critic` section (CriticConfig); declare "
+                                "one or override Method.param_groups")
+            groups["critic"] = [{"params": list(self.critic.parameters()), "lr": c.lr, "momentum": c.momentum,
+                                 "weight_decay": c.weight_decay, "name": "critic"}]
+        return groups
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of f and g (what the encoder optimiser and SAM update)."""
         return [p for m in (self.encoder, self.projector) for p in m.parameters()]
+
+    def auxiliary_modules(self) -> dict[str, nn.Module]:
+        """Frozen teachers or EMA networks: submodules (so checkpointed with the method), kept in eval mode,
+        never in `param_groups`. None by default."""
+        return {}
+
+    def train(self, mode: bool = True) -> "Method":
+        """nn.Module.train, except that the auxiliary modules always stay in eval mode."""
+        super().train(mode)
+        for module in self.auxiliary_modules().values():
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------ hooks the trainer calls
+    def setup(self, env: SetupEnv) -> None:
+        """Once, after the method and its optimisers are built and before resume or training (e.g. load a teacher)."""
+
+    def on_epoch_start(self, epoch: int, total_epochs: float, ctx: "StepContext") -> None:
+        """At every epoch boundary and at the first step of every (resumed) fit: state a pure function of the epoch."""
+
+    def on_step_end(self, step: int, total_steps: int, ctx: "StepContext") -> None:
+        """After every optimiser step; `step` counts the steps done so far (EMA updates go here)."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra numbers logged with the step metrics (e.g. a schedule's current value)."""
+        return {}
+
+    # ------------------------------------------------------------------ the step
+    def embed(self, x: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """z = g(f_branch(x)), L2-normalised."""
+        return self.projector(self.encoder(x, branch))
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -313,7 +522,7 @@ class Method(nn.Module):
             for m, mode in modes:
                 m.train(mode)
 
-    def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def training_step(self, images: torch.Tensor, ctx: "StepContext") -> dict[str, torch.Tensor]:
         """One phase-1 optimisation step on a uint8 batch; returns detached metrics."""
         raise NotImplementedError
 

@@ -38,6 +38,10 @@ class Clae(Method):
     config_class = ClaeConfig
     cfg: ClaeConfig
 
+    def attack_view(self) -> Literal["weak", "strong"]:
+        """The augmentation of q, the attacked view (method.attack_view)."""
+        return self.cfg.attack_view
+
     def attack(self, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """PGD on q maximising NCE(z_b(q), z_a(q')) (eval mode, parameters frozen)."""
         target = fixed_embedding(self, q, "benign", ctx)

@@ -14,32 +14,10 @@ from typing import Callable, Literal
 import torch
 
 from robustcl.config import AttackConfig, ConfigError
-from robustcl.methods.base import Method, MethodConfig, SamConfig, StepContext, Terms, phase
+from robustcl.methods.base import CriticConfig, Method, MethodConfig, SamConfig, StepContext, Terms, phase
 from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, fgsm_rs, pgd
 from robustcl.objectives.divergences import f_critic_accuracy
 from robustcl.views import strong_view, weak_view
-
-
-@dataclass
-class CriticConfig:
-    """The critic D: on/off, weight lambda_D, its SGD optimiser, in the attack or not, step order."""
-    enabled: bool = True
-    weight: float = 0.1
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    in_attack: bool = True
-    order: Literal[3, 4] = 3
-
-    def validate(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"config value method.critic.weight={self.weight!r} must be >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"config value method.critic.lr={self.lr!r} must be > 0")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"config value method.critic.momentum={self.momentum!r} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"config value method.critic.weight_decay={self.weight_decay!r} must be >= 0")
 
 
 @dataclass

@@ -48,6 +48,10 @@ class Gbrcl(Method):
     config_class = GbrclConfig
     cfg: GbrclConfig
 
+    def attack_view(self) -> Literal["weak", "strong"]:
+        """The augmentation of q, the attacked view (method.attack_view)."""
+        return self.cfg.attack_view
+
     @classmethod
     def wants_critic(cls, cfg: GbrclConfig) -> bool:  # type: ignore[override]
         return uses_critic(cfg)

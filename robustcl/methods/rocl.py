@@ -39,6 +39,10 @@ class Rocl(Method):
     config_class = RoclConfig
     cfg: RoclConfig
 
+    def attack_view(self) -> Literal["weak", "strong"]:
+        """The augmentation of q, the attacked view (method.attack_view)."""
+        return self.cfg.attack_view
+
     def attack(self, p: torch.Tensor, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """PGD on q maximising NCE(z_b(p), z_a(q')) (eval mode, parameters frozen)."""
         target = fixed_embedding(self, p, "benign", ctx)

@@ -22,6 +22,13 @@ def check_branch(branch: str) -> Branch:
     return branch  # type: ignore[return-value]
 
 
+def reported_branch(requested: str, headline: Branch, dual: bool) -> Branch:
+    """The branch a reading through `requested` uses: "headline" -> `headline`, benign/adversarial as asked;
+    an encoder with one BN (`dual` False) has only its benign statistics. The one branch resolution."""
+    branch = headline if requested == "headline" else check_branch(requested)
+    return branch if dual else "benign"
+
+
 class DualBatchNorm2d(nn.Module):
     """BatchNorm2d with one independent BN per branch; `dual=False` keeps a single shared BN (SimCLR)."""
 

@@ -231,7 +231,8 @@ def integrity_lines(label: str, results: dict[str, Any]) -> list[str]:
         if integrity is None:
             continue
         if integrity["passed"]:
-            lines.append(f"- {label} {protocol.upper()}: integrity checks passed ({len(integrity['checks'])}: "
+            on = f" on {integrity['images']} images" if "images" in integrity else ""
+            lines.append(f"- {label} {protocol.upper()}: integrity checks passed{on} ({len(integrity['checks'])}: "
                          + ", ".join(c["name"] for c in integrity["checks"]) + ")")
         else:
             failed = "; ".join(f"{c['name']}: {c['detail']}" for c in integrity["checks"] if not c["passed"])

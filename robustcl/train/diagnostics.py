@@ -78,7 +78,7 @@ def batched_features(features: Features, images: torch.Tensor, chunk: int) -> to
 
 def critic_threshold(method: Method) -> float:
     """The logit above which D says "benign": 0 for the BCE critic, an f-divergence critic's own f'(1)."""
-    name = getattr(method.cfg, "divergence", None)
+    name = method.divergence()
     if name is None:
         return 0.0
     from robustcl.objectives.divergences import divergence  # only methods with an f-divergence critic need it
@@ -197,8 +197,8 @@ class Diagnostics:
         self.method, self.device, self.autocast, self.prepare = method, device, autocast, prepare
         self.num_classes, self.chance = num_classes, 1.0 / num_classes
         self.seed, self.chunk = cfg.seed, max(cfg.train.batch_size, 256)
-        self.branch = type(method).headline_branch if method.encoder.dual_bn else "benign"
-        attack = getattr(method.cfg, "attack", None)
+        self.branch = method.report_branch(cfg.finetune.branch)  # the branch phase 2 will read
+        attack = method.attack_config()
         self.eps = float(attack.eps) if attack is not None else d.eps
         self.history: list[dict[str, Any]] = []
         self.losses: dict[str, float] = {}
@@ -228,7 +228,7 @@ class Diagnostics:
     def critic_acc(self, x: torch.Tensor, x_adv: torch.Tensor) -> float:
         """D's accuracy on benign z_b(x) vs adversarial z_a(x') (call in eval mode)."""
         assert self.method.critic is not None
-        adv_branch = "adversarial" if self.method.encoder.dual_bn else "benign"
+        adv_branch = self.method.report_branch("adversarial")
         with torch.no_grad():
             logits_b = self.method.critic(self.embed(x, "benign"))
             logits_a = self.method.critic(self.embed(x_adv, adv_branch))

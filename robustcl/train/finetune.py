@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from robustcl.config import Config
 from robustcl.evaluation import ce_objective, pgd_accuracy
-from robustcl.export import check_encoder_fits, read_encoder
+from robustcl.export import check_encoder_fits, read_encoder, resolve_branch
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
@@ -29,12 +29,6 @@ from robustcl.train.common import (autocast_factory, load_split, resolve_device,
                                    train_val_indices)
 from robustcl.runs.loggers import check_loggers, open_logger
 from robustcl.views import weak_view
-
-
-def resolve_branch(requested: str, meta: dict[str, Any]) -> str:
-    """`headline` -> the method's reporting branch; single-BN encoders only have `benign`."""
-    branch = meta["headline_branch"] if requested == "headline" else requested
-    return branch if meta["dual_bn"] else "benign"
 
 
 @torch.no_grad()
@@ -173,7 +167,7 @@ def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     if steps_per_epoch == 0:
         raise RunError(f"finetune.aff.batch_size={aff.batch_size} exceeds the {len(images)} AFF training images; lower it")
     view_gen = torch.Generator(device=device).manual_seed(cfg.seed + 31)
-    weak = cfg.views.weak.build()
+    weak = cfg.views.weak
     total, step = aff.epochs * steps_per_epoch, 0
     best: dict[str, Any] = {"val_acc": -1.0}
     bar = tqdm(total=total, desc=f"AFF-{aff.loss} ({branch})", disable=not progress, file=sys.stderr, mininterval=1.0)

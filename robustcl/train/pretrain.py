@@ -27,17 +27,15 @@ import torch
 from tqdm import tqdm
 
 from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config, reference_switches
-from robustcl.distributed import Distributed, job_from_env, rank_seed
+from robustcl.distributed import Distributed, job_from_env
 from robustcl.export import export_encoder
-from robustcl.methods import Method, StepContext
-from robustcl.models.dual_bn import cross_rank_batch_norm
-from robustcl.objectives import SAM
+from robustcl.methods import Method, SetupEnv
+from robustcl.methods.build import build_training
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
-from robustcl.train.common import (autocast_factory, build_method, load_split, resolve_device, resolve_runtime,
-                                   started_config, train_val_indices)
+from robustcl.train.common import load_split, resolve_device, resolve_runtime, started_config, train_val_indices
 from robustcl.runs.loggers import MetricLogger, check_loggers, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.train.schedule import reference_learning_rate
@@ -92,29 +90,15 @@ class Pretrainer:
         self.info = data.info
         if len(self.images) < t.batch_size:
             raise RunError(f"train.batch_size={t.batch_size} exceeds the {len(self.images)} training images; lower it")
-        torch.manual_seed(cfg.seed)
-        self.method: Method = build_method(cfg, data.info.channels, data.info.mean, data.info.std)
-        if self.dist.world > 1:  # before the optimisers: the converted BNs keep the same Parameter objects
-            cross_rank_batch_norm(self.method)
-        self.method.to(self.device)
-        if t.channels_last:
-            self.method.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.method.encoder_parameters(), lr=t.lr, momentum=t.momentum,
-                                         weight_decay=t.weight_decay, foreach=True)
-        self.critic_optimizer = None
-        if self.method.critic is not None:
-            c = cfg.method.critic
-            self.critic_optimizer = torch.optim.SGD(self.method.critic.parameters(), lr=c.lr, momentum=c.momentum,
-                                                    weight_decay=c.weight_decay, foreach=True)
-        sam_cfg = self.method.sam_config()
-        self.sam = (SAM(self.method.encoder_parameters(), sam_cfg.rho, adaptive=sam_cfg.mode == "asam")
-                    if sam_cfg.mode != "off" else None)
-        self.generator = torch.Generator(device=self.device).manual_seed(rank_seed(cfg.seed, self.dist.rank))
-        self.ctx = StepContext(self.method, self.optimizer, self.critic_optimizer, self.sam, sam_cfg.terms,
-                               self.generator, autocast_factory(self.device, t.precision),
-                               strong=cfg.views.strong.build(), weak=cfg.views.weak.build(),
-                               channels_last=t.channels_last, distributed=self.dist,
-                               reference=reference_switches(cfg))
+        self.training = build_training(cfg, data.info, self.device, self.dist, lr_at=self.lr_at)
+        self.method: Method = self.training.method
+        self.optimizers = self.training.optimizers  # one per `Method.param_groups` key, all checkpointed
+        self.optimizer = self.optimizers["encoder"]
+        self.critic_optimizer = self.optimizers.get("critic")
+        self.sam = self.training.sam
+        self.ctx = self.training.ctx
+        self.generator = self.ctx.generator
+        self.method.setup(SetupEnv(cfg, run.root, self.device, self.dist, quiet=not self.dist.is_main))
         self.replays = self.ctx.free.replays if self.ctx.free is not None else 1  # optimiser steps per batch
         self.steps_per_epoch = len(self.images) // t.batch_size * self.replays  # optimiser steps per pass
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -124,6 +108,7 @@ class Pretrainer:
                             if cfg.diagnostics.every > 0 and self.dist.is_main else None)
         # (held-out labels: measured, never trained on; rank 0 alone measures and logs)
         self.step = 0
+        self.epoch_started: int | None = None  # the epoch whose `Method.on_epoch_start` ran last in this process
         self.saved_step: int | None = None  # step of the checkpoint on disk, None until one is written
         self.logger: MetricLogger | None = None  # rank 0, while fit() runs
         self.sync_from_main()
@@ -161,6 +146,7 @@ class Pretrainer:
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items() if k not in ("encoder", "critic")},
             "sam": {"rho": self.sam.rho, "adaptive": self.sam.adaptive} if self.sam else None,
             "scheduler": {"step": self.step, "total": self.total_steps, "warmup": self.warmup_steps},
             "rng": self.rng_state(),
@@ -179,6 +165,9 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic_optimizer is not None:
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        for key, opt in self.optimizers.items():  # a method's further optimisers (none for most methods)
+            if key not in ("encoder", "critic"):
+                opt.load_state_dict(state["optimizers"][key])
         rng = state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"]
         self.generator.set_state(rng["views"])
         torch.set_rng_state(rng["torch"])
@@ -245,6 +234,15 @@ class Pretrainer:
             self.diagnostics.restore(self.run.read_metrics())
 
     # ------------------------------------------------------------------ loop
+    def start_epoch_if_new(self) -> None:
+        """`Method.on_epoch_start` when the current step opens an epoch not yet started in this fit (so at
+        every epoch boundary, and at the first step of a resumed fit: the method's state is a function of
+        the epoch alone, as exact resume needs)."""
+        epoch = self.step // self.steps_per_epoch
+        if epoch != self.epoch_started:
+            self.method.on_epoch_start(epoch, self.total_steps / self.steps_per_epoch, self.ctx)
+            self.epoch_started = epoch
+
     def batch(self, step: int) -> torch.Tensor:
         """This rank's uint8 rows of global step `step`'s batch: a seeded permutation per epoch (the same
         on every rank), so resume is exact; rank r takes the r-th contiguous 1/world of the batch.
@@ -298,19 +296,17 @@ class Pretrainer:
         sums: dict[str, torch.Tensor] = {}
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
         start_step, checkpoint_due = self.step, False
+        self.epoch_started = None  # a (resumed) fit calls on_epoch_start at its first step
         while self.step < self.total_steps:
-            lr = self.lr_at(self.step, t.lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if self.critic_optimizer is not None and reference_switches(self.cfg).critic_schedule:
-                for group in self.critic_optimizer.param_groups:  # the authors schedule D's lr like the encoder's
-                    group["lr"] = self.lr_at(self.step, self.cfg.method.critic.lr)
+            self.start_epoch_if_new()
+            lr = self.training.schedule(self.step)  # encoder groups (x lr_scale); D's under reference.critic_schedule
             with default_gather(self.dist.gather):  # InfoNCE keys from every rank (none for one process)
                 stats = self.method.training_step(self.batch(self.step), self.ctx)
             for k, v in stats.items():  # accumulate on device: no host sync in the hot loop
                 sums[k] = sums[k] + v.float() if k in sums else v.float()
             count += 1
             self.step += 1
+            self.method.on_step_end(self.step, self.total_steps, self.ctx)
             bar.update(1)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if self.step % t.log_every == 0 or self.step == self.total_steps or end_of_epoch:
@@ -324,7 +320,7 @@ class Pretrainer:
                 if main:
                     assert self.logger is not None
                     self.logger.log({"phase": "pretrain", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                     "lr": lr, "images_per_s": ips, **last})
+                                     "lr": lr, "images_per_s": ips, **last, **self.method.epoch_metrics()})
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
                 sums, count, window_start = {}, 0, now
             every = self.cfg.diagnostics.every

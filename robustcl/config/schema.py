@@ -1,29 +1,18 @@
-"""Typed run configuration: YAML presets shipped in the package, `key=value` overrides, validation.
+"""The schema of a run's configuration: one dataclass per section, each validating its own values.
 
-Every section is a dataclass; `build(cls, mapping)` converts a parsed YAML mapping into it and fails
-with a one-line `ConfigError` naming the offending key (unknown key, wrong type, impossible value).
-A preset may start with `extends: <preset>` to inherit and override another one.
+The conversion from YAML (types, unknown keys, overrides) is `robustcl.config.engine`; the shipped
+presets and `extends` are `robustcl.config.presets`. The method section's dataclass belongs to the
+method (`robustcl.methods`), chosen by method.name.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from fractions import Fraction
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from robustcl.config.engine import CODE_ONLY, ConfigError, build, plain
+from robustcl.config.engine import check as _check
 
 
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line naming the key and the fix."""
-
-
-# ----------------------------------------------------------------------------------------- schema
 @dataclass
 class SyntheticConfig:
     num_classes: int = 10
@@ -58,53 +47,116 @@ class DataConfig:
                 raise ConfigError(f"config value data.options: {exc}") from None
 
 
-@dataclass
-class StrongViewSection:
+# One definition of the views' parameters: the config sections views.strong / views.weak, and what
+# robustcl.views.strong_view / weak_view take (robustcl.views re-exports these classes).
+def check_range(name: str, lo: float, hi: float, min_value: float = 0.0) -> None:
+    """Raise if (lo, hi) is not an ordered range above `min_value` (catches swapped configs early)."""
+    if not (min_value <= lo <= hi):
+        raise ValueError(f"{name} must satisfy {min_value} <= lo <= hi, got ({lo}, {hi})")
+
+
+def check_prob(name: str, p: float) -> None:
+    """Raise if `p` is not a probability."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def check_kernel(kernel: int) -> None:
+    """Raise if the blur kernel size is not a positive odd integer (as torchvision requires)."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"blur kernel size must be a positive odd integer, got {kernel}")
+
+
+def check_jitter(brightness: float, contrast: float, saturation: float, hue: float) -> None:
+    """Raise on negative jitter strengths or a hue strength above 0.5 (torchvision's limits)."""
+    for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+        if value < 0:
+            raise ValueError(f"{name} jitter must be >= 0, got {value}")
+    if not 0.0 <= hue <= 0.5:
+        raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
+
+
+@dataclass(frozen=True)
+class StrongViewConfig:
+    """Parameters of the SimCLR-style strong view (torchvision defaults for CIFAR-scale images); config section
+    views.strong. crop_ratio and blur_kernel are settable in code only (not config keys)."""
+
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata=CODE_ONLY)
     flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = field(default=3, metadata=CODE_ONLY)
+
+    def __post_init__(self) -> None:
+        """Validate at construction so a bad preset fails before training starts."""
+        self.validate()
 
     def validate(self) -> None:
+        """One-line ConfigError (a ValueError) naming the views.strong key at fault."""
         lo, hi = self.crop_scale
         _check(0 < lo <= hi <= 1, "views.strong.crop_scale", self.crop_scale, "must satisfy 0 < min <= max <= 1")
         for key in ("flip_p", "jitter_p", "gray_p", "blur_p"):
             _check(0 <= getattr(self, key) <= 1, f"views.strong.{key}", getattr(self, key), "must be a probability in [0, 1]")
         try:
-            self.build()
+            self._check_view()
         except ValueError as exc:
             raise ConfigError(f"config section views.strong: {exc}") from None
 
-    def build(self) -> Any:
-        """The views module's StrongViewConfig with these values (its own checks run here too)."""
-        from robustcl.views import StrongViewConfig
+    def _check_view(self) -> None:
+        """The view functions' own limits (ValueError)."""
+        check_range("crop_scale", *self.crop_scale)
+        if self.crop_scale[1] > 1.0 or self.crop_scale[0] <= 0.0:
+            raise ValueError(f"crop_scale must lie in (0, 1], got {self.crop_scale}")
+        check_range("crop_ratio", *self.crop_ratio)
+        if self.crop_ratio[0] <= 0.0:
+            raise ValueError(f"crop_ratio must be positive, got {self.crop_ratio}")
+        check_jitter(*self.jitter)
+        for name in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+            check_prob(name, getattr(self, name))
+        check_range("blur_sigma", *self.blur_sigma)
+        if self.blur_sigma[0] <= 0.0:
+            raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
+        check_kernel(self.blur_kernel)
 
-        return StrongViewConfig(**dataclasses.asdict(self))
+    def build(self) -> StrongViewConfig:
+        """This object (the views take the config section itself; kept for code that called build())."""
+        return self
 
 
-@dataclass
-class WeakViewSection:
+@dataclass(frozen=True)
+class WeakViewConfig:
+    """Parameters of the weak view: torchvision RandomCrop(padding) + RandomHorizontalFlip(flip_p); config
+    section views.weak."""
+
     padding: int = 4
     flip_p: float = 0.5
 
+    def __post_init__(self) -> None:
+        """Validate at construction so a bad preset fails before training starts."""
+        self.validate()
+
     def validate(self) -> None:
+        """One-line ConfigError (a ValueError) naming the views.weak key at fault."""
         _check(self.padding >= 0, "views.weak.padding", self.padding, "must be >= 0")
         _check(0 <= self.flip_p <= 1, "views.weak.flip_p", self.flip_p, "must be a probability in [0, 1]")
 
-    def build(self) -> Any:
-        """The views module's WeakViewConfig with these values."""
-        from robustcl.views import WeakViewConfig
+    def build(self) -> WeakViewConfig:
+        """This object (kept for code that called build())."""
+        return self
 
-        return WeakViewConfig(**dataclasses.asdict(self))
+
+StrongViewSection = StrongViewConfig  # the config sections' former names
+WeakViewSection = WeakViewConfig
 
 
 @dataclass
 class ViewsConfig:
-    strong: StrongViewSection = field(default_factory=StrongViewSection)
-    weak: WeakViewSection = field(default_factory=WeakViewSection)
+    strong: StrongViewConfig = field(default_factory=StrongViewConfig)
+    weak: WeakViewConfig = field(default_factory=WeakViewConfig)
 
 
 @dataclass
@@ -284,6 +336,10 @@ class EvalConfig:
     steps_curve: tuple[int, ...] = ()  # PGD step counts for the accuracy-vs-steps curve (same eps, alpha)
     mixed_reading: bool = False        # also report the reference protocol's labelled clean-benign/robust-adv reading
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
+    # the integrity checks and AutoAttack on the first N of the evaluated images (a random subset of
+    # them, since those are in random order), null: all; PGD and the curves always use every evaluated image
+    checks_limit: int | None = None
+    autoattack_limit: int | None = None
     subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
     batch_size: int = 500
     # fp32 by default even where bf16 is native: attacks in low precision can under-report robustness.
@@ -302,6 +358,9 @@ class EvalConfig:
         _check(all(0 <= e <= 1 for e in self.eps_curve), "eval.eps_curve", self.eps_curve, LINF_RANGE)
         _check(all(k >= 1 for k in self.steps_curve), "eval.steps_curve", self.steps_curve, "must be >= 1")
         _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 or null")
+        for key in ("checks_limit", "autoattack_limit"):
+            value = getattr(self, key)
+            _check(value is None or value >= 20, f"eval.{key}", value, "must be >= 20 or null (all evaluated images)")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
@@ -416,229 +475,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping (tuples as lists) for YAML/JSON."""
-        return _plain(dataclasses.asdict(self))
-
-
-# ------------------------------------------------------------------------------------ conversion
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"config value {key}={value!r} {why}")
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _parse_float(value: Any, key: str) -> float:
-    """Accept numbers and fraction strings such as '8/255'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"config key {key} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            pass
-    raise ConfigError(f"config key {key} must be a number (or a fraction like 8/255), got {value!r}")
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(inner[0], value, key)
-        for option in inner:  # e.g. `int | Literal["auto"]`: the first type that accepts the value
-            try:
-                return _convert(option, value, key)
-            except ConfigError:
-                pass
-        names = [" or ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else a.__name__
-                 for a in inner]
-        raise ConfigError(f"config key {key} must be {' or '.join(names)}{' or null' if type(None) in args else ''}; "
-                          f"got {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) and ("off" in args or "on" in args):
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
-        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
-            raise ConfigError(f"config key {key} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"config key {key} must be a mapping of names to values, got {value!r}")
-        return dict(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"config key {key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
-    if tp is float:
-        return _parse_float(value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key} must be an integer, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key {key} must be a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def build(cls: type, mapping: Any, prefix: str = "") -> Any:
-    """Convert a mapping into dataclass `cls`, rejecting unknown keys with a suggestion."""
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"config section {prefix or '<root>'} must be a mapping, got {mapping!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in mapping.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {full}{hint}")
-        kwargs[key] = _convert(hints[key], value, full)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate) and cls is not AttackConfig:
-        validate()
-    return obj
-
-
-# --------------------------------------------------------------------------------------- presets
-PRESET_PACKAGE = "robustcl.presets"
-
-
-def list_presets() -> dict[str, str]:
-    """Preset name -> first comment line (its description and source)."""
-    out = {}
-    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".yaml"):
-            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
-            out[entry.name[:-5]] = first.lstrip("# ").strip()
-    return out
-
-
-def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; give a preset name (robustcl configs) or a YAML path")
-        try:
-            text, origin = path.read_text(encoding="utf-8"), str(path)
-        except (UnicodeDecodeError, OSError) as exc:
-            why = "is not a text file (a checkpoint or another binary file?)" if isinstance(exc, UnicodeDecodeError) \
-                else f"cannot be read ({exc.strerror or exc})"
-            raise ConfigError(f"config file {path} {why}; give a YAML config or a preset name (robustcl configs)") \
-                from None
-    else:
-        entry = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
-        if not entry.is_file():
-            known = ", ".join(list_presets())
-            raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known}")
-        text, origin = entry.read_text(), f"preset {name_or_path}"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin} must hold a YAML mapping at the top level")
-    return data, origin
-
-
-SCHEDULE_PACKAGE = "robustcl.presets.schedules"
-
-
-def list_schedules() -> dict[str, str]:
-    """Phase-2 schedule preset name -> its first comment line (what it is and where it comes from)."""
-    return {entry.name[:-5]: entry.read_text().splitlines()[0].lstrip("# ").strip()
-            for entry in sorted(resources.files(SCHEDULE_PACKAGE).iterdir(), key=lambda p: p.name)
-            if entry.name.endswith(".yaml")}
-
-
-def schedule_overrides(name: str) -> list[str]:
-    """A schedule preset as `finetune.key=value` overrides, to apply on top of a run's config."""
-    entry = resources.files(SCHEDULE_PACKAGE) / f"{name}.yaml"
-    if not entry.is_file():
-        raise ConfigError(f"unknown schedule {name!r}; known schedules: {', '.join(list_schedules())}")
-    data = yaml.safe_load(entry.read_text()) or {}
-
-    def flatten(node: dict[str, Any], prefix: str) -> list[str]:
-        out = []
-        for key, value in node.items():
-            if isinstance(value, dict):
-                out += flatten(value, f"{prefix}{key}.")
-            else:
-                out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-        return out
-    return flatten(data, "")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _resolve_extends(name_or_path: str, depth: int = 0) -> dict[str, Any]:
-    if depth > 8:
-        raise ConfigError(f"config {name_or_path}: 'extends' chain is too deep (a cycle?)")
-    data, _ = _read_yaml(name_or_path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    base = _resolve_extends(str(parent), depth + 1)
-    child_method = data.get("method") or {}
-    if "name" in child_method and child_method["name"] != (base.get("method") or {}).get("name"):
-        base.pop("method", None)  # another method: its section replaces the parent's, not merges
-    return _merge(base, data)
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one `dotted.key=value` override (value parsed as YAML) to a raw mapping."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=0.1")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        if node.get(part) is None:  # absent, or a section stored as null (e.g. `reference: null`)
-            node[part] = {}
-        child = node[part]
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
+        return plain(self)
 
 
 def from_mapping(data: dict[str, Any]) -> Config:
@@ -658,46 +495,7 @@ def from_mapping(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
-    """Apply `key=value` overrides in order to a raw mapping; a method.name override to another method
-    drops the old method's settings first."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "method.name" and value.strip() != str((data.get("method") or {}).get("name")):
-            data["method"] = {}  # another method: the preset's method settings do not apply to it
-    for item in overrides:
-        apply_override(data, item)
-
-
-def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset name or YAML path, apply `key=value` overrides, validate."""
-    data = _resolve_extends(name_or_path)
-    apply_overrides(data, overrides)
-    return from_mapping(data)
-
-
-def first_difference(a: Any, b: Any, prefix: str = "", ignore: tuple[str, ...] = ()) -> str | None:
-    """The first dotted key where two plain mappings differ, as 'key: old -> new' (None when equal).
-
-    Keys equal to or under an entry of `ignore` (e.g. 'train.device', 'eval') are skipped.
-    """
-    if prefix and any(prefix == k or prefix.startswith(k + ".") for k in ignore):
-        return None
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key), ignore)
-            if found:
-                return found
-        return None
-    return None if a == b else f"{prefix}: {a!r} -> {b!r}"
-
-
 # Settings that do not change what phase 1 computes: a resumed run may change these.
 PHASE1_FREE = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
                "train.loggers", "train.wandb_project", "diagnostics", "finetune", "eval", "reference.evaluation",
                "reference.test_attack")
-
-
-def dump_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what a run directory stores in config.yaml)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

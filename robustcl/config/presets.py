@@ -1,0 +1,116 @@
+"""The presets shipped in the package (robustcl/presets/*.yaml, found by file name), `extends`, and
+`load_config`: a preset name or a YAML path, overrides applied, built into a validated Config."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from robustcl.config.engine import ConfigError, apply_overrides, merge, parse_yaml
+from robustcl.config.schema import Config, from_mapping
+
+PRESET_PACKAGE = "robustcl.presets"
+SCHEDULE_PACKAGE = "robustcl.presets.schedules"
+EXTENDS_DEPTH = 8  # a longer `extends` chain is taken for a cycle
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> first comment line (its description and source)."""
+    out = {}
+    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
+            out[entry.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def _read_file(path: Path) -> tuple[str, str]:
+    """(text, origin) of a YAML config file; ConfigError when it is missing, binary or unreadable."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; give a preset name (robustcl configs) or a YAML path")
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (UnicodeDecodeError, OSError) as exc:
+        why = "is not a text file (a checkpoint or another binary file?)" if isinstance(exc, UnicodeDecodeError) \
+            else f"cannot be read ({exc.strerror or exc})"
+        raise ConfigError(f"config file {path} {why}; give a YAML config or a preset name (robustcl configs)") \
+            from None
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """(mapping, origin) of a YAML path or a shipped preset name."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        text, origin = _read_file(path)
+    else:
+        entry = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
+        if not entry.is_file():
+            known = ", ".join(list_presets())
+            raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known}")
+        text, origin = entry.read_text(), f"preset {name_or_path}"
+    return parse_yaml(text, origin), origin
+
+
+def list_schedules() -> dict[str, str]:
+    """Phase-2 schedule preset name -> its first comment line (what it is and where it comes from)."""
+    return {entry.name[:-5]: entry.read_text().splitlines()[0].lstrip("# ").strip()
+            for entry in sorted(resources.files(SCHEDULE_PACKAGE).iterdir(), key=lambda p: p.name)
+            if entry.name.endswith(".yaml")}
+
+
+def _flatten(node: dict[str, Any], prefix: str) -> list[str]:
+    """A nested mapping as `dotted.key=value` overrides (values written as flow YAML)."""
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out
+
+
+def schedule_overrides(name: str) -> list[str]:
+    """A schedule preset as `finetune.key=value` overrides, to apply on top of a run's config."""
+    entry = resources.files(SCHEDULE_PACKAGE) / f"{name}.yaml"
+    if not entry.is_file():
+        raise ConfigError(f"unknown schedule {name!r}; known schedules: {', '.join(list_schedules())}")
+    return _flatten(yaml.safe_load(entry.read_text()) or {}, "")
+
+
+def preset_chain(name_or_path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, raw mapping as written) of a config and of every config it `extends`, nearest first: which
+    sections each file of the chain writes itself (tests derive the presets sharing a parent's settings)."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    current: str | None = name_or_path
+    while current is not None:
+        if len(chain) > EXTENDS_DEPTH:
+            raise ConfigError(f"config {name_or_path}: 'extends' chain is too deep (a cycle?)")
+        data, _ = _read_yaml(current)
+        chain.append((current, data))
+        parent = data.get("extends")
+        current = None if parent is None else str(parent)
+    return chain
+
+
+def _resolve_extends(name_or_path: str, depth: int = 0) -> dict[str, Any]:
+    """The raw mapping of a config with its `extends` chain merged in (another method replaces the parent's)."""
+    if depth > EXTENDS_DEPTH:
+        raise ConfigError(f"config {name_or_path}: 'extends' chain is too deep (a cycle?)")
+    data, _ = _read_yaml(name_or_path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _resolve_extends(str(parent), depth + 1)
+    child_method = data.get("method") or {}
+    if "name" in child_method and child_method["name"] != (base.get("method") or {}).get("name"):
+        base.pop("method", None)  # another method: its section replaces the parent's, not merges
+    return merge(base, data)
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML path, apply `key=value` overrides, validate."""
+    data = _resolve_extends(name_or_path)
+    apply_overrides(data, overrides)
+    return from_mapping(data)
