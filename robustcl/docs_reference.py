@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
-from robustcl.config import Config
+from robustcl.config import Config, config_fields
 
 REFERENCE_PAGE = "reference/config.md"  # where the docs site puts it (relative to docs/)
 
@@ -180,7 +180,7 @@ def section(cls: type, instance: Any, path: str, meaning: str = "", skip: tuple[
     hints = typing.get_type_hints(cls)
     meanings = field_meanings(cls)
     out = Section(path, meaning or class_meaning(cls), [], [])
-    for f in dataclasses.fields(cls):
+    for f in config_fields(cls):  # not the code-only fields (CODE_ONLY): they are no config keys
         if f.name in skip:
             continue
         full = f"{path}.{f.name}" if path else f.name

@@ -16,7 +16,7 @@ import pytest
 
 import robustcl
 from robustcl import docs_reference
-from robustcl.config import Config
+from robustcl.config import Config, config_fields
 from robustcl.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def leaf_keys(cls: type, prefix: str) -> list[str]:
     """Every dotted leaf key under dataclass `cls`, walked recursively."""
     hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):
+    for f in config_fields(cls):
         if cls is Config and f.name == "method":
             continue
         sub = section_class(hints[f.name])
