@@ -238,20 +238,26 @@ def missing_meanings() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- render
+def _text(text: str) -> str:
+    """Schema text as Markdown prose: angle brackets (runs/<name>) as entities, not HTML tags."""
+    return text.replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell (pipes escaped, angle brackets as entities)."""
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """Text safe inside a Markdown table cell: also pipes escaped."""
+    return _text(text).replace("|", "\\|")
 
 
 def _code(text: str) -> str:
-    return f"`{_cell(text)}`"
+    """A code span (in a table cell too: Markdown takes its pipes and angle brackets literally)."""
+    return f"`{text}`"
 
 
 def _render_section(sec: Section, level: int) -> list[str]:
     heading = sec.title or sec.path
     lines = [f"{'#' * level} {_code(heading) if not sec.title else heading}", ""]
     if sec.meaning:
-        lines += [_cell(sec.meaning), ""]
+        lines += [_text(sec.meaning), ""]
     if sec.keys:
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
         lines += [f"| {_code(k.path)} | {_code(k.type)} | {_code(k.default)} | {_cell(k.meaning)} |" for k in sec.keys]
