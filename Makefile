@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow data clean-venv
+.PHONY: demo test test-slow data docs clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP) data
 
 test-slow: $(STAMP) data
 	$(BIN)/python -m pytest -q -m slow
+
+# The documentation site into site/; --strict: any warning (a broken link, a bad docstring) fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 clean-venv:
 	rm -rf $(VENV)

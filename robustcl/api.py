@@ -37,7 +37,7 @@ class _HeadRecord(TypedDict):
 
 
 class HeadRecord(_HeadRecord, total=False):
-    """One fitted phase-2 model (what `finetune` returns per protocol; also stored in heads/<protocol>.pt)."""
+    """One fitted phase-2 model (what `finetune` returns per protocol; also stored in `heads/<protocol>.pt`)."""
     aff: dict[str, Any]       # AFF only: its loss (trades | pgd-at) and beta
 
 
@@ -191,7 +191,7 @@ def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | N
              out: PathLike | None = None, protocols: Sequence[str] | None = None, overrides: Sequence[str] = (),
              overwrite: bool = False, progress: bool = False) -> Transferred:
     """A run's encoder fine-tuned and evaluated on dataset `data` in a new run directory (`robustcl transfer`;
-    default <run>/transfer-<data>[-<size>px]); the source run is left untouched."""
+    default `<run>/transfer-<data>[-<size>px]`); the source run is left untouched."""
     from robustcl.transfer import transfer_run
 
     target, results = transfer_run(run, data, size, root, val_size, tuple(overrides), out,
@@ -202,7 +202,7 @@ def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | N
 def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
           seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False) -> SweepOutcome:
     """Every configuration x seed of a sweep spec through pretrain -> finetune -> evaluate (`robustcl sweep`),
-    finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (runs/sweeps/<name>)."""
+    finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (`runs/sweeps/<name>`)."""
     from robustcl.sweep import Sweep, run_sweep
 
     return run_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite,

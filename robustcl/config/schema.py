@@ -15,18 +15,20 @@ from robustcl.config.engine import check as _check
 
 @dataclass
 class SyntheticConfig:
-    num_classes: int = 10
-    channels: int = 1
-    size: int = 28
-    n_train: int = 2000
-    n_test: int = 500
+    """data.name=synthetic: class-structured random images made in memory (robustcl/data/synthetic.py)."""
+    num_classes: int = 10            # classes, each a fixed smooth prototype image
+    channels: int = 1                # channels per image (1: grey, 3: colour)
+    size: int = 28                   # height = width in pixels
+    n_train: int = 2000              # training images (the validation split, data.val_size, comes out of them)
+    n_test: int = 500                # test images
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"
-    root: str | None = None
-    download: bool = False
+    """The dataset: which one, where its files are, and how much of it a run uses."""
+    name: str = "fashion-mnist"      # fashion-mnist, cifar10, cifar100, stl10, imagefolder or synthetic
+    root: str | None = None          # directory of its files (null: the cache ~/.cache/robustcl/<name>, system dirs)
+    download: bool = False           # download (md5-checked, into the cache) when the files are not found
     val_size: int = 5000          # held out from the training split for phase-2 epoch selection
     train_limit: int | None = None  # use only the first N (shuffled) training images in phase 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -81,14 +83,14 @@ class StrongViewConfig:
     """Parameters of the SimCLR-style strong view (torchvision defaults for CIFAR-scale images); config section
     views.strong. crop_ratio and blur_kernel are settable in code only (not config keys)."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop: range of the crop's area fraction
     crop_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata=CODE_ONLY)
-    flip_p: float = 0.5
+    flip_p: float = 0.5                           # probability of a horizontal flip
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    jitter_p: float = 0.8                         # probability of applying the colour jitter
+    gray_p: float = 0.2                           # probability of converting to greyscale
+    blur_p: float = 0.5                           # probability of a Gaussian blur (3x3 kernel)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # range the blur's sigma is drawn from, uniformly
     blur_kernel: int = field(default=3, metadata=CODE_ONLY)
 
     def __post_init__(self) -> None:
@@ -132,8 +134,8 @@ class WeakViewConfig:
     """Parameters of the weak view: torchvision RandomCrop(padding) + RandomHorizontalFlip(flip_p); config
     section views.weak."""
 
-    padding: int = 4
-    flip_p: float = 0.5
+    padding: int = 4        # zero padding before the random crop back to the original size
+    flip_p: float = 0.5     # probability of a horizontal flip
 
     def __post_init__(self) -> None:
         """Validate at construction so a bad preset fails before training starts."""
@@ -155,16 +157,18 @@ WeakViewSection = WeakViewConfig
 
 @dataclass
 class ViewsConfig:
+    """The two augmentations phase 1 draws: strong (SimCLR's) and weak (pad-crop-flip)."""
     strong: StrongViewConfig = field(default_factory=StrongViewConfig)
     weak: WeakViewConfig = field(default_factory=WeakViewConfig)
 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["convnet", "resnet18", "resnet50"] = "resnet18"
+    """The encoder f (dual-BN ResNet or small ConvNet), the projection head g and the critic D."""
+    arch: Literal["convnet", "resnet18", "resnet50"] = "resnet18"  # the encoder's architecture
     widths: tuple[int, ...] = (32, 64, 128, 256)   # convnet only
-    proj_dim: int = 128
-    critic_hidden: int = 0
+    proj_dim: int = 128             # output dimension of the projection head g (and input of the critic)
+    critic_hidden: int = 0          # hidden units of the critic D (0: a linear critic)
     # ResNet stem: cifar (3x3 stride 1, no max-pool), imagenet (7x7 stride 2 + 3x3 max-pool), auto: cifar for
     # images <= 64 px, imagenet above (resolved in build_method). null means auto; it is the default (not
     # "auto") so configs stored before this field existed still compare equal on resume.
@@ -193,11 +197,11 @@ class AttackConfig:
     step (alpha, steps, random_start are not used). train.max_steps counts optimiser steps (replays);
     train.epochs counts passes over the data, each `replays` x as many steps as without replay.
     """
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 7
-    random_start: bool = True
-    mode: Literal["pgd", "fgsm-rs", "free"] = "pgd"
+    eps: float = 8 / 255          # radius in pixel units: L-inf (L2 for eval.l2)
+    alpha: float = 2 / 255        # step size of each PGD step
+    steps: int = 7                # PGD steps
+    random_start: bool = True     # start from a uniform random point of the eps-ball (else from the input)
+    mode: Literal["pgd", "fgsm-rs", "free"] = "pgd"  # pgd, fgsm-rs or free (the last two: phase 1 only)
     replays: int | None = None   # mode free only: times each batch is replayed (null: no replay)
 
     def validate(self, where: str) -> None:
@@ -219,23 +223,24 @@ class AttackConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 512
-    epochs: int = 500
+    """Phase 1: SGD with linear warm-up and cosine decay, precision, device, threads, logging and checkpoints."""
+    batch_size: int = 512            # images per optimiser step (the global batch across processes)
+    epochs: int = 500                # passes over the training split
     max_steps: int | None = None     # stop after this many optimiser steps (overrides epochs)
-    lr: float = 0.5
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 10
-    min_lr: float = 1e-8
+    lr: float = 0.5                  # peak learning rate of the encoder's SGD (after warm-up)
+    momentum: float = 0.9            # SGD momentum
+    weight_decay: float = 1e-4       # SGD weight decay
+    warmup_epochs: float = 10        # linear warm-up of the learning rate over these epochs
+    min_lr: float = 1e-8             # the cosine decay's final learning rate
     # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, AVX512-BF16/AMX CPU), else
     # fp32 (robustcl/hardware.py); resolved once when a run starts and stored resolved in its config.yaml
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = False
+    channels_last: bool = False      # channels-last memory format for phase 1's weights and images
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     # torch intra-op threads on CPU: auto = the cores this process may use (affinity, cgroup quota) divided
     # among torchrun's local ranks; an integer; or null for torch's own default
     threads: int | Literal["auto"] | None = "auto"
-    log_every: int = 20
+    log_every: int = 20              # optimiser steps between metrics.jsonl lines (and one at every epoch end)
     checkpoint_every: int = 200      # steps between checkpoints (and one at every epoch end)
     # metric sinks for phase 1, phase 2 and evaluation: metrics.jsonl is always written; tensorboard
     # (pip install robustcl[tensorboard]) and wandb (robustcl[wandb]; WANDB_MODE=offline keeps it local) on request
@@ -265,13 +270,13 @@ class TrainConfig:
 @dataclass
 class AffConfig:
     """AFF: full adversarial fine-tuning of encoder + head (TRADES or PGD-AT), epoch chosen on validation PGD."""
-    loss: Literal["trades", "pgd-at"] = "trades"
+    loss: Literal["trades", "pgd-at"] = "trades"  # TRADES (Zhang et al. 2019) or PGD-AT (Madry et al. 2018)
     beta: float = 6.0                  # TRADES: CE(f(x), y) + beta * KL(f(x) || f(x'))
-    epochs: int = 25
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
+    epochs: int = 25                   # fine-tuning epochs (the best on validation PGD accuracy is kept)
+    lr: float = 0.1                    # SGD learning rate of encoder and head
+    momentum: float = 0.9              # SGD momentum
+    weight_decay: float = 5e-4         # SGD weight decay
+    batch_size: int = 128              # images per step
     train_limit: int | None = None     # fine-tune on at most N training images
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 10))
 
@@ -315,13 +320,14 @@ class PostprocessConfig:
 @dataclass
 class FinetuneConfig:
     """Phase 2: SLF/ALF linear heads on the frozen encoder, or AFF (encoder and head), epoch chosen on a held-out split."""
-    protocols: tuple[Literal["slf", "alf", "aff"], ...] = ("slf", "alf")
+    protocols: tuple[Literal["slf", "alf", "aff"], ...] = ("slf", "alf")  # the phase-2 models fitted by default
+    # the encoder's BN branch the heads read: headline (the one the method is reported through), benign or adversarial
     branch: Literal["headline", "benign", "adversarial"] = "headline"
-    epochs: int = 25
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 512
+    epochs: int = 25                   # SLF/ALF head epochs (the best on the validation split is kept)
+    lr: float = 0.01                   # SLF/ALF heads' SGD learning rate
+    momentum: float = 0.9              # SLF/ALF heads' SGD momentum
+    weight_decay: float = 5e-4         # SLF/ALF heads' SGD weight decay
+    batch_size: int = 512              # SLF/ALF images per step
     train_limit: int | None = None     # train heads on at most N training images
     alf_train_limit: int | None = None  # ALF only: at most N images (each costs a PGD attack per epoch)
     val_limit: int = 1000              # validation images used for epoch selection
@@ -352,23 +358,24 @@ EvalAttack = Literal["pgd", "cw", "pgd-l2", "autoattack"]
 
 @dataclass
 class EvalConfig:
-    attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 20))
+    """Evaluation: clean and robust test accuracy of each fitted model, the curves and the integrity checks."""
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(8 / 255, 2 / 255, 20))  # the headline PGD (L-inf)
     # attacks reported in results.json's `robust` map: PGD (cross-entropy, L-inf, `attack`), CW (the
     # margin loss, same budget), PGD-L2 (budget `l2`), standard AutoAttack (L-inf, `attack.eps`, the
     # official pyautoattack code); the eps curve and integrity checks use PGD
     attacks: tuple[EvalAttack, ...] = ("pgd",)
-    l2: AttackConfig = field(default_factory=lambda: AttackConfig(0.5, 0.0625, 20))
+    l2: AttackConfig = field(default_factory=lambda: AttackConfig(0.5, 0.0625, 20))  # PGD-L2's budget (attacks: pgd-l2)
     restarts: int = 1                  # PGD/CW/L2: an image is robust only if it survives every restart
     eps_curve: tuple[float, ...] = ()  # extra eps values for the robustness curve (PGD, same steps)
     steps_curve: tuple[int, ...] = ()  # PGD step counts for the accuracy-vs-steps curve (same eps, alpha)
     mixed_reading: bool = False        # also report the reference protocol's labelled clean-benign/robust-adv reading
     limit: int | None = None           # evaluate on a seeded random subset of this many test images
-    # the integrity checks and AutoAttack on the first N of the evaluated images (a random subset of
-    # them, since those are in random order), null: all; PGD and the curves always use every evaluated image
+    # the integrity checks on the first N of the evaluated images (a random subset of them, since those are in
+    # random order), null: all; PGD and the curves always use every evaluated image
     checks_limit: int | None = None
-    autoattack_limit: int | None = None
+    autoattack_limit: int | None = None  # AutoAttack on the first N of the evaluated images, as checks_limit
     subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
-    batch_size: int = 500
+    batch_size: int = 500              # images per forward/attack batch
     # fp32 by default even where bf16 is native: attacks in low precision can under-report robustness.
     # auto follows the device like train.precision.
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
@@ -405,24 +412,24 @@ class DiagnosticsConfig:
     above clean_floor x chance (catastrophic overfitting). See robustcl/train/diagnostics.py.
     """
     every: int = 0                      # optimiser steps between checks (and one at the end); 0 disables
-    k: int = 20
+    k: int = 20                         # neighbours voting in the k-NN probe
     knn_temperature: float = 0.07       # vote weight exp(cos / T) (Wu et al. 2018)
     bank: int = 2000                    # feature-bank images (validation split)
     queries: int = 500                  # query images (validation split, disjoint from the bank)
     attack_batch: int = 128             # queries attacked for the robust k-NN and the critic check
-    attack_steps: int = 3
+    attack_steps: int = 3               # PGD steps of the feature attack for the robust k-NN
     eps: float = 8 / 255                # used only when the method has no attack of its own
-    critic_high: float = 0.95
-    critic_high_checks: int = 2
-    critic_chance: tuple[float, float] = (0.45, 0.55)
-    critic_chance_checks: int = 3
-    loss_rise: float = 1.5
-    loss_warmup_checks: int = 3
-    loss_rising_checks: int = 6
+    critic_high: float = 0.95           # critic accuracy >= this for critic_high_checks checks in a row: D overfits
+    critic_high_checks: int = 2         # checks in a row at or above critic_high before that warning
+    critic_chance: tuple[float, float] = (0.45, 0.55)  # accuracy in this range for critic_chance_checks: D not learning
+    critic_chance_checks: int = 3       # first checks (and still) inside critic_chance before that warning
+    loss_rise: float = 1.5              # a loss term above this x its minimum so far warns: diverging
+    loss_warmup_checks: int = 3         # checks before the loss rules apply
+    loss_rising_checks: int = 6         # a loss term non-decreasing (and up) over this many checks warns
     loss_ignore: tuple[str, ...] = ("divergence", "critic_loss", "critic_acc")  # min-max game terms, not minimised
-    robust_drop: float = 0.5
-    robust_floor: float = 1.5           # x chance
-    clean_floor: float = 3.0            # x chance
+    robust_drop: float = 0.5            # robust k-NN below (1 - this) x its best warns of a collapse
+    robust_floor: float = 1.5           # robust k-NN below this x chance, clean above clean_floor x chance: collapse
+    clean_floor: float = 3.0            # clean k-NN above this x chance, robust below robust_floor x chance: collapse
     on_collapse: Literal["warn", "stop"] = "warn"  # catastrophic-overfitting guard: stop keeps the last checkpoint
 
     def validate(self) -> None:
@@ -487,8 +494,9 @@ def reference_switches(cfg: "Config") -> ReferenceConfig:
 
 @dataclass
 class Config:
-    name: str = "custom"
-    seed: int = 0
+    """A run's whole configuration (what its config.yaml stores)."""
+    name: str = "custom"              # the run's name: its default directory is runs/<name>
+    seed: int = 0                     # seeds the initial weights, the train/validation split, views and attacks
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

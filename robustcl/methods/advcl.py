@@ -64,7 +64,7 @@ def high_frequency(x: torch.Tensor, radius: float, rescale: bool = True) -> torc
 class AdvclConfig(OursConfig):
     name: str = "advcl"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
-    hf_radius: float = 8.0
+    hf_radius: float = 8.0   # HF(x) keeps the frequencies at or above this radius (integer DFT frequency units)
 
     def validate(self) -> None:
         super().validate()

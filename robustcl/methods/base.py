@@ -44,9 +44,9 @@ def declared(cfg: object, name: str, kind: type[T]) -> T | None:
 @dataclass
 class SamConfig:
     """SAM on a subset of loss terms: mode off | sam | asam, radius rho, which named terms."""
-    mode: Literal["off", "sam", "asam"] = "off"
-    rho: float = 1.0
-    terms: tuple[str, ...] = ("benign",)
+    mode: Literal["off", "sam", "asam"] = "off"  # off, SAM (Foret et al. 2021), ASAM (scale-adaptive, Kwon et al.)
+    rho: float = 1.0                    # radius of the weight perturbation e
+    terms: tuple[str, ...] = ("benign",)  # the loss terms whose gradient is taken at theta + e (the rest at theta)
 
     def validate(self) -> None:
         if self.mode != "off" and self.rho <= 0:
@@ -58,13 +58,13 @@ class SamConfig:
 @dataclass
 class CriticConfig:
     """The critic D: on/off, weight lambda_D, its SGD optimiser, in the attack or not, step order."""
-    enabled: bool = True
-    weight: float = 0.1
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    in_attack: bool = True
-    order: Literal[3, 4] = 3
+    enabled: bool = True                # train a critic D (it acts only with weight > 0)
+    weight: float = 0.1                 # lambda_D: weight of the divergence term (in the attack too with in_attack)
+    lr: float = 0.2                     # the critic's SGD learning rate
+    momentum: float = 0.9               # the critic's SGD momentum
+    weight_decay: float = 1e-4          # the critic's SGD weight decay
+    in_attack: bool = True              # the attack also maximises lambda_D x the critic's term on z_a(x')
+    order: Literal[3, 4] = 3            # 3: attack, critic, encoder steps; 4: attack again after the critic step
 
     def validate(self) -> None:
         if self.weight < 0:
@@ -80,8 +80,8 @@ class CriticConfig:
 @dataclass
 class MethodConfig:
     """Fields every method has; each method extends it with its own."""
-    name: str = ""
-    temperature: float = 0.5
+    name: str = ""                      # the method (robustcl.methods.METHODS); selects this section's schema
+    temperature: float = 0.5            # InfoNCE temperature tau
 
     def validate(self) -> None:
         if self.temperature <= 0:

@@ -22,8 +22,8 @@ from robustcl.objectives import info_nce
 class ClaeConfig(MethodConfig):
     name: str = "clae"
     attack: AttackConfig = field(default_factory=AttackConfig)
-    attack_view: Literal["strong", "weak"] = "strong"
-    adversarial_weight: float = 1.0
+    attack_view: Literal["strong", "weak"] = "strong"  # the augmentation of q, the attacked view
+    adversarial_weight: float = 1.0      # weight of the adversarial pair term NCE(z_b(q), z_a(q'))
 
     def validate(self) -> None:
         super().validate()

@@ -23,10 +23,10 @@ from robustcl.views import strong_view, weak_view
 @dataclass
 class OursConfig(MethodConfig):
     """The paper's additions, all off by default: benign weight, SAM section, critic and its divergence."""
-    benign_weight: float = 0.0
+    benign_weight: float = 0.0          # lambda_b: weight of the benign InfoNCE term NCE(z_b(p), z_b(q)) (0: off)
     sam: SamConfig = field(default_factory=SamConfig)
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(enabled=False))
-    divergence: Divergence = "js"
+    divergence: Divergence = "js"      # the f-divergence the critic bounds between benign and adversarial features
 
     def validate(self) -> None:
         super().validate()

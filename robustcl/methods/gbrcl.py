@@ -38,7 +38,7 @@ class GbrclConfig(OursConfig):
     sam: SamConfig = field(default_factory=lambda: SamConfig("asam", 1.0, ("benign",)))
     critic: CriticConfig = field(default_factory=CriticConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-    attack_view: Literal["weak", "strong"] = "weak"
+    attack_view: Literal["weak", "strong"] = "weak"  # the augmentation of q, the attacked view
 
 
 class Gbrcl(Method):

@@ -23,8 +23,8 @@ from robustcl.objectives import info_nce, multi_positive_nce
 class RoclConfig(MethodConfig):
     name: str = "rocl"
     attack: AttackConfig = field(default_factory=AttackConfig)
-    attack_view: Literal["strong", "weak"] = "strong"
-    regularizer_weight: float = 1 / 256
+    attack_view: Literal["strong", "weak"] = "strong"  # the augmentation of q, the attacked view
+    regularizer_weight: float = 1 / 256  # weight of the pair regulariser NCE(z_b(p), z_a(q'))
 
     def validate(self) -> None:
         super().validate()
