@@ -234,6 +234,8 @@ def test_an_auxiliary_module_is_checkpointed_stays_in_eval_mode_and_out_of_the_o
     trainer = Pretrainer(cfg, RunDir(tmp_path / "probe"))
     trainer.run.prepare("x\n", False, False)
     method = trainer.method
+    assert method.set_up == []  # setup waits for the prepared run directory (pretrain() calls it after prepare)
+    trainer.setup_method()
     assert [env.run_root for env in method.set_up] == [tmp_path / "probe"] and not method.set_up[0].quiet
     stepped = {id(p) for opt in trainer.optimizers.values() for p in optimizer_params(opt)}
     assert set(trainer.optimizers) == {"encoder", "offset"}

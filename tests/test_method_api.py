@@ -80,7 +80,9 @@ def test_default_param_groups_cover_f_g_and_d_once_with_their_own_settings(name)
     assert (encoder["lr"], encoder["momentum"], encoder["weight_decay"]) == \
         (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay)
     grouped = [p for key in groups for g in groups[key] for p in g["params"]]
-    assert len({id(p) for p in grouped}) == len(grouped) == len(list(method.parameters()))
+    auxiliary = {id(p) for m in method.auxiliary_modules().values() for p in m.parameters()}  # frozen: never stepped
+    trained = [p for p in method.parameters() if id(p) not in auxiliary]
+    assert len({id(p) for p in grouped}) == len(grouped) == len(trained) and not auxiliary & {id(p) for p in grouped}
     if method.critic is not None:
         c = cfg.method.critic
         assert (groups["critic"][0]["lr"], groups["critic"][0]["momentum"]) == (c.lr, c.momentum)

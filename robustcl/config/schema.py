@@ -299,12 +299,12 @@ class PostprocessConfig:
     k-means pseudo-labels of the benign-branch features, `lp_epochs` of linear probing, then `aff.epochs` of
     adversarial full fine-tuning on them (lr x 0.1 at each of `milestones`); every protocol starts from the result.
     """
-    name: Literal["none", "lp-aff"] = "none"
-    clusters: int = 10
-    kmeans_iters: int = 100
-    lp_epochs: int = 10
-    lp_lr: float = 0.01
-    milestones: tuple[int, ...] = (10, 20)
+    name: Literal["none", "lp-aff"] = "none"  # none, or lp-aff: DynACL++'s pseudo-label LP then AFF
+    clusters: int = 10                        # k of the k-means pseudo-labels (the authors' 10, also on CIFAR-100)
+    kmeans_iters: int = 100                   # Lloyd iterations of the k-means
+    lp_epochs: int = 10                       # linear-probing epochs on the pseudo-labels (encoder frozen)
+    lp_lr: float = 0.01                       # linear-probing learning rate
+    milestones: tuple[int, ...] = (10, 20)    # AFF epochs after which its lr is multiplied by 0.1
     aff: AffConfig = field(default_factory=lambda: AffConfig(epochs=25, lr=0.1, weight_decay=1e-4, batch_size=512))
 
     def validate(self) -> None:

@@ -74,7 +74,7 @@ class DeaclConfig(MethodConfig):
     teacher: str = ""
     teacher_overrides: tuple[str, ...] = ()   # key=value applied to the stage-1 config last
     gamma: float = 2.0                        # weight of the robustness term (authors: --trades_k 2)
-    student_init: Literal["teacher", "scratch"] = "teacher"
+    student_init: Literal["teacher", "scratch"] = "teacher"  # the student starts as the teacher (authors), or fresh
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))  # 8/255, 2/255, PGD-5
 
     def validate(self) -> None:

@@ -43,7 +43,7 @@ __all__ = ["AirConfig", "AirForm", "batch_log_distribution", "invariant_regulari
 @dataclass
 class AirConfig:
     """The IR term "air" of an ACL-style method: off by default; lambda1 (SIR) and lambda2 (AIR); the KL form."""
-    enabled: bool = False
+    enabled: bool = False   # adds the "air" term (lambda1 SIR + lambda2 AIR) to the method's loss
     lambda1: float = 0.25   # SIR weight: the authors' 0.5 on their unhalved nat + adv loss (module docstring)
     lambda2: float = 0.25   # AIR weight: likewise
     form: AirForm = "kl"    # authors: their kl_div call on probabilities (module docstring)

@@ -98,7 +98,6 @@ class Pretrainer:
         self.sam = self.training.sam
         self.ctx = self.training.ctx
         self.generator = self.ctx.generator
-        self.method.setup(SetupEnv(cfg, run.root, self.device, self.dist, quiet=not self.dist.is_main))
         self.replays = self.ctx.free.replays if self.ctx.free is not None else 1  # optimiser steps per batch
         self.steps_per_epoch = len(self.images) // t.batch_size * self.replays  # optimiser steps per pass
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -112,6 +111,11 @@ class Pretrainer:
         self.saved_step: int | None = None  # step of the checkpoint on disk, None until one is written
         self.logger: MetricLogger | None = None  # rank 0, while fit() runs
         self.sync_from_main()
+
+    def setup_method(self) -> None:
+        """`Method.setup` on every rank, once the run directory is prepared (a method may write under it, e.g.
+        DeACL's stage 1 in <run>/teacher) and before a resume loads the checkpoint over what it set up."""
+        self.method.setup(SetupEnv(self.cfg, self.run.root, self.device, self.dist, quiet=not self.dist.is_main))
 
     def sync_from_main(self) -> None:
         """Copy rank 0's parameters and buffers to every rank (a no-op for a single process)."""
@@ -399,6 +403,7 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
         job.on_main(lambda: lock.acquire(create=True))
         try:
             resuming = job.on_main(lambda: run.prepare(dump_yaml(cfg), resume, overwrite))
+            trainer.setup_method()
             if resuming:
                 trainer.resume()
                 job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only PHASE1_FREE settings differ
