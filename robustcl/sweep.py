@@ -408,8 +408,15 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
     else:
         failed = {}
         for i, planned in enumerate(mine, 1):
+            # decided afresh: since planning, another process (a second sweep, shard or job sharing the
+            # directory) may have finished or started this run, and a stale "new" would overwrite it
+            planned.status = run_status(planned, overwrite) if planned.status != "done" else "done"
             if planned.status == "done":
                 echo(f"[{i}/{len(mine)}] {planned.name}: done, skipped")
+                continue
+            if planned.status.startswith("conflict"):
+                failed[planned.name] = planned.status
+                echo(f"[{i}/{len(mine)}] {planned.name}: failed: {planned.status}")
                 continue
             echo(f"[{i}/{len(mine)}] {planned.name}: {planned.status}")
             t0 = time.perf_counter()

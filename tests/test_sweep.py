@@ -357,3 +357,26 @@ def test_a_run_made_before_a_setting_existed_is_still_reused(swept, count_pretra
         assert count_pretrain == [] and all("done, skipped" in line for line in log)
     finally:
         path.write_text(original)
+
+
+def test_a_run_another_process_finished_after_planning_is_skipped_not_overwritten(swept, count_pretrain,
+                                                                                   monkeypatch):
+    """Two sweeps sharing a directory: a run planned as new but finished by the other one meanwhile is skipped."""
+    import robustcl.sweep as sweep_module
+
+    spec, outcome = swept
+    out = outcome.plan.out
+    results = {p: p.read_bytes() for p in out.glob("*/results.json")}
+    real_plan = sweep_module.plan_sweep
+
+    def stale_plan(*args, **kwargs):  # the statuses this process saw before the other one finished the runs
+        plan = real_plan(*args, **kwargs)
+        for run in plan.runs:
+            run.status = "new"
+        return plan
+
+    monkeypatch.setattr(sweep_module, "plan_sweep", stale_plan)
+    log: list[str] = []
+    run_sweep(str(spec), out, progress=False, echo=log.append)
+    assert count_pretrain == [] and all("done, skipped" in line for line in log) and len(log) == 4
+    assert {p: p.read_bytes() for p in out.glob("*/results.json")} == results
