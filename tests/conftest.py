@@ -48,3 +48,14 @@ def registry() -> Iterator[dict[str, Any]]:
     yield METHODS
     METHODS.clear()
     METHODS.update(saved)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test (tiny tensors: faster, and steady when other processes share the cores)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -23,12 +23,7 @@ from robustcl.views import StrongViewConfig
 AUTHORS_VIEW = StrongViewConfig(crop_scale=(0.1, 1.0), blur_p=0.0)  # train_DynACL.py's view at strength 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------- the schedules

@@ -50,13 +50,7 @@ FMNIST_BUDGET = sorted(p for p in list_presets() if inherits(p, "fmnist-gbrcl", 
                        and load_config(p).method.name != "gbrcl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steady when other processes share the cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- reference losses
