@@ -21,7 +21,7 @@ import torch
 from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig
 from robustcl.methods.base import Method, StepContext, Terms
 from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
-                                         fixed_embedding, ours_step, uses_critic)
+                                         fixed_embedding, ours_step)
 from robustcl.objectives import info_nce, multi_positive_nce
 
 SUPCON_BASE_TEMPERATURE = 0.07  # SupConLoss's default base temperature: its loss is scaled by tau / 0.07
@@ -78,10 +78,6 @@ class Advcl(Method):
     name = "advcl"
     config_class = AdvclConfig
     cfg: AdvclConfig
-
-    @classmethod
-    def wants_critic(cls, cfg: AdvclConfig) -> bool:  # type: ignore[override]
-        return uses_critic(cfg)
 
     def attack(self, x: torch.Tensor, clean: torch.Tensor, ctx: StepContext,
                targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,7 +56,7 @@ from robustcl.config import ConfigError
 from robustcl.methods.advcl import AdvclConfig, high_frequency
 from robustcl.methods.base import Method, StepContext, Terms
 from robustcl.methods.components import (critic_attack_term, divergence_term, draw_view, eval_pgd, fixed_embedding,
-                                         ours_step, uses_critic)
+                                         ours_step)
 from robustcl.objectives import info_nce
 from robustcl.objectives.infonce import _DEFAULT_GATHER, Gather  # the trainer's cross-rank gather (default_gather)
 
@@ -188,10 +188,6 @@ class Ainfonce(Method):
         self.register_buffer("next_epoch", torch.zeros((), dtype=torch.float64))
         self._total_epochs: float | None = None
         self._last: dict[str, float] = {"alpha": self.cfg.alpha}  # + "feature_distance" once one is measured
-
-    @classmethod
-    def wants_critic(cls, cfg: AinfonceConfig) -> bool:  # type: ignore[override]
-        return uses_critic(cfg)
 
     def hard(self, attack: bool = False) -> HardNegatives | None:
         """The hard-negative estimator of the loss (attack=True: of the attack's objective), None if off."""

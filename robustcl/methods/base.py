@@ -418,8 +418,9 @@ class Method(nn.Module):
     # ------------------------------------------------------------------ what the method is
     @classmethod
     def wants_critic(cls, cfg: MethodConfig) -> bool:
-        """Whether this configuration needs a critic D."""
-        return False
+        """Whether this configuration needs a critic D: a declared `critic` section, enabled, with a positive weight."""
+        critic = declared(cfg, "critic", CriticConfig)
+        return critic is not None and critic.enabled and critic.weight > 0
 
     @classmethod
     def attack_for(cls, cfg: MethodConfig) -> AttackConfig | None:

@@ -37,11 +37,6 @@ class OursConfig(MethodConfig):
                               "removes; set method.sam.mode=off or name other terms")
 
 
-def uses_critic(cfg: OursConfig) -> bool:
-    """Whether the config needs a critic D (enabled with a positive weight)."""
-    return cfg.critic.enabled and cfg.critic.weight > 0
-
-
 def ours_weights(cfg: OursConfig, main: dict[str, float]) -> dict[str, float]:
     """Loss weights: the method's own terms plus lambda_b for "benign" and lambda_D for "divergence"."""
     return {**main, "benign": cfg.benign_weight, "divergence": cfg.critic.weight}

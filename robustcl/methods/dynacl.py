@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from robustcl.config import AttackConfig, Config, ConfigError
 from robustcl.methods.base import Method, StepContext, Terms
 from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
-                                         ours_step, uses_critic)
+                                         ours_step)
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import info_nce, pgd
 from robustcl.objectives.air import AirConfig, invariant_regularization
@@ -131,10 +131,6 @@ class Dynacl(Method):
         self._total_epochs: float | None = None
         self._full: StrongViewConfig | None = None    # the run's full-strength strong view
         self._applied: StrongViewConfig | None = None  # the view this method last put on ctx.strong
-
-    @classmethod
-    def wants_critic(cls, cfg: DynaclConfig) -> bool:  # type: ignore[override]
-        return uses_critic(cfg)
 
     # -------------------------------------------------------------- the schedule hooks
     def schedule_at(self, epoch: float, total_epochs: float, ctx: StepContext) -> None:

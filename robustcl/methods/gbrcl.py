@@ -24,8 +24,7 @@ import torch
 from robustcl.config import AttackConfig
 from robustcl.methods.base import Method, SamConfig, StepContext, Terms
 from robustcl.methods.components import (CriticConfig, OursConfig, critic_attack_term,
-                                         divergence_term, draw_view, eval_pgd, fixed_embedding, ours_step,
-                                         uses_critic)
+                                         divergence_term, draw_view, eval_pgd, fixed_embedding, ours_step)
 from robustcl.objectives import info_nce
 
 __all__ = ["CriticConfig", "Gbrcl", "GbrclConfig"]
@@ -51,10 +50,6 @@ class Gbrcl(Method):
     def attack_view(self) -> Literal["weak", "strong"]:
         """The augmentation of q, the attacked view (method.attack_view)."""
         return self.cfg.attack_view
-
-    @classmethod
-    def wants_critic(cls, cfg: GbrclConfig) -> bool:  # type: ignore[override]
-        return uses_critic(cfg)
 
     def attack(self, p: torch.Tensor, q: torch.Tensor, ctx: StepContext,
                target: torch.Tensor | None = None) -> torch.Tensor:
