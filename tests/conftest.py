@@ -6,7 +6,7 @@ import http.server
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -59,3 +59,33 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def pretrain_recording(cls: type, record: Callable[[Any, Any], Any], cfg: Any, root: Path,
+                       monkeypatch: pytest.MonkeyPatch, die_at: int | None = None) -> list[Any]:
+    """Pretrain `cfg` in `root` with `cls.training_step` wrapped to append record(method, ctx) after each step;
+    with `die_at`, that call raises KeyboardInterrupt and the run is resumed. Returns the records in order."""
+    from robustcl.runs import RunDir
+    from robustcl.train.pretrain import pretrain
+
+    real = getattr(cls.training_step, "unwrapped", cls.training_step)  # a second call in one test: the real step
+    seen, calls = [], {"n": 0}
+
+    def recording(self, images, ctx):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt
+        out = real(self, images, ctx)
+        seen.append(record(self, ctx))
+        return out
+
+    recording.unwrapped = real  # type: ignore[attr-defined]
+    monkeypatch.setattr(cls, "training_step", recording)
+    run = RunDir(root)
+    if die_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, run, progress=False)
+        pretrain(cfg, run, resume=True, progress=False)
+    else:
+        pretrain(cfg, run, progress=False)
+    return seen

@@ -233,39 +233,19 @@ def test_attack_stays_in_the_ball_and_raises_the_attack_objective():
 
 
 # ------------------------------------------------------------------------------ through the trainer
-REAL_STEP = Ainfonce.training_step
-
-
 def trained(tmp_path, name: str, monkeypatch, die_at: int | None = None):
     """Pretrain smoke (8 steps an epoch, 16 steps) with a half-epoch warm-up, recording each step's alpha; with
     `die_at`, the run is killed in that call and resumed."""
+    from conftest import pretrain_recording
     from robustcl.runs import RunDir
-    from robustcl.train.pretrain import pretrain
 
-    seen: list[float] = []
-    calls = {"n": 0}
-
-    def recording(self, images, ctx):
-        calls["n"] += 1
-        if calls["n"] == die_at:
-            raise KeyboardInterrupt
-        out = REAL_STEP(self, images, ctx)
-        seen.append(self.epoch_metrics()["alpha"])
-        return out
-
-    monkeypatch.setattr(Ainfonce, "training_step", recording)
     # A distance falling with the epoch the method holds (4 at epoch 0, 0 at epoch 2), so alpha adapts
     monkeypatch.setattr(Ainfonce, "feature_distance", lambda self, x, x_adv, ctx: 4.0 - 2.0 * float(self.next_epoch))
     cfg = smoke(*PLAIN, "method.adaptive_after=0.5", "method.d_min=1", "train.max_steps=16", "train.epochs=2",
                 "train.checkpoint_every=4", "train.log_every=1", "diagnostics.every=0")
-    run = RunDir(tmp_path / name)
-    if die_at is not None:
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, run, progress=False)
-        pretrain(cfg, run, resume=True, progress=False)
-    else:
-        pretrain(cfg, run, progress=False)
-    return run, seen
+    seen = pretrain_recording(Ainfonce, lambda method, ctx: method.epoch_metrics()["alpha"], cfg, tmp_path / name,
+                              monkeypatch, die_at)
+    return RunDir(tmp_path / name), seen
 
 
 def test_the_warm_up_is_the_first_half_epoch_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch):

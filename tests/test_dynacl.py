@@ -311,35 +311,17 @@ def test_finetune_post_processes_once_and_every_protocol_reads_the_new_encoder(t
 
 
 # ------------------------------------------------------------------------------ through the trainer
-REAL_STEP = Dynacl.training_step
-
-
 def trained(tmp_path, name: str, overrides: list[str], monkeypatch, die_at: int | None = None):
     """Pretrain the smoke preset (8 steps an epoch) with dynacl, recording each step's jitter_p and weights;
     with `die_at`, the run is killed in that call and resumed."""
+    from conftest import pretrain_recording
     from robustcl.runs import RunDir
-    from robustcl.train.pretrain import pretrain
 
-    seen: list[tuple[float, float]] = []
-    original, calls = REAL_STEP, {"n": 0}
-
-    def recording(self, images, ctx):
-        calls["n"] += 1
-        if calls["n"] == die_at:
-            raise KeyboardInterrupt
-        seen.append((ctx.strong.jitter_p, self.weights["adversarial"]))
-        return original(self, images, ctx)
-
-    monkeypatch.setattr(Dynacl, "training_step", recording)
-    cfg, run = smoke("train.max_steps=16", "train.epochs=2", "train.checkpoint_every=4", "train.log_every=1",
-                     "diagnostics.every=0", *overrides), RunDir(tmp_path / name)
-    if die_at is not None:
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, run, progress=False)
-        pretrain(cfg, run, resume=True, progress=False)
-    else:
-        pretrain(cfg, run, progress=False)
-    return run, seen
+    cfg = smoke("train.max_steps=16", "train.epochs=2", "train.checkpoint_every=4", "train.log_every=1",
+                "diagnostics.every=0", *overrides)
+    seen = pretrain_recording(Dynacl, lambda method, ctx: (ctx.strong.jitter_p, method.weights["adversarial"]), cfg,
+                              tmp_path / name, monkeypatch, die_at)
+    return RunDir(tmp_path / name), seen
 
 
 def test_the_trainer_sets_each_steps_view_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
