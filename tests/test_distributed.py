@@ -29,7 +29,7 @@ from robustcl.methods.components import fixed_embedding, ours_step
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.models.dual_bn import CrossRankBatchNorm2d, DualBatchNorm2d, cross_rank_batch_norm, frozen_bn_stats
 from robustcl.objectives import SAM, info_nce, multi_positive_nce
-from robustcl.objectives.infonce import _DEFAULT_GATHER, default_gather, gather_with_grad
+from robustcl.objectives.infonce import current_gather, default_gather, gather_with_grad
 from robustcl.runs import RunDir, RunError
 from robustcl.train.common import build_method
 from robustcl.train.pretrain import Pretrainer, pretrain
@@ -181,7 +181,7 @@ def _worker(rank: int, out: str) -> None:
     seen: list[dict[str, torch.Tensor]] = []
 
     def stopping(self, images, ctx):
-        result["gather_in_step"] = _DEFAULT_GATHER.get() is gather_with_grad
+        result["gather_in_step"] = current_gather() is gather_with_grad
         if len(seen) == 3:
             seen.append({k: v.clone() for k, v in self.state_dict().items()})
             raise KeyboardInterrupt

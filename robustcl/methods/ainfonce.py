@@ -58,7 +58,7 @@ from robustcl.methods.base import Method, StepContext, Terms
 from robustcl.methods.components import (critic_attack_term, divergence_term, draw_view, eval_pgd, fixed_embedding,
                                          ours_step)
 from robustcl.objectives import info_nce
-from robustcl.objectives.infonce import _DEFAULT_GATHER, Gather  # the trainer's cross-rank gather (default_gather)
+from robustcl.objectives.infonce import Gather, current_gather  # the trainer's cross-rank gather (default_gather)
 
 NegativeFloor = Literal["hcl", "shifted"]
 
@@ -110,7 +110,7 @@ def a_infonce(views: Sequence[torch.Tensor], temperature: float = 0.5, *, alpha:
         raise ValueError(f"a_infonce needs >= 2 (N, d) tensors of equal shape, got {[tuple(v.shape) for v in views]}")
     zs = [F.normalize(v.float(), dim=1) for v in views]
     n_views, n_local = len(zs), zs[0].shape[0]
-    gather = gather if gather is not None else _DEFAULT_GATHER.get()
+    gather = gather if gather is not None else current_gather()
     offset = dist.get_rank() * n_local if gather is not None and dist.is_available() and dist.is_initialized() else 0
     key_views = [gather(z) for z in zs] if gather is not None else zs
     n = key_views[0].shape[0]

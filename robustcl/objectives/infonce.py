@@ -29,6 +29,11 @@ def default_gather(gather: Gather | None) -> Iterator[None]:
         _DEFAULT_GATHER.reset(token)
 
 
+def current_gather() -> Gather | None:
+    """The gather set by the innermost `default_gather` block (None outside one): for losses written elsewhere."""
+    return _DEFAULT_GATHER.get()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0 (rank order), keeping the gradient to the local rows.
 
@@ -61,7 +66,7 @@ def info_nce(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.5,
     v = F.normalize(v.float(), dim=1)
     n_local = u.shape[0]
     offset = 0
-    gather = gather if gather is not None else _DEFAULT_GATHER.get()
+    gather = gather if gather is not None else current_gather()
     if gather is not None:
         u_all, v_all = gather(u), gather(v)
         if dist.is_available() and dist.is_initialized():
@@ -96,7 +101,7 @@ def multi_positive_nce(views: list[torch.Tensor] | tuple[torch.Tensor, ...], tem
     zs = [F.normalize(v.float(), dim=1) for v in views]
     n_views, n_local = len(zs), zs[0].shape[0]
     offset = 0
-    gather = gather if gather is not None else _DEFAULT_GATHER.get()
+    gather = gather if gather is not None else current_gather()
     if gather is not None:
         key_views = [gather(z) for z in zs]
         if dist.is_available() and dist.is_initialized():
