@@ -37,11 +37,22 @@ def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
     for planned, results in entries:
         for protocol, r in results["protocols"].items():
             for attack, acc in r["robust"].items():
+                n_eval, subset = attack_images(results, r, attack)
                 rows.append({"configuration": planned.label, "seed": planned.seed, "run": planned.name,
                              "method": results.get("method", ""), "protocol": protocol, "branch": r["branch"],
                              "attack": attack, "clean_acc": r["clean_acc"], "robust_acc": acc,
-                             "n_eval": results.get("n_eval", ""), "eval_subset": results.get("eval_subset", "")})
+                             "n_eval": n_eval, "eval_subset": subset})
     return rows
+
+
+def attack_images(results: dict[str, Any], protocol: dict[str, Any], attack: str) -> tuple[Any, str]:
+    """How many test images `attack`'s accuracy was measured on, and which: AutoAttack runs on the first
+    `eval.autoattack_limit` of the evaluated images, every other attack on all of them."""
+    n_eval, subset = results.get("n_eval", ""), str(results.get("eval_subset", ""))
+    autoattack = protocol.get("autoattack") or {}
+    if attack.startswith("autoattack") and autoattack.get("n") is not None and autoattack["n"] != n_eval:
+        return autoattack["n"], f"the first {autoattack['n']} of the {n_eval} evaluated: {subset}"
+    return n_eval, subset
 
 
 def raw_csv(entries: Sequence[Entry]) -> str:

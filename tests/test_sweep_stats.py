@@ -13,7 +13,7 @@ from robustcl.config import ConfigError
 from robustcl.evaluation.per_image import PerImage, read_per_image, write_per_image
 from robustcl.runs import RunDir
 from robustcl.sweep import PlannedRun, aggregate, configurations, load_spec, plan_sweep, write_summary
-from robustcl.sweep_stats import DIFF_COLUMNS, paired_differences, reading
+from robustcl.sweep_stats import DIFF_COLUMNS, paired_differences, raw_rows, reading
 
 ATTACK = "pgd20-linf-0.1"
 N = 400
@@ -163,6 +163,18 @@ def test_summary_files_with_a_baseline(tmp_path):
     assert float(row["robust_t_estimate"]) == pytest.approx(0.05) and row["primary"] == "t" and row["reading"] == "higher"
     with open(out / "summary.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 2 * 2 * 2  # runs x attacks, one protocol: the raw rows
+
+
+def test_autoattack_rows_name_the_images_it_ran_on():
+    """AutoAttack runs on the first eval.autoattack_limit images: its raw row must say 200, not the PGD count."""
+    results = {"method": "gbrcl", "n_eval": 2000, "eval_subset": "random subset of 2000 of 10000 test images",
+               "protocols": {"slf": {"branch": "adversarial", "clean_acc": 0.6,
+                                     "robust": {ATTACK: 0.4, "autoattack-linf-0.1": 0.35},
+                                     "autoattack": {"n": 200, "accuracy": 0.35}}}}
+    rows = {r["attack"]: r for r in raw_rows([(PlannedRun("g", 0, "smoke", (), Path("g-s0")), results)])}
+    assert rows[ATTACK]["n_eval"] == 2000 and rows[ATTACK]["eval_subset"] == results["eval_subset"]
+    assert rows["autoattack-linf-0.1"]["n_eval"] == 200
+    assert rows["autoattack-linf-0.1"]["eval_subset"] == "the first 200 of the 2000 evaluated: " + results["eval_subset"]
 
 
 def test_baseline_must_name_a_configuration(tmp_path):
