@@ -27,7 +27,9 @@ BOOTSTRAP_SEED = 0
 FLAG_TOLERANCE = 1e-9  # per-image flags must reproduce results.json's accuracy (else they are stale)
 
 RAW_COLUMNS = ["configuration", "seed", "run", "method", "protocol", "branch", "attack", "clean_acc", "robust_acc",
-               "n_eval", "eval_subset"]
+               "n_eval", "eval_subset", "headline_on_same_images"]
+# headline_on_same_images: for an AutoAttack row on a subset, the headline PGD's accuracy on those same images
+# (AutoAttack on the first 200 must be read against PGD on the same 200, not on all of them); else empty.
 
 
 # ----------------------------------------------------------------------------------- raw rows
@@ -38,10 +40,11 @@ def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
         for protocol, r in results["protocols"].items():
             for attack, acc in r["robust"].items():
                 n_eval, subset = attack_images(results, r, attack)
+                same = (r.get("autoattack") or {}).get("pgd_on_same_images", "") if attack.startswith("autoattack") else ""
                 rows.append({"configuration": planned.label, "seed": planned.seed, "run": planned.name,
                              "method": results.get("method", ""), "protocol": protocol, "branch": r["branch"],
                              "attack": attack, "clean_acc": r["clean_acc"], "robust_acc": acc,
-                             "n_eval": n_eval, "eval_subset": subset})
+                             "n_eval": n_eval, "eval_subset": subset, "headline_on_same_images": same})
     return rows
 
 

@@ -170,9 +170,10 @@ def test_autoattack_rows_name_the_images_it_ran_on():
     results = {"method": "gbrcl", "n_eval": 2000, "eval_subset": "random subset of 2000 of 10000 test images",
                "protocols": {"slf": {"branch": "adversarial", "clean_acc": 0.6,
                                      "robust": {ATTACK: 0.4, "autoattack-linf-0.1": 0.35},
-                                     "autoattack": {"n": 200, "accuracy": 0.35}}}}
+                                     "autoattack": {"n": 200, "accuracy": 0.35, "pgd_on_same_images": 0.37}}}}
     rows = {r["attack"]: r for r in raw_rows([(PlannedRun("g", 0, "smoke", (), Path("g-s0")), results)])}
     assert rows[ATTACK]["n_eval"] == 2000 and rows[ATTACK]["eval_subset"] == results["eval_subset"]
+    assert rows[ATTACK]["headline_on_same_images"] == "" and rows["autoattack-linf-0.1"]["headline_on_same_images"] == 0.37
     assert rows["autoattack-linf-0.1"]["n_eval"] == 200
     assert rows["autoattack-linf-0.1"]["eval_subset"] == "the first 200 of the 2000 evaluated: " + results["eval_subset"]
 
