@@ -181,7 +181,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A list or grid of configs, pretrain -> finetune -> evaluate each, one comparison table."""
-    from robustcl.sweep import format_plan, plan_sweep, run_sweep
+    from robustcl.sweep import format_plan, plan_sweep, run_sweep, summarize_sweep
     from robustcl.sweep_launch import launch_settings, shard_runs
 
     launch = launch_settings(args)
@@ -190,9 +190,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         plan.runs = shard_runs(plan.runs, launch.shard)
         print(format_plan(plan))
         return 0
+    if args.summarize:
+        print(f"summary: {summarize_sweep(args.spec, args.out, args.overrides, args.seeds, args.rows)}")
+        return 0
     try:
         outcome = run_sweep(args.spec, args.out, args.overrides, args.overwrite, progress=not args.quiet,
-                            seeds=args.seeds, launch=launch)
+                            seeds=args.seeds, launch=launch, rows=args.rows)
     except KeyboardInterrupt:
         print("robustcl: sweep interrupted; run the same command again to resume it", file=sys.stderr)
         return 130
@@ -279,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs (name, config, overrides, status) and exit")
     p.add_argument("--overwrite", action="store_true", help="redo every run, finished ones included")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run instead of the spec's list (e.g. --seeds 0)")
+    p.add_argument("--rows", nargs="+", metavar="SUMMARY_CSV", default=[],
+                   help="also summarise the runs in these summary.csv files (finished on another machine or in an "
+                        "earlier session) that this directory lacks; a run in both must agree")
+    p.add_argument("--summarize", action="store_true",
+                   help="write the summary of the runs finished so far (and of --rows) and run nothing")
     importlib.import_module("robustcl.sweep_launch").add_launch_options(p)  # --jobs, --shard, --launcher, --slurm-*
     add_common(p)
     p.set_defaults(fn=cmd_sweep)

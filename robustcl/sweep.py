@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
@@ -27,6 +27,9 @@ from robustcl.config import Config, ConfigError, build, dump_yaml, first_differe
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 from robustcl.stats import Interval, t_interval
 from robustcl.sweep_launch import LaunchSettings, run_local_processes, run_submitit, shard_runs
+
+if TYPE_CHECKING:
+    from robustcl.sweep_rows import MergedRows
 
 SWEEP_PACKAGE = "robustcl.presets"
 SWEEP_FOLDER = "sweeps"
@@ -384,7 +387,7 @@ def execute_run(planned: PlannedRun, progress: bool) -> None:
 def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequence[str] = (),
               overwrite: bool = False, progress: bool = True,
               echo: Callable[[str], None] = print, seeds: Sequence[int] | None = None,
-              launch: LaunchSettings | None = None) -> SweepOutcome:
+              launch: LaunchSettings | None = None, rows: Sequence[Path | str] = ()) -> SweepOutcome:
     """Run every not-finished run (of `launch.shard` only, when given), then write the comparison; returns its paths.
 
     By default runs go one after another in this process; `launch` may spread them over local processes
@@ -395,6 +398,7 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
     launch = launch or LaunchSettings()
     launch.validate()
     plan = plan_sweep(spec, out, overrides, overwrite, seeds)
+    merged = _merged(plan, rows)  # a bad --rows file fails before anything runs
     mine = shard_runs(plan.runs, launch.shard)  # another shard's runs may be mid-write: only ours are checked
     blocked = [r.status for r in mine if r.status.startswith("conflict")]
     if blocked:
@@ -427,7 +431,22 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
                 echo(f"[{i}/{len(mine)}] {planned.name}: failed: {exc}")
                 continue
             echo(f"[{i}/{len(mine)}] {planned.name}: finished in {time.perf_counter() - t0:.0f} s")
-    return SweepOutcome(write_summary(plan, failed), plan, failed)
+    return SweepOutcome(write_summary(plan, failed, _merged(plan, rows)), plan, failed)
+
+
+def _merged(plan: SweepPlan, rows: Sequence[Path | str]) -> "MergedRows | None":
+    from robustcl.sweep_rows import merge_rows
+
+    return merge_rows(plan, rows) if rows else None
+
+
+def summarize_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequence[str] = (),
+                    seeds: Sequence[int] | None = None, rows: Sequence[Path | str] = ()) -> Path:
+    """Write the summary of the runs finished so far (and of `rows`' runs) without running anything."""
+    plan = plan_sweep(spec, out, overrides, seeds=seeds)
+    merged = _merged(plan, rows)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    return write_summary(plan, None, merged)
 
 
 # --------------------------------------------------------------------------------------- summary
@@ -572,6 +591,7 @@ def _evaluation_lines(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> l
     """Each distinct test set and attack, once (a per-seed random subset is said so)."""
     from robustcl.runs.report import describe_attack
 
+    entries = [(p, res) for p, res in entries if not res.get("from_rows")]  # rows: as their summary.csv says
     subsets = [str(res.get("eval_subset", "?")) for _, res in entries]
     per_seed = any(SUBSET_SEED.search(s) for s in subsets)
     setups = dict.fromkeys(f"{SUBSET_SEED.sub('', s)}; attack {describe_attack(res)}"
@@ -580,25 +600,43 @@ def _evaluation_lines(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> l
     return [f"Evaluated on {s}." for s in setups] + (note if per_seed else [])
 
 
-def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None) -> Path:
+def _rows_lines(merged: "MergedRows | None") -> list[str]:
+    """Which runs came from --rows files and whether the runs both have agree."""
+    if merged is None:
+        return []
+    lines = [f"{len(merged.entries)} runs from the raw rows of {', '.join(map(str, merged.sources))} "
+             f"(`--rows`: finished elsewhere; no per-image flags, so their differences have the seed interval only): "
+             + (", ".join(f"`{p.name}`" for p, _ in merged.entries) or "none") + "."]
+    if merged.agreed:
+        lines.append(f"Runs in both the directory and the rows, every accuracy equal: {', '.join(merged.agreed)}.")
+    lines += [f"**Disagrees with its row** (the directory's run is used): {d}" for d in merged.disagreements]
+    return lines
+
+
+def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged: "MergedRows | None" = None) -> Path:
     """summary.md, summary.csv (raw per-seed rows), summary_stats.csv, summary_differences.csv (with a baseline)
-    and clean_vs_robust.png in the sweep directory; returns summary.md."""
+    and clean_vs_robust.png in the sweep directory; returns summary.md. `merged`: runs from other summary.csv
+    files (robustcl/sweep_rows.py) for runs this directory lacks."""
     from robustcl.sweep_stats import differences_csv, differences_markdown, paired_differences, raw_csv
 
     entries = _finished_results(plan)
+    if merged is not None:
+        order = {r.name: i for i, r in enumerate(plan.runs)}
+        entries = sorted([*entries, *merged.entries], key=lambda e: order[e[0].name])
     rows = aggregate(entries)
     atomic_write_text(plan.out / "summary.csv", raw_csv(entries))
     atomic_write_text(plan.out / "summary_stats.csv", summary_csv(rows))
     plotted = plot_clean_vs_robust(entries, plan.out / "clean_vs_robust.png")
     spec = plan.sweep.spec
-    missing = [r.name for r in plan.runs if not r.run.read_results().get("protocols")]
+    finished = {p.name for p, _ in entries}
+    missing = [r.name for r in plan.runs if r.name not in finished]
     lines = [f"# Sweep {spec.name}", "", plan.sweep.description, "",
              f"Spec: {plan.sweep.origin}; {len(entries)} of {len(plan.runs)} runs finished; seeds {list(spec.seeds)}. "
              "Each cell is the mean ± sample standard deviation (n-1) over seeds, in percent; `seeds` is n; the 95% CI "
              "is Student's t over seeds, mean ± t(0.975, n-1)·s/√n (docs/statistics.md; none for one seed). "
              "Accuracy is read through the branch named (the same one for clean and robust). summary.csv holds "
              "every run's raw numbers, summary_stats.csv this table.",
-             *_evaluation_lines(entries), "",
+             *_evaluation_lines(entries), *_rows_lines(merged), "",
              summary_markdown_table(rows), ""]
     if spec.baseline or spec.comparisons:
         diffs = paired_differences(entries, spec.baseline) if spec.baseline else []

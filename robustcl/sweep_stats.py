@@ -93,6 +93,8 @@ class Difference:
 
 def _usable_flags(run: "PlannedRun", results: dict[str, Any], protocol: str, attack: str) -> tuple[PerImage | None, str]:
     """The run's per-image flags for (protocol, headline attack), or None and why not."""
+    if results.get("from_rows"):
+        return None, f"{run.name} is a row of {results['from_rows']} (rows carry no per-image flags)"
     flags = read_per_image(run.run)
     if flags is None:
         return None, f"{run.name} has no per_image.npz (evaluated before it was stored; rerun `robustcl evaluate`)"

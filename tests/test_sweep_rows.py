@@ -1,0 +1,121 @@
+"""`robustcl sweep --rows`: a summary.csv read back as finished runs gives the summary the run directories give."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustcl.config import ConfigError
+from robustcl.runs import RunDir
+from robustcl.sweep import PlannedRun, plan_sweep, summarize_sweep, write_summary
+from robustcl.sweep_rows import merge_rows, read_rows, runs_from_rows
+from robustcl.sweep_stats import raw_csv
+
+PGD, AA = "pgd20-linf-0.1", "autoattack-linf-0.1"
+SPEC = """\
+# synthetic (test)
+name: synth
+seeds: [0, 1, 2]
+baseline: base
+runs:
+  - {name: base, config: smoke}
+  - {name: better, config: smoke}
+"""
+
+
+def results(seed: int, shift: float) -> dict:
+    """results.json of a run with SLF and ALF, PGD on 2,000 images and AutoAttack on the first 200."""
+    rng = np.random.default_rng(seed)
+    out = {"method": "gbrcl", "n_eval": 2000, "eval_subset": "random subset of 2000 of 10000 test images",
+           "attack": {"type": "pgd", "steps": 20, "norm": "linf", "eps": 0.1, "alpha": 0.025}, "protocols": {}}
+    for protocol in ("slf", "alf"):
+        clean, robust = 0.6 + rng.random() / 10, 0.4 + rng.random() / 10 + shift
+        out["protocols"][protocol] = {"branch": "adversarial", "clean_acc": clean,
+                                      "robust": {PGD: robust, AA: robust - 0.03},
+                                      "autoattack": {"n": 200, "pgd_on_same_images": robust + 0.01}}
+    return out
+
+
+def finished(root: Path, label: str, seed: int, res: dict) -> None:
+    run = RunDir(root / f"{label}-s{seed}")
+    run.root.mkdir(parents=True)
+    run.write_json(run.results, res)
+
+
+@pytest.fixture
+def full(tmp_path) -> tuple[Path, Path]:
+    """A spec and a directory with all 6 runs finished (better = base + 2 points robust, every seed)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "full"
+    for seed in (0, 1, 2):
+        finished(out, "base", seed, results(seed, 0.0))
+        finished(out, "better", seed, results(seed, 0.02))
+    write_summary(plan_sweep(str(spec), out))
+    return spec, out
+
+
+def test_rows_round_trip_to_the_same_raw_rows(full):
+    _, out = full
+    text = (out / "summary.csv").read_text()
+    runs = runs_from_rows(read_rows(out / "summary.csv"), out / "summary.csv")
+    entries = [(PlannedRun(r.label, r.seed, "smoke", (), Path(r.name)), r.results) for r in runs]
+    assert [r.name for r in runs] == ["base-s0", "base-s1", "base-s2", "better-s0", "better-s1", "better-s2"]
+    assert raw_csv(entries) == text  # every accuracy, image count, subset and AutoAttack's same-image PGD
+
+
+def test_summary_from_rows_equals_the_summary_from_directories(full, tmp_path):
+    spec, out = full
+    part = tmp_path / "part"  # seed 2 only here; seeds 0-1 from the full sweep's summary.csv
+    for name in ("base-s2", "better-s2"):
+        shutil.copytree(out / name, part / name)
+    summary = summarize_sweep(str(spec), part, rows=[out / "summary.csv"]).read_text()
+    assert (part / "summary_stats.csv").read_text() == (out / "summary_stats.csv").read_text()
+    assert (part / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    with open(part / "summary_differences.csv", newline="") as a, open(out / "summary_differences.csv", newline="") as b:
+        merged, direct = list(csv.DictReader(a)), list(csv.DictReader(b))
+    t_columns = [c for c in direct[0] if c.startswith(("clean_t", "robust_t"))]
+    assert [[r[c] for c in t_columns] for r in merged] == [[r[c] for c in t_columns] for r in direct]
+    assert float(direct[0]["robust_t_estimate"]) == pytest.approx(0.02)
+    assert all(r["robust_bootstrap_estimate"] == "" for r in merged)  # rows carry no per-image flags
+    assert "4 runs from the raw rows of" in summary and "`base-s0`, `base-s1`, `better-s0`, `better-s1`" in summary
+    assert "every accuracy equal: base-s2, better-s2." in summary and "Runs without results" not in summary
+    assert not (part / "base-s0").exists()  # --summarize runs nothing
+
+
+def test_a_run_that_disagrees_with_its_row_is_named(full, tmp_path):
+    spec, out = full
+    part = tmp_path / "part"
+    shutil.copytree(out / "better-s2", part / "better-s2")
+    path = RunDir(part / "better-s2").results
+    changed = json.loads(path.read_text())
+    changed["protocols"]["alf"]["robust"][AA] += 0.005
+    path.write_text(json.dumps(changed))
+    summary = summarize_sweep(str(spec), part, rows=[out / "summary.csv"]).read_text()
+    assert "**Disagrees with its row** (the directory's run is used): better-s2 alf autoattack-linf-0.1:" in summary
+
+
+def test_rows_of_another_sweep_or_file_are_refused(full, tmp_path):
+    spec, out = full
+    with pytest.raises(ConfigError, match=r"run base-s2 is not a run of sweep synth with these seeds"):
+        merge_rows(plan_sweep(str(spec), tmp_path / "x", seeds=[0, 1]), [out / "summary.csv"])
+    with pytest.raises(ConfigError, match=r"summary_stats.csv is not a sweep's summary.csv \(no column seed\)"):
+        merge_rows(plan_sweep(str(spec), tmp_path / "x"), [out / "summary_stats.csv"])
+    with pytest.raises(ConfigError, match=r"cannot read --rows .*nope.csv"):
+        merge_rows(plan_sweep(str(spec), tmp_path / "x"), [tmp_path / "nope.csv"])
+
+
+def test_cli_summarize_with_rows(full, tmp_path, capsys):
+    from robustcl.cli import main
+
+    spec, out = full
+    assert main(["sweep", "--spec", str(spec), "--out", str(tmp_path / "p"), "--summarize",
+                 "--rows", str(out / "summary.csv")]) == 0
+    assert (tmp_path / "p" / "summary_stats.csv").read_text() == (out / "summary_stats.csv").read_text()
+    assert main(["sweep", "--spec", str(spec), "--out", str(tmp_path / "q"), "--summarize", "--seeds", "0",
+                 "--rows", str(out / "summary.csv")]) != 0
+    assert "is not a run of sweep synth" in capsys.readouterr().err
