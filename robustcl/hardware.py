@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,23 @@ def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, family, model and stepping (x86 /proc/cpuinfo): fp32 kernels, and so a run's
+    last digits, can differ between CPU models that share an ISA, so results record which one computed them."""
+    fields: dict[str, str] = {}
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.split("\n\n")[0].splitlines():  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ids = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                        ("stepping", "stepping")) if key in fields]
+    return f"{name} ({', '.join(ids)})" if ids else name
 
 
 def _torch_says(name: str) -> bool:

@@ -139,6 +139,7 @@ def test_results_and_report_state_the_hardware(fake_cpu, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["hardware"]["device"] == "CPU AVX2"
     assert results["hardware"]["train_precision"] == "fp32" and results["hardware"]["eval_precision"] == "fp32"
+    assert results["hardware"]["cpu"] == hardware.cpu_model() and results["hardware"]["torch"] == torch.__version__
     report = (out / "report.md").read_text()
     assert "CPU AVX2" in report and "fp32" in report
 
@@ -189,3 +190,14 @@ def test_threads_values(value, ok):
     else:
         with pytest.raises(ConfigError, match="train.threads"):
             load_config("smoke", [f"train.threads={value}"])
+
+
+def test_cpu_model_names_family_model_and_stepping(tmp_path):
+    """Two EPYCs with the same flags can sum fp32 differently: results must say which one computed them."""
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+             "model name\t: AMD EPYC 9R45\nstepping\t: 1\nflags\t\t: fpu avx512f avx512_bf16\n")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(block.format(n=0) + "\n" + block.format(n=1).replace("stepping\t: 1", "stepping\t: 9"))
+    assert hardware.cpu_model(cpuinfo) == "AMD EPYC 9R45 (family 26, model 2, stepping 1)"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # an ARM block: no family or model name
+    assert hardware.cpu_model(cpuinfo).startswith(hardware.platform.processor() or hardware.platform.machine())

@@ -25,7 +25,7 @@ from robustcl.export import check_encoder_fits, read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd, pgd_l2
 from robustcl.runs import RunDir, RunError, atomic_write_text
-from robustcl.hardware import device_description
+from robustcl.hardware import cpu_model, device_description
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
 from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
@@ -286,7 +286,8 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         "attack": attack_record,
         "branch_note": "clean and robust accuracy are read through the same BN branch",
         "hardware": {"device": device_description(device), "train_precision": cfg.train.precision,
-                     "eval_precision": cfg.eval.precision, "threads": torch.get_num_threads()},
+                     "eval_precision": cfg.eval.precision, "threads": torch.get_num_threads(),
+                     "cpu": cpu_model(), "torch": torch.__version__},
         "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
         "protocols": per_protocol,
         **({"encoder": meta["source"]} if "source" in meta else {}),
