@@ -617,7 +617,7 @@ def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged:
     """summary.md, summary.csv (raw per-seed rows), summary_stats.csv, summary_differences.csv (with a baseline)
     and clean_vs_robust.png in the sweep directory; returns summary.md. `merged`: runs from other summary.csv
     files (robustcl/sweep_rows.py) for runs this directory lacks."""
-    from robustcl.sweep_stats import differences_csv, differences_markdown, paired_differences, raw_csv
+    from robustcl.sweep_stats import differences_csv, differences_markdown, paired_differences, raw_csv, suspect_lines
 
     entries = _finished_results(plan)
     if merged is not None:
@@ -636,7 +636,7 @@ def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged:
              "is Student's t over seeds, mean ± t(0.975, n-1)·s/√n (docs/statistics.md; none for one seed). "
              "Accuracy is read through the branch named (the same one for clean and robust). summary.csv holds "
              "every run's raw numbers, summary_stats.csv this table.",
-             *_evaluation_lines(entries), *_rows_lines(merged), "",
+             *_evaluation_lines(entries), *suspect_lines(entries), *_rows_lines(merged), "",
              summary_markdown_table(rows), ""]
     if spec.baseline or spec.comparisons:
         diffs = paired_differences(entries, spec.baseline) if spec.baseline else []

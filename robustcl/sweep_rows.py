@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustcl.config import ConfigError
-from robustcl.sweep_stats import RAW_COLUMNS, Entry
+from robustcl.sweep_stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry
 
 if TYPE_CHECKING:
     from robustcl.sweep import PlannedRun, SweepPlan
@@ -42,7 +42,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in RAW_COLUMNS if c not in (reader.fieldnames or [])]
+            missing = [c for c in RAW_COLUMNS if c not in (reader.fieldnames or []) and c not in OPTIONAL_COLUMNS]
             if missing:
                 raise ConfigError(f"{path} is not a sweep's summary.csv (no column {missing[0]}); pass the summary.csv "
                                   "a sweep directory holds, not summary_stats.csv")
@@ -63,6 +63,9 @@ def runs_from_rows(rows: Sequence[dict[str, str]], source: Path) -> list[RowRun]
         protocol = run.results["protocols"].setdefault(row["protocol"], {"branch": row["branch"], "robust": {},
                                                                          "clean_acc": float(row["clean_acc"])})
         protocol["robust"][row["attack"]] = float(row["robust_acc"])
+        failed = row.get("integrity_failed", NOT_RECORDED)
+        if failed != NOT_RECORDED:
+            protocol["integrity"] = {"failed": [c for c in failed.split("; ") if c]}
         n_eval = _number(row["n_eval"])
         if row["headline_on_same_images"] or row["eval_subset"].startswith("the first "):
             protocol["autoattack"] = {"n": n_eval}

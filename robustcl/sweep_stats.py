@@ -27,9 +27,13 @@ BOOTSTRAP_SEED = 0
 FLAG_TOLERANCE = 1e-9  # per-image flags must reproduce results.json's accuracy (else they are stale)
 
 RAW_COLUMNS = ["configuration", "seed", "run", "method", "protocol", "branch", "attack", "clean_acc", "robust_acc",
-               "n_eval", "eval_subset", "headline_on_same_images"]
+               "n_eval", "eval_subset", "headline_on_same_images", "integrity_failed"]
 # headline_on_same_images: for an AutoAttack row on a subset, the headline PGD's accuracy on those same images
 # (AutoAttack on the first 200 must be read against PGD on the same 200, not on all of them); else empty.
+# integrity_failed: the protocol's failed integrity checks ("; "-joined: the run is SUSPECT), empty when all passed,
+# NOT_RECORDED when results.json has none. Summaries written before the column existed lack it: not recorded.
+OPTIONAL_COLUMNS = ("integrity_failed",)
+NOT_RECORDED = "not recorded"
 
 
 # ----------------------------------------------------------------------------------- raw rows
@@ -44,8 +48,38 @@ def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
                 rows.append({"configuration": planned.label, "seed": planned.seed, "run": planned.name,
                              "method": results.get("method", ""), "protocol": protocol, "branch": r["branch"],
                              "attack": attack, "clean_acc": r["clean_acc"], "robust_acc": acc,
-                             "n_eval": n_eval, "eval_subset": subset, "headline_on_same_images": same})
+                             "n_eval": n_eval, "eval_subset": subset, "headline_on_same_images": same,
+                             "integrity_failed": integrity_cell(integrity_failures(r))})
     return rows
+
+
+def integrity_failures(protocol: dict[str, Any]) -> list[str] | None:
+    """The names of the protocol's failed integrity checks ([] when all passed), None when not recorded."""
+    integrity = protocol.get("integrity")
+    return None if integrity is None else list(integrity.get("failed", []))
+
+
+def integrity_cell(failed: list[str] | None) -> str:
+    """integrity_failed's value: the failed checks, "" when all passed, NOT_RECORDED when unknown."""
+    return NOT_RECORDED if failed is None else "; ".join(failed)
+
+
+def suspect_lines(entries: Sequence[Entry]) -> list[str]:
+    """summary.md's integrity line: every SUSPECT run and protocol with its failed checks, or that all passed."""
+    suspect, unknown = [], []
+    for planned, results in entries:
+        for protocol, r in results["protocols"].items():
+            failed = integrity_failures(r)
+            if failed is None:
+                unknown.append(f"{planned.name} {protocol.upper()}")
+            elif failed:
+                suspect.append(f"`{planned.name}` {protocol.upper()} ({', '.join(failed)})")
+    lines = [f"**SUSPECT** (integrity checks failed: README \"Evaluation you can check\"): {s}" for s in suspect]
+    if not suspect:
+        lines.append("Integrity checks: every recorded one passed." if entries else "")
+    if unknown:
+        lines.append(f"Integrity not recorded for: {', '.join(unknown)}.")
+    return [line for line in lines if line]
 
 
 def attack_images(results: dict[str, Any], protocol: dict[str, Any], attack: str) -> tuple[Any, str]:

@@ -66,6 +66,9 @@ def test_rows_round_trip_to_the_same_raw_rows(full):
     entries = [(PlannedRun(r.label, r.seed, "smoke", (), Path(r.name)), r.results) for r in runs]
     assert [r.name for r in runs] == ["base-s0", "base-s1", "base-s2", "better-s0", "better-s1", "better-s2"]
     assert raw_csv(entries) == text  # every accuracy, image count, subset and AutoAttack's same-image PGD
+    with open(out / "summary.csv", newline="") as fh:  # results.json without integrity: unknown, not "passed"
+        assert {r["integrity_failed"] for r in csv.DictReader(fh)} == {"not recorded"}
+    assert all("integrity" not in p for r in runs for p in r.results["protocols"].values())
 
 
 def test_summary_from_rows_equals_the_summary_from_directories(full, tmp_path):
@@ -119,3 +122,34 @@ def test_cli_summarize_with_rows(full, tmp_path, capsys):
     assert main(["sweep", "--spec", str(spec), "--out", str(tmp_path / "q"), "--summarize", "--seeds", "0",
                  "--rows", str(out / "summary.csv")]) != 0
     assert "is not a run of sweep synth" in capsys.readouterr().err
+
+
+def test_suspect_runs_are_named_and_survive_the_rows(tmp_path):
+    """A protocol whose integrity checks failed is SUSPECT in summary.md and summary.csv, and so after --rows."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "full"
+    for seed in (0, 1, 2):
+        for label, shift in (("base", 0.0), ("better", 0.02)):
+            res = results(seed, shift)
+            for protocol, r in res["protocols"].items():
+                bad = (label, seed, protocol) == ("better", 1, "slf")
+                r["integrity"] = {"passed": not bad, "failed": ["square-vs-whitebox", "autoattack-at-most-pgd"] if bad else []}
+            finished(out, label, seed, res)
+    summary = write_summary(plan_sweep(str(spec), out)).read_text()
+    line = "`better-s1` SLF (square-vs-whitebox, autoattack-at-most-pgd)"
+    assert f"**SUSPECT** (integrity checks failed" in summary and line in summary
+    assert summary.count("**SUSPECT**") == 1 and "every recorded one passed" not in summary
+    with open(out / "summary.csv", newline="") as fh:
+        flagged = {(r["run"], r["protocol"]) for r in csv.DictReader(fh) if r["integrity_failed"]}
+    assert flagged == {("better-s1", "slf")}
+    part = tmp_path / "part"
+    assert line in summarize_sweep(str(spec), part, rows=[out / "summary.csv"]).read_text()
+    old = tmp_path / "old.csv"  # a summary.csv written before the column existed
+    with open(out / "summary.csv", newline="") as src, open(old, "w", newline="") as dst:
+        rows = list(csv.DictReader(src))
+        writer = csv.DictWriter(dst, [c for c in rows[0] if c != "integrity_failed"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize_sweep(str(spec), tmp_path / "p2", rows=[old]).read_text()
+    assert "**SUSPECT**" not in summary and "Integrity not recorded for: base-s0 SLF, base-s0 ALF" in summary
