@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo every run, finished ones included")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run instead of the spec's list (e.g. --seeds 0)")
     p.add_argument("--rows", nargs="+", metavar="SUMMARY_CSV", default=[],
-                   help="also summarise the runs in these summary.csv files (finished on another machine or in an "
-                        "earlier session) that this directory lacks; a run in both must agree")
+                   help="join the runs in these summary.csv files (finished on another machine or in an earlier "
+                        "session) to the summary; where this directory has the run too, its own is used and "
+                        "summary.md says whether they agree (rows never skip a run: use --summarize to run nothing)")
     p.add_argument("--summarize", action="store_true",
                    help="write the summary of the runs finished so far (and of --rows) and run nothing")
     importlib.import_module("robustcl.sweep_launch").add_launch_options(p)  # --jobs, --shard, --launcher, --slurm-*

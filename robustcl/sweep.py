@@ -591,7 +591,11 @@ def _evaluation_lines(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> l
     """Each distinct test set and attack, once (a per-seed random subset is said so)."""
     from robustcl.runs.report import describe_attack
 
-    entries = [(p, res) for p, res in entries if not res.get("from_rows")]  # rows: as their summary.csv says
+    rows = [res for _, res in entries if res.get("from_rows")]
+    entries = [(p, res) for p, res in entries if not res.get("from_rows")]
+    if not entries and rows:  # rows only: their test set as their summary.csv names it (attacks: the table's)
+        return [f"Evaluated on {s} (from --rows)." for s in dict.fromkeys(SUBSET_SEED.sub("", str(r.get("eval_subset")))
+                                                                           for r in rows)]
     subsets = [str(res.get("eval_subset", "?")) for _, res in entries]
     per_seed = any(SUBSET_SEED.search(s) for s in subsets)
     setups = dict.fromkeys(f"{SUBSET_SEED.sub('', s)}; attack {describe_attack(res)}"

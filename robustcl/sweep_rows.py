@@ -8,7 +8,6 @@ only (docs/statistics.md). A run present in the sweep directory wins over a row,
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,51 +39,80 @@ def _number(text: str) -> int | str:
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a summary.csv; ConfigError naming the file when it is not one."""
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in RAW_COLUMNS if c not in (reader.fieldnames or []) and c not in OPTIONAL_COLUMNS]
             if missing:
                 raise ConfigError(f"{path} is not a sweep's summary.csv (no column {missing[0]}); pass the summary.csv "
-                                  "a sweep directory holds, not summary_stats.csv")
+                                  "a sweep directory holds")
             return list(reader)
     except OSError as exc:
         raise ConfigError(f"cannot read --rows {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{path} is not a sweep's summary.csv (not CSV text: {exc}); pass the summary.csv "
+                          "a sweep directory holds") from None
+
+
+def _add_row(runs: dict[str, RowRun], row: dict[str, str], source: Path) -> None:
+    """Add one raw row to its run's rebuilt results (ValueError/KeyError/AttributeError on a malformed row)."""
+    name = row["run"]
+    run = runs.get(name)
+    if run is None:
+        run = runs[name] = RowRun(row["configuration"], int(row["seed"]), name,
+                                  {"method": row["method"], "protocols": {}, "from_rows": str(source)}, source)
+    protocol = run.results["protocols"].setdefault(row["protocol"], {"branch": row["branch"], "robust": {},
+                                                                     "clean_acc": float(row["clean_acc"])})
+    if float(row["clean_acc"]) != protocol["clean_acc"] or (
+            row["attack"] in protocol["robust"] and protocol["robust"][row["attack"]] != float(row["robust_acc"])):
+        raise ValueError(f"run {name} {row['protocol']} {row['attack']} appears twice with different accuracies")
+    protocol["robust"][row["attack"]] = float(row["robust_acc"])
+    failed = row.get("integrity_failed", NOT_RECORDED)
+    if failed != NOT_RECORDED:
+        protocol["integrity"] = {"failed": [c for c in failed.split("; ") if c]}
+    n_eval = _number(row["n_eval"])
+    same = row.get("headline_on_same_images", "")
+    if same or row["eval_subset"].startswith("the first "):
+        protocol["autoattack"] = {"n": n_eval}
+        if same:
+            protocol["autoattack"]["pgd_on_same_images"] = float(same)
+    else:
+        run.results.setdefault("n_eval", n_eval)
+        run.results.setdefault("eval_subset", row["eval_subset"])
+
+
+def _headline_first(robust: dict[str, float]) -> dict[str, float]:
+    """The headline (non-AutoAttack) attack first, as evaluation writes it, even from a re-sorted file."""
+    return dict(sorted(robust.items(), key=lambda item: item[0].startswith("autoattack")))
 
 
 def runs_from_rows(rows: Sequence[dict[str, str]], source: Path) -> list[RowRun]:
     """Group rows by run and rebuild the parts of results.json the summary reads (accuracies exactly as stored)."""
     runs: dict[str, RowRun] = {}
-    for row in rows:
-        name = row["run"]
-        run = runs.get(name)
-        if run is None:
-            run = runs[name] = RowRun(row["configuration"], int(row["seed"]), name,
-                                      {"method": row["method"], "protocols": {}, "from_rows": str(source)}, source)
-        protocol = run.results["protocols"].setdefault(row["protocol"], {"branch": row["branch"], "robust": {},
-                                                                         "clean_acc": float(row["clean_acc"])})
-        protocol["robust"][row["attack"]] = float(row["robust_acc"])
-        failed = row.get("integrity_failed", NOT_RECORDED)
-        if failed != NOT_RECORDED:
-            protocol["integrity"] = {"failed": [c for c in failed.split("; ") if c]}
-        n_eval = _number(row["n_eval"])
-        if row["headline_on_same_images"] or row["eval_subset"].startswith("the first "):
-            protocol["autoattack"] = {"n": n_eval}
-            if row["headline_on_same_images"]:
-                protocol["autoattack"]["pgd_on_same_images"] = float(row["headline_on_same_images"])
-        else:
-            run.results.setdefault("n_eval", n_eval)
-            run.results.setdefault("eval_subset", row["eval_subset"])
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            _add_row(runs, row, source)
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise ConfigError(f"{source} line {line} is not a valid summary.csv row ({exc}); pass the summary.csv "
+                              "a sweep wrote, unedited (join files with --rows A B, not by concatenating)") from None
+    for run in runs.values():
+        for protocol in run.results["protocols"].values():
+            protocol["robust"] = _headline_first(protocol["robust"])
     return list(runs.values())
 
 
 def _disagreement(name: str, stored: dict[str, Any], row: dict[str, Any], source: Path) -> str | None:
-    """How the directory's results differ from the row's, or None when every accuracy agrees."""
+    """How the directory's results differ from the row's (test images, protocols, attacks, accuracies), or None."""
+    if str(stored.get("eval_subset")) != str(row.get("eval_subset")):
+        return f"{name}: evaluated on {stored.get('eval_subset')} in the run directory, {row.get('eval_subset')} in {source}"
+    if set(stored.get("protocols", {})) != set(row["protocols"]):
+        return (f"{name}: protocols {', '.join(stored.get('protocols', {}))} in the run directory, "
+                f"{', '.join(row['protocols'])} in {source}")
     for protocol, r in row["protocols"].items():
-        mine = stored.get("protocols", {}).get(protocol)
-        if mine is None:
-            return f"{name}: {source} has {protocol} results, the run directory does not"
+        mine = stored["protocols"][protocol]
+        if set(mine["robust"]) != set(r["robust"]):
+            return f"{name} {protocol}: attacks {', '.join(mine['robust'])} in the run directory, {', '.join(r['robust'])} in {source}"
         pairs = [("clean", mine["clean_acc"], r["clean_acc"])]
-        pairs += [(attack, mine["robust"].get(attack, math.nan), acc) for attack, acc in r["robust"].items()]
+        pairs += [(attack, mine["robust"][attack], acc) for attack, acc in r["robust"].items()]
         for what, a, b in pairs:
             if not abs(a - b) <= AGREEMENT_TOLERANCE:
                 return f"{name} {protocol} {what}: {a!r} in the run directory, {b!r} in {source}"
@@ -100,6 +128,29 @@ class MergedRows:
     sources: list[Path]
 
 
+def _test_set(subset: Any) -> str:
+    """An eval_subset with a per-seed subset's seed removed: runs of one sweep share it."""
+    from robustcl.sweep import SUBSET_SEED
+
+    return SUBSET_SEED.sub("", str(subset))
+
+
+def _check_same_evaluation(plan: SweepPlan, runs: Any) -> None:
+    """Rows must come from the evaluation this directory's finished runs used (test images, headline attack)."""
+    finished = [res for r in plan.runs if (res := r.run.read_results()).get("protocols")]
+    if not finished:
+        return
+    subsets = {_test_set(res.get("eval_subset")) for res in finished}
+    headlines = {next(iter(p["robust"])) for res in finished for p in res["protocols"].values()}
+    for run in runs:
+        subset = _test_set(run.results.get("eval_subset"))
+        heads = {next(iter(p["robust"])) for p in run.results["protocols"].values()}
+        if subset not in subsets or not heads <= headlines:
+            raise ConfigError(f"{run.source}: run {run.name} was evaluated on {subset} with {', '.join(sorted(heads))}, "
+                              f"this directory's runs on {' / '.join(sorted(subsets))} with "
+                              f"{', '.join(sorted(headlines))}; join rows of the same evaluation only")
+
+
 def merge_rows(plan: SweepPlan, paths: Sequence[Path | str]) -> MergedRows:
     """The rows' runs that this sweep's directory has not finished, as entries; a row outside the plan is an error."""
     planned: dict[str, PlannedRun] = {r.name: r for r in plan.runs}
@@ -113,6 +164,7 @@ def merge_rows(plan: SweepPlan, paths: Sequence[Path | str]) -> MergedRows:
             if run.name in seen and _disagreement(run.name, seen[run.name].results, run.results, path):
                 raise ConfigError(f"{path} and {seen[run.name].source} disagree on {run.name}; keep one of them")
             seen.setdefault(run.name, run)
+    _check_same_evaluation(plan, seen.values())
     entries, agreed, disagreements = [], [], []
     for name, run in seen.items():
         stored = planned[name].run.read_results()

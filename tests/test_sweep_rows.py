@@ -138,7 +138,7 @@ def test_suspect_runs_are_named_and_survive_the_rows(tmp_path):
             finished(out, label, seed, res)
     summary = write_summary(plan_sweep(str(spec), out)).read_text()
     line = "`better-s1` SLF (square-vs-whitebox, autoattack-at-most-pgd)"
-    assert f"**SUSPECT** (integrity checks failed" in summary and line in summary
+    assert "**SUSPECT** (integrity checks failed" in summary and line in summary
     assert summary.count("**SUSPECT**") == 1 and "every recorded one passed" not in summary
     with open(out / "summary.csv", newline="") as fh:
         flagged = {(r["run"], r["protocol"]) for r in csv.DictReader(fh) if r["integrity_failed"]}
@@ -153,3 +153,73 @@ def test_suspect_runs_are_named_and_survive_the_rows(tmp_path):
         writer.writerows(rows)
     summary = summarize_sweep(str(spec), tmp_path / "p2", rows=[old]).read_text()
     assert "**SUSPECT**" not in summary and "Integrity not recorded for: base-s0 SLF, base-s0 ALF" in summary
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """dst: src's rows after edit(rows, columns) -> (rows, columns)."""
+    with open(src, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows, columns = edit(list(reader), list(reader.fieldnames))
+    with open(dst, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return dst
+
+
+def test_older_summaries_and_resorted_rows_read_back(full, tmp_path):
+    """A summary.csv from before headline_on_same_images / integrity_failed, and one with its rows re-sorted."""
+    spec, out = full
+    pgd_only = _rewrite(out / "summary.csv", tmp_path / "old.csv", lambda rows, cols: (
+        [r for r in rows if r["attack"] == PGD], [c for c in cols if c not in ("headline_on_same_images", "integrity_failed")]))
+    runs = runs_from_rows(read_rows(pgd_only), pgd_only)
+    assert len(runs) == 6 and all(list(p["robust"]) == [PGD] for r in runs for p in r.results["protocols"].values())
+    resorted = _rewrite(out / "summary.csv", tmp_path / "sorted.csv", lambda rows, cols: (
+        sorted(rows, key=lambda r: (r["attack"], r["run"])), cols))  # autoattack rows before pgd rows
+    runs = runs_from_rows(read_rows(resorted), resorted)
+    assert all(list(p["robust"]) == [PGD, AA] for r in runs for p in r.results["protocols"].values())
+    summary = summarize_sweep(str(spec), tmp_path / "p", rows=[resorted]).read_text()
+    assert "Evaluated on random subset of 2000 of 10000 test images (from --rows)." in summary
+    assert (tmp_path / "p" / "summary_stats.csv").read_text() == (out / "summary_stats.csv").read_text()
+
+
+def test_malformed_or_conflicting_rows_are_one_line_errors(full, tmp_path):
+    spec, out = full
+    plan = plan_sweep(str(spec), tmp_path / "x")
+    text = (out / "summary.csv").read_text()
+    (tmp_path / "cat.csv").write_text(text + text)  # two files concatenated: a header inside the rows
+    with pytest.raises(ConfigError, match=r"cat.csv line 26 is not a valid summary.csv row .*not by concatenating"):
+        merge_rows(plan, [tmp_path / "cat.csv"])
+    (tmp_path / "cut.csv").write_text(text[: text.rindex(",", 0, len(text) - 40)])  # a truncated last row
+    with pytest.raises(ConfigError, match=r"cut.csv line 25 is not a valid summary.csv row"):
+        merge_rows(plan, [tmp_path / "cut.csv"])
+    (tmp_path / "plot.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"plot.csv is not a sweep's summary.csv"):
+        merge_rows(plan, [tmp_path / "plot.csv"])
+    twice = _rewrite(out / "summary.csv", tmp_path / "twice.csv", lambda rows, cols: (
+        [*rows, {**rows[0], "robust_acc": "0.05"}], cols))
+    with pytest.raises(ConfigError, match=r"run base-s0 slf pgd20-linf-0.1 appears twice with different accuracies"):
+        merge_rows(plan, [twice])
+    part = tmp_path / "part"  # rows evaluated on other test images than the directory's runs
+    shutil.copytree(out / "base-s2", part / "base-s2")
+    other = _rewrite(out / "summary.csv", tmp_path / "other.csv", lambda rows, cols: (
+        [{**r, "eval_subset": "random subset of 500 of 10000 test images"} if r["attack"] == PGD else r
+         for r in rows], cols))
+    with pytest.raises(ConfigError, match=r"run base-s0 was evaluated on random subset of 500 .* this directory's "
+                                          r"runs on random subset of 2000"):
+        merge_rows(plan_sweep(str(spec), part), [other])
+
+
+def test_a_rerun_on_other_test_images_disagrees_with_its_row(full, tmp_path):
+    spec, out = full
+    part = tmp_path / "part"
+    shutil.copytree(out / "base-s2", part / "base-s2")
+    shutil.copytree(out / "better-s2", part / "better-s2")
+    path = RunDir(part / "better-s2").results
+    changed = json.loads(path.read_text())
+    changed["eval_subset"] = "random subset of 2000 of 10000 test images (subset seed 7)"
+    path.write_text(json.dumps(changed))
+    summary = summarize_sweep(str(spec), part, rows=[out / "summary.csv"]).read_text()
+    assert "**Disagrees with its row** (the directory's run is used): better-s2: evaluated on random subset of 2000 " \
+           "of 10000 test images (subset seed 7) in the run directory" in summary
+    assert "every accuracy equal: base-s2." in summary
