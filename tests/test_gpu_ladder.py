@@ -49,7 +49,7 @@ def test_prepare_then_the_tiny_ladder_writes_the_summary(tmp_path):
     assert "## Paired difference to the baseline `adv-only`" in summary
     for rung in ("+benign", "+sam", "+critic"):
         for protocol in ("SLF", "ALF"):
-            assert f"| {rung} | {protocol} | pgd2-linf-0.1 | 2 |" in summary
+            assert f"| {rung} | adv-only | {protocol} | pgd2-linf-0.1 | 2 |" in summary  # configuration, minus, ...
     with open(light / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 * 2 and {r["seed"] for r in rows} == {"0", "1"}
