@@ -398,7 +398,7 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
     launch = launch or LaunchSettings()
     launch.validate()
     plan = plan_sweep(spec, out, overrides, overwrite, seeds)
-    merged = _merged(plan, rows)  # a bad --rows file fails before anything runs
+    _merged(plan, rows)  # a bad --rows file fails before anything runs (merged again after the runs)
     mine = shard_runs(plan.runs, launch.shard)  # another shard's runs may be mid-write: only ours are checked
     blocked = [r.status for r in mine if r.status.startswith("conflict")]
     if blocked:
