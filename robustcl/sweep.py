@@ -471,7 +471,8 @@ class SummaryRow:
     robust_ci: Interval | None = None
 
 
-def _finished_results(plan: SweepPlan) -> list[tuple[PlannedRun, dict[str, Any]]]:
+def finished_results(plan: SweepPlan) -> list[tuple[PlannedRun, dict[str, Any]]]:
+    """Each run of the plan whose directory holds results, with them (the summary's entries)."""
     return [(r, res) for r in plan.runs if (res := r.run.read_results()).get("protocols")]
 
 
@@ -623,7 +624,7 @@ def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged:
     files (robustcl/sweep_rows.py) for runs this directory lacks."""
     from robustcl.sweep_stats import differences_csv, differences_markdown, paired_differences, raw_csv, suspect_lines
 
-    entries = _finished_results(plan)
+    entries = finished_results(plan)
     if merged is not None:
         order = {r.name: i for i, r in enumerate(plan.runs)}
         entries = sorted([*entries, *merged.entries], key=lambda e: order[e[0].name])

@@ -135,9 +135,8 @@ def _test_set(subset: Any) -> str:
     return SUBSET_SEED.sub("", str(subset))
 
 
-def _check_same_evaluation(plan: SweepPlan, runs: Any) -> None:
+def _check_same_evaluation(finished: Sequence[dict[str, Any]], runs: Any) -> None:
     """Rows must come from the evaluation this directory's finished runs used (test images, headline attack)."""
-    finished = [res for r in plan.runs if (res := r.run.read_results()).get("protocols")]
     if not finished:
         return
     subsets = {_test_set(res.get("eval_subset")) for res in finished}
@@ -164,11 +163,14 @@ def merge_rows(plan: SweepPlan, paths: Sequence[Path | str]) -> MergedRows:
             if run.name in seen and _disagreement(run.name, seen[run.name].results, run.results, path):
                 raise ConfigError(f"{path} and {seen[run.name].source} disagree on {run.name}; keep one of them")
             seen.setdefault(run.name, run)
-    _check_same_evaluation(plan, seen.values())
+    from robustcl.sweep import finished_results
+
+    finished = {p.name: res for p, res in finished_results(plan)}  # this directory's runs, read once
+    _check_same_evaluation(list(finished.values()), seen.values())
     entries, agreed, disagreements = [], [], []
     for name, run in seen.items():
-        stored = planned[name].run.read_results()
-        if stored.get("protocols"):
+        stored = finished.get(name)
+        if stored is not None:
             problem = _disagreement(name, stored, run.results, run.source)
             if problem:
                 disagreements.append(problem)

@@ -79,7 +79,7 @@ def suspect_lines(entries: Sequence[Entry]) -> list[str]:
         lines.append("Integrity checks: every recorded one passed.")
     if unknown:
         lines.append(f"Integrity not recorded for: {', '.join(unknown)}.")
-    return [line for line in lines if line]
+    return lines
 
 
 def attack_images(results: dict[str, Any], protocol: dict[str, Any], attack: str) -> tuple[Any, str]:
