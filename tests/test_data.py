@@ -26,7 +26,7 @@ from robustcl.data import (
     locate_dataset,
     verify_files,
 )
-from robustcl.data import cifar, fetch, idx, resolve, synthetic
+from robustcl.data import cifar, fetch, files, idx, synthetic
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -168,9 +168,9 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("ROBUSTCL_FASHION_MNIST_URL", raising=False)
     monkeypatch.delenv("ROBUSTCL_CIFAR_URL", raising=False)
     monkeypatch.setattr(idx.FASHION_MNIST, "system_dirs", (tmp_path / "system" / "fashion-mnist",))
-    resolve.clear_memo()
+    files.clear_memo()
     yield cache
-    resolve.clear_memo()
+    files.clear_memo()
 
 
 
@@ -460,7 +460,7 @@ def test_safe_extract_rejects_unsafe_members(tmp_path: Path, kind: str) -> None:
     _evil_tar(tar_path, kind)
     dest = tmp_path / "dest" / "inner"
     with pytest.raises(DataError, match=r"unsafe member .* refusing to extract"):
-        resolve.safe_extract(tar_path, dest)
+        files.safe_extract(tar_path, dest)
     assert not (tmp_path / "dest" / "escaped").exists() and not (tmp_path / "escaped_abs").exists()
     assert list(dest.iterdir()) == []  # nothing extracted, staging removed
 
@@ -502,7 +502,7 @@ def test_not_found_names_places_and_both_fixes(data_env: Path) -> None:
 def test_default_cache_is_under_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ROBUSTCL_DATA")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert resolve.cache_dir("cifar10") == tmp_path / "home" / ".cache" / "robustcl" / "cifar10"
+    assert files.cache_dir("cifar10") == tmp_path / "home" / ".cache" / "robustcl" / "cifar10"
 
 
 # ---------------------------------------------------------------- download
@@ -686,10 +686,10 @@ def test_fetch_synthetic_and_bad_name(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_safe_extract_never_touches_outside_dest_even_without_member_checks(tmp_path: Path, monkeypatch) -> None:
     # With the member check disabled, an absolute member must still not let extraction replace '/'.
-    monkeypatch.setattr(resolve, "_check_member", lambda member, tar_path: None)
+    monkeypatch.setattr(files, "_check_member", lambda member, tar_path: None)
     tar_path = tmp_path / "evil.tar.gz"
     _evil_tar(tar_path, "absolute")
     dest = tmp_path / "dest"
     with pytest.raises(DataError, match="unsafe member"):
-        resolve.safe_extract(tar_path, dest)
+        files.safe_extract(tar_path, dest)
     assert Path("/usr").is_dir()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from robustcl.config import ConfigError, load_config
 from robustcl.data import DataError, dataset_info, load_dataset, verify_files
-from robustcl.data import resolve, stl10
+from robustcl.data import files, stl10
 from robustcl.train.common import load_split
 
 N_TRAIN, N_TEST = 7, 5
@@ -30,9 +30,9 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ROBUSTCL_DATA", str(cache))
     monkeypatch.delenv(stl10.URL_ENV, raising=False)
     monkeypatch.setattr(stl10, "COUNTS", {"train": N_TRAIN, "test": N_TEST})
-    resolve.clear_memo()
+    files.clear_memo()
     yield cache
-    resolve.clear_memo()
+    files.clear_memo()
 
 
 

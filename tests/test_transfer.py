@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from robustcl.cli import main
-from robustcl.data import resolve, stl10
+from robustcl.data import files, stl10
 
 
 def _write_tiny_stl10(folder, n_train: int, n_test: int) -> None:
@@ -25,7 +25,7 @@ def _write_tiny_stl10(folder, n_train: int, n_test: int) -> None:
 def test_transfer_fits_heads_on_stl10_in_a_new_run_and_leaves_the_source_alone(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(stl10, "COUNTS", {"train": 60, "test": 20})
-    resolve.clear_memo()
+    files.clear_memo()
     _write_tiny_stl10(tmp_path / "stl" / stl10.FOLDER, 60, 20)
     source = tmp_path / "src"
     assert main(["pretrain", "--config", "smoke", "--out", str(source), "--quiet", "data.synthetic.channels=3",
@@ -53,7 +53,7 @@ def test_transfer_fits_heads_on_stl10_in_a_new_run_and_leaves_the_source_alone(t
 def test_transfer_refuses_an_encoder_with_another_channel_count(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(stl10, "COUNTS", {"train": 60, "test": 20})
-    resolve.clear_memo()
+    files.clear_memo()
     _write_tiny_stl10(tmp_path / "stl" / stl10.FOLDER, 60, 20)
     source = tmp_path / "grey"
     assert main(["pretrain", "--config", "smoke", "--out", str(source), "--quiet", "train.max_steps=1"]) == 0

@@ -36,15 +36,25 @@ class DataConfig:
     # stored before this field existed still compare equal on resume.
     options: dict[str, Any] | None = None
 
+    def reader_options(self, seed: int | None = None) -> dict[str, Any]:
+        """What the dataset's reader is given: the synthetic section (name synthetic, with the run's `seed`
+        when given), then data.options. The one place these are merged."""
+        options: dict[str, Any] = {}
+        if self.name == "synthetic":
+            options.update(vars(self.synthetic))
+            if seed is not None:
+                options["seed"] = seed
+        return {**options, **(self.options or {})}
+
     def validate(self) -> None:
         _check(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0")
         _check(self.train_limit is None or self.train_limit > 0, "data.train_limit", self.train_limit, "must be > 0 or null")
         if self.options:
             from robustcl.data import DataError
-            from robustcl.data.base import _check_options, get_reader
+            from robustcl.data import dataset_options
 
             try:
-                _check_options(get_reader(self.name), self.options)
+                dataset_options(self.name, self.options)
             except DataError as exc:
                 raise ConfigError(f"config value data.options: {exc}") from None
 

@@ -10,10 +10,10 @@ from .base import (
     DataError,
     DatasetInfo,
     dataset_info,
+    dataset_options,
     load_dataset,
-    locate_dataset,
-    verify_files,
 )
+from .files import locate_dataset, verify_files
 
 __all__ = [
     "DATASETS",
@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "DatasetInfo",
     "dataset_info",
+    "dataset_options",
     "load_dataset",
     "locate_dataset",
     "verify_files",

@@ -2,7 +2,7 @@
 
 A reader is any object with `name`, `defaults` (accepted options and their default values),
 `info(**options)` and `load(split, root, download, **options)`. File-backed readers additionally
-subclass `robustcl.data.resolve.FileReader`, which adds `locate` and `verify`.
+subclass `robustcl.data.files.FileReader`, which adds `locate` and `verify` (robustcl/data/files.py).
 Adding a dataset (e.g. STL-10) is one new module exposing a reader plus one `_REGISTRY` line.
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 import torch
@@ -109,7 +108,7 @@ def get_reader(name: str) -> Reader:
     return getattr(importlib.import_module(module), attribute)
 
 
-def _check_options(reader: Reader, options: Mapping[str, Any]) -> dict[str, Any]:
+def reader_options(reader: Reader, options: Mapping[str, Any]) -> dict[str, Any]:
     """Options merged over the reader's defaults; unknown keys are a DataError listing valid ones."""
     unknown = sorted(set(options) - set(reader.defaults))
     if unknown:
@@ -130,33 +129,15 @@ def load_dataset(name: str, split: str, root: str | os.PathLike[str] | None = No
     """Load one split of a registered dataset as uint8 (N, C, H, W) images and int64 labels."""
     reader = get_reader(name)
     _check_split(split)
-    return reader.load(split, root, download, **_check_options(reader, options))
+    return reader.load(split, root, download, **reader_options(reader, options))
+
+
+def dataset_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A dataset's options as a run uses them: `options` over its reader's defaults (unknown keys: DataError)."""
+    return reader_options(get_reader(name), options)
 
 
 def dataset_info(name: str, **options: Any) -> DatasetInfo:
     """Shape, class count and normalisation of a dataset, without reading any file."""
     reader = get_reader(name)
-    return reader.info(**_check_options(reader, options))
-
-
-def _file_reader(name: str) -> Any:
-    """The reader for `name` if it is file-backed, else DataError."""
-    from .resolve import FileReader
-
-    reader = get_reader(name)
-    if not isinstance(reader, FileReader):
-        raise DataError(f"dataset {name} is generated in memory and has no files; use one of "
-                        f"{', '.join(n for n in DATASETS if n != name)} for file operations")
-    return reader
-
-
-def locate_dataset(name: str, root: str | os.PathLike[str] | None = None,
-                   download: bool = False) -> Path:
-    """Directory that holds a complete copy of a file-backed dataset (both splits)."""
-    return _file_reader(name).locate(root, download)
-
-
-def verify_files(name: str, root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Check the md5 of every file of a dataset found via the usual resolution; return the files checked."""
-    reader = _file_reader(name)
-    return reader.verify(reader.locate(root, False))
+    return reader.info(**reader_options(reader, options))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .base import DataError, DatasetInfo
-from .resolve import FileReader, cache_dir, download_file, md5_file, read_tar_members, safe_extract, url_for
+from .files import FileReader, cache_dir, download_file, md5_file, read_tar_members, safe_extract, url_for
 
 URL_ENV = "ROBUSTCL_CIFAR_URL"
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/"

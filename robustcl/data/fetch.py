@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from .base import DATASETS, DataError, get_reader
-from .resolve import FileReader, cache_dir
+from .files import FileReader, cache_dir
 
 AptRunner = Callable[[str], int]
 

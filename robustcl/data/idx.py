@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import ArrayDataset, DataError, DatasetInfo
-from .resolve import FileReader, _signature, cache_dir, download_file, md5_file, url_for
+from .files import FileReader, file_signature, cache_dir, download_file, md5_file, url_for
 from .stl10 import resize_images
 
 URL_ENV = "ROBUSTCL_FASHION_MNIST_URL"
@@ -135,7 +135,7 @@ class FashionMNISTReader(FileReader):
         if size == SIZE:
             return data
         directory = self.locate(root, False, split)
-        key = (split, str(directory.resolve()), _signature(self.files(directory, split) or []), int(size))
+        key = (split, str(directory.resolve()), file_signature(self.files(directory, split) or []), int(size))
         if key not in _RESIZED:
             _RESIZED[key] = resize_images(data.images, int(size))
             while len(_RESIZED) > _RESIZED_SIZE:

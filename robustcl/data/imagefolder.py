@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .base import ArrayDataset, DataError, DatasetInfo
-from .resolve import _MEMO, _MEMO_SIZE, _signature, _tensor
+from .files import file_signature, memoised
 
 NAME = "imagefolder"
 EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -116,18 +116,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(means), tuple(stds)
 
 
-def _memoised(key: tuple[Any, ...], compute: Callable[[], tuple[np.ndarray, np.ndarray]]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) from the shared per-process data memo, computing and inserting on a miss."""
-    if key not in _MEMO:
-        images, labels = compute()
-        _MEMO[key] = (_tensor(images, np.uint8), _tensor(labels, np.int64))
-        while len(_MEMO) > _MEMO_SIZE:
-            _MEMO.popitem(last=False)
-    _MEMO.move_to_end(key)
-    return _MEMO[key]
-
-
 class ImageFolderReader:
     """Registry entry for user image folders (root required; nothing is downloaded)."""
 
@@ -143,8 +131,8 @@ class ImageFolderReader:
                channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded (memoised) images and labels of one split."""
         paths, labels = image_files(root / split, classes)
-        key = (NAME, split, str(root.resolve()), size, channels, tuple(classes), _signature(paths))
-        return _memoised(key, lambda: (decode_all(paths, size, channels), np.asarray(labels, dtype=np.int64)))
+        key = (NAME, split, str(root.resolve()), size, channels, tuple(classes), file_signature(paths))
+        return memoised(key, lambda: (decode_all(paths, size, channels), np.asarray(labels, dtype=np.int64)))
 
     def load(self, split: str, root: str | os.PathLike[str] | None, download: bool, size: int = 64,
              channels: int = 3) -> ArrayDataset:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ArrayDataset, DataError, DatasetInfo
-from .resolve import FileReader, cache_dir, download_file, md5_file, read_tar_members, safe_extract, url_for
+from .files import FileReader, cache_dir, download_file, md5_file, read_tar_members, safe_extract, url_for
 
 NAME = "stl10"
 URL_ENV = "ROBUSTCL_STL10_URL"

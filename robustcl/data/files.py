@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .base import ArrayDataset, DataError, DatasetInfo
+from .base import DATASETS, ArrayDataset, DataError, DatasetInfo, get_reader
 
 CACHE_ENV = "ROBUSTCL_DATA"
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -145,6 +145,18 @@ def read_tar_members(tar_path: Path, names: list[str]) -> list[bytes]:
     return [found[n] for n in names]
 
 
+def memoised(key: tuple[Any, ...], read: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) tensors for `key`, from `read()` -> (uint8 array, int64 array) on the first call;
+    the last _MEMO_SIZE keys are kept per process (a file's signature in the key invalidates a changed file)."""
+    if key not in _MEMO:
+        images, labels = read()
+        _MEMO[key] = (_tensor(images, np.uint8), _tensor(labels, np.int64))
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    _MEMO.move_to_end(key)
+    return _MEMO[key]
+
+
 def clear_memo() -> None:
     """Forget arrays memoised by `FileReader.load` in this process."""
     _MEMO.clear()
@@ -156,7 +168,7 @@ def _tensor(array: np.ndarray, dtype: type) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def _signature(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+def file_signature(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
     """Identity of a set of files (path, size, mtime) so the memo notices replaced files."""
     stats = [(str(f), f.stat()) for f in files]
     return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
@@ -225,12 +237,27 @@ class FileReader(ABC):
         if verify:
             self.verify(directory)
         files = self.files(directory, split) or []
-        key = (self.name, split, str(directory.resolve()), _signature(files))
-        if key not in _MEMO:
-            images, labels = self.read(directory, split)
-            _MEMO[key] = (_tensor(images, np.uint8), _tensor(labels, np.int64))
-            while len(_MEMO) > _MEMO_SIZE:
-                _MEMO.popitem(last=False)
-        _MEMO.move_to_end(key)
-        images_t, labels_t = _MEMO[key]
+        key = (self.name, split, str(directory.resolve()), file_signature(files))
+        images_t, labels_t = memoised(key, lambda: self.read(directory, split))
         return ArrayDataset(images_t.clone(), labels_t.clone(), self.dataset_info)
+
+
+def file_reader(name: str) -> FileReader:
+    """The reader for `name` if it is file-backed, else DataError."""
+    reader = get_reader(name)
+    if not isinstance(reader, FileReader):
+        raise DataError(f"dataset {name} is generated in memory and has no files; use one of "
+                        f"{', '.join(n for n in DATASETS if n != name)} for file operations")
+    return reader
+
+
+def locate_dataset(name: str, root: str | os.PathLike[str] | None = None,
+                   download: bool = False) -> Path:
+    """Directory that holds a complete copy of a file-backed dataset (both splits)."""
+    return file_reader(name).locate(root, download)
+
+
+def verify_files(name: str, root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Check the md5 of every file of a dataset found via the usual resolution; return the files checked."""
+    reader = file_reader(name)
+    return reader.verify(reader.locate(root, False))
