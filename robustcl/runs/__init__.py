@@ -1,4 +1,5 @@
 """Run directories: resolved config, metrics, atomic checkpoints, exported weights, results, report."""
-from robustcl.runs.rundir import RunDir, RunError, atomic_write_bytes, atomic_write_text, save_torch_atomic
+from robustcl.runs.atomic import RunError, atomic_write_bytes, atomic_write_text, save_torch_atomic
+from robustcl.runs.rundir import RunDir
 
 __all__ = ["RunDir", "RunError", "atomic_write_bytes", "atomic_write_text", "save_torch_atomic"]

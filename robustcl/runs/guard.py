@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from robustcl.runs.rundir import RunError
+from robustcl.runs.atomic import RunError, atomic_write_text
 
 MARKER = "robustcl-run.json"
 LOCK = "robustcl-run.lock"
@@ -85,8 +85,6 @@ def refuse_foreign(root: Path) -> None:
 
 def write_marker(root: Path) -> None:
     """Mark `root` as a run robustcl made (what --overwrite later checks)."""
-    from robustcl.runs.rundir import atomic_write_text
-
     if not (root / MARKER).is_file():
         marker = {"format": MARKER_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}
         atomic_write_text(root / MARKER, json.dumps(marker) + "\n")

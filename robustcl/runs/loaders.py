@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from robustcl.runs.rundir import RunError
+from robustcl.runs.atomic import RunError
 
 
 class RunFileError(RunError, ValueError):

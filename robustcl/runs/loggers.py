@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
-from robustcl.runs.rundir import RunDir, RunError, atomic_write_text
+from robustcl.runs.atomic import RunError, atomic_write_text
+from robustcl.runs.rundir import RunDir
 
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger name -> the package it needs
 STEP_KEYS = ("step", "epoch")  # a record's x axis: the first of these it has

@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from robustcl.runs.rundir import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
+from robustcl.runs.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from robustcl.runs.rundir import RunDir  # noqa: E402
 
 LOSS_KEYS_SKIP = {"phase", "step", "epoch", "lr", "images_per_s"}
 

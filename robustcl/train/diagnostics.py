@@ -40,7 +40,7 @@ from robustcl.methods import Method
 from robustcl.objectives import pgd
 from robustcl.objectives.critic import critic_accuracy
 from robustcl.runs import RunDir, RunError
-from robustcl.runs.rundir import atomic_write_text
+from robustcl.runs import atomic_write_text
 
 PHASE = "diagnostics"
 BOOKKEEPING = frozenset({"phase", "step", "epoch", "lr", "images_per_s"})
