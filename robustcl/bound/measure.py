@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from robustcl.bound.estimates import CriticSettings, critic_bounds, mmd2_unbiased, mmd_permutation_p
+from robustcl.bound.report import write_section
 from robustcl.bound.sharpness import sharpness_per_rho
 from robustcl.config import AttackConfig, Config, ConfigError, load_config
 from robustcl.methods import Method
@@ -41,7 +42,6 @@ from robustcl.runs.loaders import checkpoint_fix, load_checkpoint, load_state_in
 from robustcl.views import strong_view, weak_view
 
 BOUND_FILE = "bound.json"
-SECTION_FILE = "bound.md"
 GEOMETRY_FILE = "geometry.png"
 DEFAULT_RHO: dict[str, tuple[float, ...]] = {"asam": (0.1, 0.5, 1.0), "sam": (0.01, 0.05, 0.1)}
 SPACES = {"z": "projection output: z_b(q) = g(f_benign(q)) vs z_a(q') = g(f_adversarial(q')) (the training critic's)",
@@ -435,8 +435,6 @@ def measure_run(root: Path | str, settings: BoundSettings, overwrite: bool = Fal
 def _measure_and_write(run: RunDir, settings: BoundSettings, stored: dict[str, Any] | None, geometry: bool,
                        threads: int) -> tuple[dict[str, Any], bool]:
     """`measure_run`'s work, once the run is known writable and locked."""
-    from robustcl.bound.report import write_section
-
     root = run.root
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from robustcl.bound.measure import SECTION_FILE
 from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, atomic_write_text
+
+SECTION_FILE = "bound.md"  # the report section's file in the run directory
 
 NAMES = {"js": "JS", "kl": "KL", "reverse_kl": "reverse KL", "pearson": "Pearson chi^2",
          "hellinger": "squared Hellinger"}
@@ -81,3 +82,20 @@ def write_section(run: RunDir, bound: dict[str, Any]) -> None:
         from robustcl.runs.report import write_report
 
         write_report(run)
+
+
+def describe(bound: dict) -> str:
+    """Three lines: the data, the headline terms, phase-2 robust error."""
+    t, d = bound["terms"], bound["data"]
+    sharp = ", ".join(f"rho={r['rho']:g}: {r['max']:.4g}" for r in t["sharpness"]["per_rho"])
+    div = t["divergence"]
+    p2 = bound["phase2"]
+    robust = ("missing" if "missing" in p2 else
+              ", ".join(f"{p.upper()} {100 * r['robust_error']:.2f}%" for p, r in p2["protocols"].items()))
+    batches = f"{d['batches']} batch{'es' if d['batches'] != 1 else ''}"
+    return (f"{bound['run']}: {d['images']} held-out images in {batches} of {d['batch_size']}\n"
+            f"  benign NCE {t['benign_nce']:.4f}, adversarial NCE {t['adversarial_nce']:.4f}; sharpness "
+            f"({t['sharpness']['mode']}) {sharp}\n"
+            f"  JS bound z {div['z']['js']['bound']:.4f} h {div['h']['js']['bound']:.4f} h_head "
+            f"{div['h_head']['js']['bound']:.4f}; MMD^2 z {div['z']['mmd2']:.4g} h {div['h']['mmd2']:.4g} h_head "
+            f"{div['h_head']['mmd2']:.4g}; robust error {robust}")
