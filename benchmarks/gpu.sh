@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu.sh                            # on the lent GPU; JSON to $OUT (else a new temp dir)
 #   DEVICE=cpu SMALL=1 OUT=/tmp/x bash benchmarks/gpu.sh   # flow check on a CPU: tiny smoke config, 1 step
 #
-# Runs from the source tree (PYTHONPATH=<repo>, robustcl not installed) with `python -m robustcl.bench`,
+# Runs from the source tree (PYTHONPATH=<repo>, robustcl not installed) with `python -m robustcl bench`,
 # which needs only torch, pyyaml and numpy (no tqdm, safetensors or matplotlib). Without network, missing
 # modules come from wheels in wheels/ (or $WHEELS), installed with pip --no-index into a temp dir put on
 # PYTHONPATH. Fetch them beforehand on a networked machine for the GPU box's Python and platform, e.g.:
@@ -81,7 +81,7 @@ run_case() {  # name timeout bench-args...
   local name="$1" limit="$2"
   shift 2
   local rc=0
-  local cmd=(timeout -k 10 "$limit" "$PY" -m robustcl.bench "${OVERRIDES[@]}" --config "$CONFIG" --device "$DEVICE"
+  local cmd=(timeout -k 10 "$limit" "$PY" -m robustcl bench "${OVERRIDES[@]}" --config "$CONFIG" --device "$DEVICE"
              --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP" "${GEMM[@]}" --json "$OUT_DIR/case_$name.json" "$@")
   if [[ "${DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${cmd[@]}"

@@ -13,7 +13,7 @@
 # data.root set explicitly so nothing else is searched and nothing is downloaded, and md5-verified on load.
 #
 # Size estimate (defaults: 150 phase-1 steps of batch 512, PGD-20 on 2,000 test images). FLOPs per image
-# measured here with `python -m robustcl.bench 'data.options={size: 32}' model.arch=resnet18
+# measured here with `python -m robustcl bench 'data.options={size: 32}' model.arch=resnet18
 # views.weak.padding=4 --config <rung> --batch-size 4 --steps 1` (torch's flop formulas): a forward pass of
 # the 1-channel ResNet-18 at 32 px is 1.11 GFLOP; a phase-1 step costs 11.9 / 14.6 / 23.7 / 25.5 GFLOP per
 # image for adv-only / +benign / +sam / +critic (mean 18.9). Per run: phase 1 150 x 512 x 18.9 GFLOP = 1.45

@@ -1,10 +1,10 @@
 """robustcl: adversarially robust contrastive learning (arXiv 2311.09671) in one framework.
 
 The public API (robustcl/api.py) is imported on first use, so `import robustcl` needs no torch:
-`robustcl.pretrain`, `finetune`, `evaluate`, `run`, `transfer`, `sweep`, `bench`, `bound`, `bound_sweep`,
-`load_encoder`, `load_config`. Four of them share their name with a submodule (robustcl.sweep, .bench,
-.bound, .transfer): that submodule is callable and runs the API function, so `robustcl.sweep(...)`,
-`import robustcl.sweep` and `from robustcl.sweep import plan_sweep` all work.
+`robustcl.pretrain`, `finetune`, `evaluate`, `run`, `transfer`, `sweep`, `bench`, `bound`, `demo`, ... (API
+below). Five of them share their name with a submodule (robustcl.sweep, .bench, .bound, .demo, .transfer):
+that submodule is callable and runs the API function, so `robustcl.sweep(...)`, `import robustcl.sweep`
+and `from robustcl.sweep import plan_sweep` all work.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-API = ("pretrain", "finetune", "evaluate", "run", "transfer", "sweep", "bench", "bound", "bound_sweep",
-       "load_encoder", "load_config")
-CALLABLE_SUBMODULES = ("bench", "bound", "sweep", "transfer")  # API functions named like a submodule
+API = ("pretrain", "finetune", "evaluate", "run", "transfer", "sweep", "sweep_plan", "sweep_summary", "bench", "bound",
+       "bound_sweep", "evaluate_encoder", "export_torchvision", "demo", "load_encoder", "load_config")
+CALLABLE_SUBMODULES = ("bench", "bound", "demo", "sweep", "transfer")  # API functions named like a submodule
 
 __all__ = [*API, "__version__"]
 
@@ -61,7 +61,7 @@ def _callable_submodule(name: str) -> property:
 
 
 class _Package(types.ModuleType):
-    """robustcl's own module type: it holds the four callable-submodule attributes."""
+    """robustcl's own module type: it holds the callable-submodule attributes."""
 
 
 for _name in CALLABLE_SUBMODULES:

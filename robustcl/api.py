@@ -120,26 +120,46 @@ def _stored_config(run_dir: Path, overrides: Sequence[str]) -> Config:
     return load_config(run_dir / "config.yaml", overrides)
 
 
-def pretrain(config: ConfigLike | None, out: PathLike, overrides: Sequence[str] = (), *, resume: bool = False,
+def pretrain(config: ConfigLike | None, out: PathLike | None, overrides: Sequence[str] = (), *, resume: bool = False,
              overwrite: bool = False, progress: bool = False) -> Pretrained:
-    """Phase 1 of `config` into run directory `out` (`robustcl pretrain`); with `resume`, continue it from its
-    last checkpoint (`config=None`: the run's own config.yaml). Data-parallel under torchrun."""
+    """Phase 1 of `config` into run directory `out` (`robustcl pretrain`; None: runs/<config name>); with
+    `resume`, continue it from its last checkpoint with its own config.yaml (a `config` given too must
+    say the same). Data-parallel under torchrun."""
     from robustcl.config import ConfigError
     from robustcl.runs import RunDir
+    from robustcl.runs.guard import run_dir_for
     from robustcl.train.pretrain import pretrain as train_phase1
 
-    run = RunDir(out)
-    if config is None:
-        if not resume:
-            raise ConfigError("pretrain(None, out) continues a run: pass resume=True, or a config to start one")
-        cfg = _stored_config(run.root, overrides)
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out DIR (the run directory to continue)")
+        cfg = _stored_config(Path(out), overrides)
+        if config is not None:
+            _refuse_other_config(cfg, config, overrides, Path(out))
+    elif config is None:
+        raise ConfigError("pretrain needs --config NAME|PATH (see `robustcl configs`); to continue a run, "
+                          "pass resume=True (--resume)")
     else:
         cfg = load_config(config, overrides)
+    run = RunDir(out if out is not None else run_dir_for(cfg.name))
     result = train_phase1(cfg, run, resume=resume, overwrite=overwrite, progress=progress)
     if result is None:
         return Pretrained(run.root, run.encoder, False, int(run.pretrain_done.read_text().strip() or 0), None, None, {})
     return Pretrained(run.root, run.encoder, True, result.steps, result.seconds, result.images_per_second,
                       dict(result.last))
+
+
+def _refuse_other_config(cfg: Config, config: ConfigLike, overrides: Sequence[str], out: Path) -> None:
+    """Resuming with a config: the run continues with its own config.yaml, so `config` must say the same."""
+    from robustcl.config import ConfigError, first_difference
+    from robustcl.train.common import resolve_device, resolve_runtime
+
+    other = load_config(config, overrides)  # `auto` as this run resolved it, so only real changes count
+    other = resolve_runtime(other, resolve_device(other.train.device), cfg.to_dict())
+    changed = first_difference(cfg.to_dict(), other.to_dict(), ignore=("name", "train.threads"))
+    if changed:
+        raise ConfigError(f"--resume continues {out} with its own config.yaml and --config {config} differs "
+                          f"from it ({changed}); drop --config (pass changes as key=value overrides)")
 
 
 def finetune(run: PathLike, protocols: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
@@ -172,18 +192,15 @@ def evaluate(run: PathLike, overrides: Sequence[str] = (), *, protocols: Sequenc
     return results  # type: ignore[return-value]
 
 
-def run(config: ConfigLike | None, out: PathLike, overrides: Sequence[str] = (), *, resume: bool = False,
-        overwrite: bool = False, progress: bool = False) -> RunOutcome:
-    """pretrain -> finetune -> evaluate -> report.md in one call (`robustcl run`), in one process. Under
-    torchrun use `robustcl run`, or `pretrain` on every rank and `finetune`/`evaluate` on rank 0."""
-    from robustcl.runs import RunError
-
-    if int(os.environ.get("RANK", "0") or 0) != 0:
-        raise RunError("robustcl.run() on a torchrun rank other than 0: use `robustcl run`, or call robustcl.pretrain "
-                       "on every rank and robustcl.finetune/evaluate on rank 0")
+def run(config: ConfigLike | None, out: PathLike | None, overrides: Sequence[str] = (), *, resume: bool = False,
+        overwrite: bool = False, progress: bool = False) -> RunOutcome | None:
+    """pretrain -> finetune -> evaluate -> report.md in one call (`robustcl run`). Under torchrun phase 1
+    runs on every rank and the rest on rank 0; the other ranks return None."""
     pretrained = pretrain(config, out, overrides, resume=resume, overwrite=overwrite, progress=progress)
-    heads = finetune(out, overwrite=True, progress=progress)  # this flow owns the run, as `robustcl run` does
-    results = evaluate(out, progress=progress)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return None
+    heads = finetune(pretrained.run_dir, overwrite=True, progress=progress)  # this flow owns the run
+    results = evaluate(pretrained.run_dir, progress=progress)
     return RunOutcome(pretrained.run_dir, pretrained, heads, results, pretrained.run_dir / "report.md")
 
 
@@ -200,13 +217,44 @@ def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | N
 
 
 def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
-          seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False) -> SweepOutcome:
+          seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False,
+          rows: Sequence[PathLike] = (), jobs: int = 1, shard: str | tuple[int, int] | None = None,
+          launcher: str = "local", cluster: str = "slurm", partition: str | None = None, time_min: int | None = None,
+          gpus: int | None = None, cpus: int | None = None) -> SweepOutcome:
     """Every configuration x seed of a sweep spec through pretrain -> finetune -> evaluate (`robustcl sweep`),
-    finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (`runs/sweeps/<name>`)."""
+    finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (`runs/sweeps/<name>`).
+    `rows`: summary.csv files of runs finished elsewhere, joined to the summary. `jobs`, `shard` ("i/n"),
+    `launcher` (local | submitit) and the cluster options say how the runs are executed."""
     from robustcl.sweep import Sweep, run_sweep
+    from robustcl.sweep_launch import LaunchSettings, parse_shard
 
+    launch = LaunchSettings(jobs=jobs, shard=parse_shard(shard) if isinstance(shard, str) else shard,
+                            launcher=launcher, cluster=cluster, partition=partition, time_min=time_min, gpus=gpus,
+                            cpus=cpus)
+    launch.validate()
     return run_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite,
-                     progress=progress, echo=_echo(progress), seeds=seeds)
+                     progress=progress, echo=_echo(progress), seeds=seeds, launch=launch, rows=tuple(rows))
+
+
+def sweep_plan(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
+               seeds: Sequence[int] | None = None, overwrite: bool = False,
+               shard: str | tuple[int, int] | None = None) -> str:
+    """The runs a sweep would do, one line each with its status (`robustcl sweep --dry-run`); runs nothing."""
+    from robustcl.sweep import Sweep, format_plan, plan_sweep
+    from robustcl.sweep_launch import parse_shard, shard_runs
+
+    plan = plan_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite, seeds)
+    plan.runs = shard_runs(plan.runs, parse_shard(shard) if isinstance(shard, str) else shard)
+    return format_plan(plan)
+
+
+def sweep_summary(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
+                  seeds: Sequence[int] | None = None, rows: Sequence[PathLike] = ()) -> Path:
+    """Write summary.md/.csv of the runs finished so far, and of `rows`' runs (`robustcl sweep --summarize`)."""
+    from robustcl.sweep import Sweep, summarize_sweep
+
+    return summarize_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), seeds,
+                           tuple(rows))
 
 
 def bench(config: str | PathLike | Sequence[str | PathLike], overrides: Sequence[str] = (), *,
@@ -215,7 +263,7 @@ def bench(config: str | PathLike | Sequence[str | PathLike], overrides: Sequence
           steps: int = 5, warmup: int = 2, profile_steps: int = 1, threads: int | None = None,
           device: str | None = None, gemm_size: int | None = None, phase_timing: str = "auto",
           progress: bool = False) -> dict[str, Any]:
-    """Time the phase-1 step of one or more configs (`robustcl bench`; robustcl/bench_cli.py says what is
+    """Time the phase-1 step of one or more configs (`robustcl bench`; `robustcl bench --help` says what is
     measured); returns the report (schema robustcl.bench/1, one entry per case in "results")."""
     from robustcl.bench import BenchOptions, run_bench
 
@@ -241,12 +289,17 @@ def _bound_settings(settings: BoundSettings | None, threads: int) -> BoundSettin
 
 
 def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bool = False, geometry: bool = False,
-          threads: int = 1) -> dict[str, Any]:
+          threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """The generalisation bound's terms of one run on its held-out split (`robustcl bound --run`): writes
-    bound.json (returned; reused when measured with the same settings) and the report's section."""
-    from robustcl.bound.measure import measure_run
+    bound.json (returned; reused when measured with the same settings) and the report's section; with
+    `progress`, prints the headline terms and whether they were measured or reused."""
+    from robustcl.bound.measure import BOUND_FILE, measure_run
+    from robustcl.bound.report import describe
 
-    measured, _ = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads)
+    measured, fresh = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads)
+    if progress:
+        geometry_file = f"; geometry: {Path(run) / measured['geometry']['path']}" if measured.get("geometry") else ""
+        print(f"{describe(measured)}\n{'measured' if fresh else 'reused'}: {Path(run) / BOUND_FILE}{geometry_file}")
     return measured
 
 
@@ -269,6 +322,40 @@ def load_encoder(path: PathLike, branch: str = "headline") -> FixedBranchEncoder
     return read(path, branch)
 
 
+def evaluate_encoder(encoder: Any, data: str, out: PathLike | None = None, *, config: str | None = None,
+                     overrides: Sequence[str] = (), protocols: Sequence[str] | None = None,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     overwrite: bool = False, progress: bool = False) -> Results:
+    """Any encoder (an nn.Module, a file, or "module:callable") fine-tuned and evaluated on `data`
+    (`robustcl evaluate --encoder`): heads fitted, attacks and integrity checks run, results.json and
+    report.md written under `out` (default runs/encoders/<name>-<data>); returns results.json's content."""
+    from robustcl.encoders import evaluate_encoder as evaluate_any
+
+    return evaluate_any(encoder, data, out, config=config, overrides=overrides, protocols=protocols,  # type: ignore[return-value]
+                        mean=mean, std=std, overwrite=overwrite, progress=progress)
+
+
+def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | None = None) -> dict[str, Any]:
+    """One BN branch of a run's ResNet encoder as a torchvision-layout state dict (`robustcl export`); returns
+    what was written (path, arch, stem, branch, mean, std)."""
+    from robustcl.export import export_torchvision as write_torchvision
+    from robustcl.runs import RunError
+
+    try:
+        return write_torchvision(Path(run), branch, out)
+    except ValueError as exc:  # not a ResNet, or not a robustcl encoder file
+        raise RunError(str(exc)) from None
+
+
+def demo(out: PathLike = "runs/demo", overrides: Sequence[str] = (), *, overwrite: bool = False,
+         progress: bool = False) -> Path:
+    """gbrcl against SimCLR on Fashion-MNIST, end to end (`robustcl demo`); returns the report's path.
+    Finished runs are reused and interrupted ones resumed unless `overwrite`."""
+    from robustcl.demo import run_demo
+
+    return run_demo(Path(out), overwrite=overwrite, progress=progress, overrides=overrides)
+
+
 __all__ = ["BoundSweepOutcome", "ConfigLike", "HeadRecord", "PathLike", "Pretrained", "Results", "RunOutcome",
-           "Transferred", "bench", "bound", "bound_sweep", "evaluate", "finetune", "load_config", "load_encoder",
-           "pretrain", "run", "sweep", "transfer"]
+           "Transferred", "bench", "bound", "bound_sweep", "demo", "evaluate", "evaluate_encoder", "export_torchvision", "finetune",
+           "load_config", "load_encoder", "pretrain", "run", "sweep", "sweep_plan", "sweep_summary", "transfer"]

@@ -1,8 +1,7 @@
 """The measurement behind `robustcl bench` (what is measured, in which order, and the JSON keys:
-robustcl/bench_cli.py, also shown by `robustcl bench --help`)."""
+`robustcl bench --help`, written in robustcl/cli/tools.py)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -18,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from robustcl.bench_cli import DESCRIPTION, HELP, add_arguments, cmd_bench, register  # noqa: F401 - the CLI half
+
 from robustcl.config import Config, ConfigError, load_config
 from robustcl.hardware import cpu_capability, native_bf16, resolve_threads
 
@@ -212,16 +211,15 @@ def step_info(cfg: Config) -> DatasetInfo:
     a stand-in of the configured size and channels, mean 0.5 and std 0.25 per channel: the cost of a step
     does not depend on those values.
     """
-    from robustcl.data import DataError, DatasetInfo, dataset_info
-    from robustcl.data.base import get_reader
+    from robustcl.data import DataError, DatasetInfo, dataset_info, dataset_options
     from robustcl.train.common import image_side
 
     d = cfg.data
-    options = {**(vars(d.synthetic) if d.name == "synthetic" else {}), **(d.options or {})}
+    options = d.reader_options()
     try:
         return dataset_info(d.name, **options)
     except DataError:
-        channels = {**get_reader(d.name).defaults, **options}.get("channels")
+        channels = dataset_options(d.name, options).get("channels")
         if not isinstance(channels, int) or isinstance(channels, bool):
             raise
         side = image_side(cfg)
@@ -477,23 +475,3 @@ def format_table(report: dict[str, Any]) -> str:
              f"memory: {'; '.join(memory_kinds)}; load average before {report['loadavg_before'][0]:.2f}, "
              f"after {report['loadavg_after'][0]:.2f}"]
     return "\n".join(rows)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m robustcl.bench`: the bench without importing the rest of the CLI (tqdm, safetensors)."""
-    from robustcl.data import DataError
-    from robustcl.runs import RunError
-
-    parser = argparse.ArgumentParser(prog="python -m robustcl.bench", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_bench(args)
-    except (ConfigError, DataError, RunError) as exc:
-        print(f"robustcl: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch._dynamo import list_backends, register_backend
 
-from robustcl.bench import (RESULT_KEYS, SCHEMA, BenchOptions, add_arguments, build_step, count_flops,
+from robustcl.bench import (RESULT_KEYS, SCHEMA, BenchOptions, build_step, count_flops,
                             count_flops_by_phase, exclusive_phase_times, measure_phases, run_bench)
 from robustcl.cli import main
+from robustcl.cli.tools import add_bench_arguments
 from robustcl.config import load_config
 from robustcl.methods.base import PHASES, phase
 from robustcl.runs import RunDir
@@ -254,7 +255,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args: list[str], needle: str,
 
 
 def test_bench_needs_no_tqdm_safetensors_or_matplotlib() -> None:
-    """The GPU box may lack them: `python -m robustcl.bench` must plan and build the ResNet-18 step without."""
+    """The GPU box may lack them: the bench must plan and build the ResNet-18 step without."""
     code = ("import sys\n"
             "for m in ('tqdm', 'safetensors', 'matplotlib'): sys.modules[m] = None  # importing them now fails\n"
             "import torch\n"
@@ -279,13 +280,13 @@ def test_gpu_script_dry_run_prints_three_valid_bench_commands(tmp_path: Path) ->
     out = tmp_path / "out"
     proc = _gpu_sh(tmp_path, DRY_RUN="1", OUT=str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    commands = [shlex.split(line) for line in proc.stdout.splitlines() if "robustcl.bench" in line]
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if "robustcl bench" in " ".join(shlex.split(line)[4:8])]
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_bench_arguments(parser)
     parsed = []
     for cmd in commands:
-        assert cmd[:3] == ["timeout", "-k", "10"] and cmd[4:7] == [sys.executable, "-m", "robustcl.bench"]
-        args = parser.parse_args(cmd[7:])
+        assert cmd[:3] == ["timeout", "-k", "10"] and cmd[4:8] == [sys.executable, "-m", "robustcl", "bench"]
+        args = parser.parse_args(cmd[8:])
         assert (args.config, args.batch_size, args.device) == (["cifar10-gbrcl"], [512], "cuda")
         parsed.append((int(cmd[3]), args.precision, args.channels_last, args.compile, Path(args.json).name))
     assert parsed == [(55, ["fp32"], False, False, "case_fp32.json"), (55, ["bf16"], True, False, "case_bf16_cl.json"),

@@ -195,7 +195,7 @@ def test_strict_build_succeeds_without_warnings(built):
                  "evaluating-your-encoder/index.html", "reproducing/index.html", "algorithm/index.html"):
         assert (site / page).is_file(), page
     api = (site / "reference/api/index.html").read_text()
-    for name in (*(f"api.{n}" for n in robustcl.API), "evaluation.external.evaluate_encoder"):
+    for name in (*(f"api.{n}" for n in robustcl.API), "encoders.evaluate_encoder"):
         assert f'id="robustcl.{name}"' in api, f"robustcl.{name} has no entry in docs/reference/api.md"
 
 

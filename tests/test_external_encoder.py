@@ -14,7 +14,7 @@ from robustcl import load_encoder
 from robustcl.cli import main
 from robustcl.config import load_config
 from robustcl.data import dataset_info
-from robustcl.evaluation.external import EncoderError, evaluate_encoder, load_external
+from robustcl.encoders import EncoderError, evaluate_encoder, load_external
 from robustcl.export import export_encoder
 from robustcl.models import ResNet50, build_encoder
 from robustcl.models.torchvision_layout import from_torchvision, to_torchvision

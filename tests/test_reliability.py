@@ -579,7 +579,7 @@ def test_divergence_before_any_checkpoint_does_not_claim_one_was_kept(tmp_path, 
 
 # --------------------------------------------------------------------------- the top-level handler
 def test_a_real_bug_shows_its_traceback_and_where_to_report_it(monkeypatch, capsys):
-    import robustcl.cli as cli
+    import robustcl.cli.tools as cli
 
     monkeypatch.setattr(cli, "cmd_configs", lambda args: 1 / 0)
     assert main(["configs"]) == 1
@@ -589,7 +589,7 @@ def test_a_real_bug_shows_its_traceback_and_where_to_report_it(monkeypatch, caps
 
 
 def test_an_environment_error_is_one_line(monkeypatch, capsys):
-    import robustcl.cli as cli
+    import robustcl.cli.tools as cli
 
     def denied(args):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/some/where/file")

@@ -1,6 +1,6 @@
 """The generalisation bound's terms (arXiv 2311.09671) measured for a run: `robustcl bound`.
 
-The names below are imported on first use, so `robustcl.bound.cli` (the CLI's parser) needs no torch.
+The names below are imported on first use, so `import robustcl.bound` needs no torch.
 """
 from __future__ import annotations
 

@@ -1,26 +1,11 @@
-"""Bring your own encoder: robustcl's phase 2 (SLF/ALF/AFF), attacks and integrity checks on any encoder.
-
-An encoder is an nn.Module mapping images in [0, 1], shape (N, C, H, W), to features (N, D); it
-does its own input normalisation, as robustcl's encoders do. Three ways to give one:
-- a robustcl encoder.safetensors (or a run directory): its normalisation and BN branches come with it;
-- a torchvision-layout ResNet-18/50 state dict (.pt/.pth/.bin via torch.load(weights_only=True), or a
-  .safetensors without robustcl metadata), loaded into robustcl's single-BN ResNet with `mean`/`std`
-  (default: the evaluation dataset's channel statistics, what robustcl trains with) in front, and
-  L2-normalised features as robustcl's encoders give;
-- a module (`evaluate_encoder(module)`) or "package.module:callable" naming one or a zero-argument
-  factory of one; its features are used as it returns them.
-The results directory is a run directory (config.yaml, heads/, results.json, report.md, metrics.jsonl)
-plus encoder.json saying what was evaluated; for the first two kinds it also holds encoder.safetensors,
-so `robustcl evaluate --run DIR` can add attacks later without refitting.
-"""
+"""Reading any encoder into robustcl's interface, encoder(x, branch) -> features: a robustcl file, a
+torchvision-layout state dict, a module, or "package.module:callable" (see robustcl/encoders/__init__.py)."""
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import hashlib
 import importlib
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -30,17 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustcl.config import Config, ConfigError, dump_yaml, load_config
-from robustcl.data import DataError, DatasetInfo, dataset_info
+from robustcl.config import ConfigError
+from robustcl.data import DatasetInfo
 from robustcl.export import FORMAT, read_encoder
 from robustcl.models import Encoder
 from robustcl.models.torchvision_layout import LayoutError, from_torchvision, resnet_tensors
-from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 
-# The preset whose finetune and eval sections are a dataset's standard protocol (--config overrides it).
-PROTOCOL_PRESETS = {"cifar10": "cifar10-gbrcl", "cifar100": "cifar100-gbrcl", "fashion-mnist": "fmnist-gbrcl",
-                    "synthetic": "smoke"}
-DESCRIPTION = "encoder.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -190,110 +170,3 @@ def load_external(encoder: nn.Module | str | Path, info: DatasetInfo, mean: Sequ
     meta = {"dual_bn": False, "headline_branch": "benign", "method": "external", "dataset": info.name,
             "source": {"kind": "module", "spec": spec, "feature_dim": dim}, "fingerprint": fingerprint(user)}
     return module, meta
-
-
-def encoder_config(data: str, config: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The phase-2 and evaluation settings: `config` (default: the dataset's reference preset) on `data`."""
-    base = config or PROTOCOL_PRESETS.get(data)
-    if base is None:
-        raise ConfigError(f"no preset holds the phase-2 and evaluation protocol for {data!r}; pass --config NAME|PATH "
-                          f"(its finetune and eval sections are used, e.g. cifar10-gbrcl)")
-    return load_config(base, [f"data.name={data}", *overrides])
-
-
-def data_info(cfg: Config) -> DatasetInfo:
-    """Shape, channels and statistics of cfg's dataset (imagefolder reads its files for them)."""
-    from robustcl.train.common import load_split
-
-    options = {**(vars(cfg.data.synthetic) if cfg.data.name == "synthetic" else {}), **(cfg.data.options or {})}
-    try:
-        return dataset_info(cfg.data.name, **options)
-    except DataError:
-        return load_split(cfg, "test").info
-
-
-def default_out(encoder: nn.Module | str | Path, data: str) -> Path:
-    """runs/encoders/<encoder name>-<data>."""
-    if isinstance(encoder, nn.Module):
-        name = type(encoder).__name__.lower()
-    else:
-        path = Path(encoder)
-        name = (path.name if path.is_dir() else path.parent.name if path.stem == "encoder" else path.stem) \
-            if path.exists() else str(encoder).replace(":", "-")
-    return Path("runs") / "encoders" / f"{name}-{data}"
-
-
-def _prepare(run: RunDir, cfg: Config, overwrite: bool) -> None:
-    """Create the results directory; an existing one is replaced only if it is an encoder evaluation and
-    `overwrite` is given (a training run is never touched)."""
-    if run.root.exists() and any(run.root.iterdir()):
-        if not (run.root / DESCRIPTION).is_file():
-            raise RunError(f"{run.root} holds something other than an encoder evaluation; choose another --out")
-        if not overwrite:
-            raise RunError(f"{run.root} already holds an encoder evaluation; pass --overwrite to redo it "
-                           "or choose another --out")
-    run.prepare(dump_yaml(cfg), resume=False, overwrite=overwrite)
-
-
-def evaluate_encoder(encoder: nn.Module | str | Path, data: str, out: str | Path | None = None, *,
-                     config: str | None = None, overrides: Sequence[str] = (), protocols: Sequence[str] | None = None,
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Fit SLF/ALF/AFF heads on `encoder`, run the attacks and integrity checks on `data`'s test set;
-    returns results.json's content (the structure `robustcl evaluate --run` writes, plus "encoder").
-
-    `encoder`: an nn.Module (inputs in [0, 1], returns (N, D) features), "package.module:callable", or a
-    file (robustcl encoder.safetensors, torchvision-layout ResNet-18/50 state dict; `mean`/`std` for the
-    latter). `config` (a preset or YAML) supplies the finetune and eval settings, `overrides` change them.
-    The caller's module is not modified.
-    """
-    from robustcl.evaluation.run_eval import evaluate_run
-    from robustcl.runs.loggers import check_loggers
-    from robustcl.runs.report import write_report
-    from robustcl.train.finetune import finetune
-
-    cfg = encoder_config(data, config, overrides)
-    unknown = [p for p in protocols or () if p not in ("slf", "alf", "aff")]
-    if unknown:
-        raise ConfigError(f"unknown protocol {unknown[0]!r}; valid: slf, alf, aff")
-    check_loggers(cfg.train.loggers)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    loaded = load_external(encoder, data_info(cfg), mean, std)  # bad input fails before anything is written
-    run = RunDir(out if out is not None else default_out(encoder, data))
-    _prepare(run, cfg, overwrite)
-    module, meta = loaded
-    atomic_write_text(run.root / DESCRIPTION, json.dumps({**meta["source"], "fingerprint": meta["fingerprint"],
-                                                          "data": data}, indent=2) + "\n")
-    if meta["source"]["kind"] == "robustcl":  # an encoder file here lets `robustcl evaluate --run` reuse the directory
-        atomic_write_bytes(run.encoder, Path(meta["source"]["path"]).read_bytes())
-    elif isinstance(module, Encoder):
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-        stored = {k: v for k, v in meta.items() if k not in ("source", "fingerprint")}
-        atomic_write_bytes(run.encoder, save(tensors, metadata={"robustcl": json.dumps(stored)}))
-    chosen = tuple(protocols) if protocols else None
-    finetune(cfg, run, chosen, progress=progress, overwrite=True, loaded=loaded)
-    results = evaluate_run(cfg, run, progress=progress, protocols=chosen, loaded=loaded)
-    write_report(run, title=f"{meta['source'].get('path') or meta['source'].get('spec')} on {data}")
-    return results
-
-
-def cmd_evaluate_encoder(args: argparse.Namespace, overrides: list[str]) -> int:
-    """`robustcl evaluate --encoder SPEC --data NAME`: print the results table and where they are."""
-    from robustcl.runs.report import results_table
-
-    if args.data is None:
-        raise ConfigError("--encoder needs --data NAME (the dataset to fit heads on and evaluate, e.g. cifar10)")
-    out = Path(args.out) if args.out else default_out(args.encoder, args.data)
-    results = evaluate_encoder(args.encoder, args.data, out, config=args.config, overrides=overrides,
-                               protocols=args.protocol, mean=args.mean, std=args.std, overwrite=args.overwrite,
-                               progress=not args.quiet)
-    print(results_table([(out.name, results)]))
-    print(f"results: {out / 'results.json'}\nreport: {out / 'report.md'}")
-    return 0
-
-
-__all__ = ["EncoderError", "ModuleEncoder", "PROTOCOL_PRESETS", "encoder_config", "evaluate_encoder", "fingerprint",
-           "load_external"]
