@@ -19,7 +19,9 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(BIN)/robustcl demo
 
+# lint-imports: the layer contract (.importlinter, docs/architecture.md) is the first gate
 test: $(STAMP) data
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP) data

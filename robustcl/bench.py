@@ -357,18 +357,8 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
         flops_cache[key] = count_flops_by_phase(setup.step)
     compiled, compile_error, compile_s = False, None, None
     if opts.compile:
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        try:
-            compile_step(setup, opts.compile_backend)
-            setup.step()
-            _sync(device)
-            compiled, compile_s = True, time.perf_counter() - t0
-        except Exception as exc:  # no compiler, unsupported op, ...: report and measure eager instead
-            compile_error = _one_line(exc)
-            log(f"robustcl bench: torch.compile failed ({compile_error}); measuring without it")
-            torch._dynamo.reset()
-            setup = build_step(cfg, device)
+        setup, compile_error, compile_s = compiled_step(setup, cfg, device, opts.compile_backend, log)
+        compiled = compile_error is None
     for _ in range(opts.warmup):
         setup.step()
     gemm_n = opts.gemm_size or (8192 if device.type == "cuda" else 2048)
@@ -386,15 +376,41 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
     gemm_peak = max(gemm_before, gemm_peak_gflops(DTYPES[t.precision], device, gemm_n))
     mode = opts.phase_timing if opts.phase_timing != "auto" else ("synced" if device.type == "cuda" else "profiler")
     phases, profiled_wall = measure_phases(setup.step, device, opts.profile_steps, mode)
+    return {
+        "config": config_name, "method": cfg.method.name, "batch": t.batch_size, "precision": t.precision,
+        "channels_last": t.channels_last, "compiled": compiled, "compile_error": compile_error,
+        "compile_s": compile_s, "steps": opts.steps, "warmup": opts.warmup, "step_s": times,
+        **throughput(times, t.batch_size, flops_cache[key], gemm_peak, native, phases, profiled_wall),
+        "phase_timing": mode, "peak_memory_mib": memory, "memory_kind": memory_kind,
+    }
+
+
+def compiled_step(setup: Any, cfg: Config, device: torch.device, backend: str, log: Callable[[str], None]
+                  ) -> tuple[Any, str | None, float | None]:
+    """The step compiled with `backend` and run once (setup, None, seconds to the first compiled step); when
+    compiling fails, a fresh eager step (setup, the error in one line, None), said through `log`."""
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    try:
+        compile_step(setup, backend)
+        setup.step()
+        _sync(device)
+        return setup, None, time.perf_counter() - t0
+    except Exception as exc:  # no compiler, unsupported op, ...: report and measure eager instead
+        error = _one_line(exc)
+        log(f"robustcl bench: torch.compile failed ({error}); measuring without it")
+        torch._dynamo.reset()
+        return build_step(cfg, device), error, None
+
+
+def throughput(times: list[float], b: int, flops: dict[str, int], gemm_peak: float, native: bool,
+               phases: dict[str, float], profiled_wall: float) -> dict[str, Any]:
+    """images/s (median, min, max), FLOPs per image and achieved, the fraction of the GEMM peak, and the
+    phase split as fractions and GFLOP/s: one case's derived figures."""
     median = statistics.median(times)
-    b = t.batch_size
-    flops = flops_cache[key]
     flops_per_image = sum(flops.values()) / b
     achieved = flops_per_image * b / median / 1e9
     return {
-        "config": config_name, "method": cfg.method.name, "batch": b, "precision": t.precision,
-        "channels_last": t.channels_last, "compiled": compiled, "compile_error": compile_error,
-        "compile_s": compile_s, "steps": opts.steps, "warmup": opts.warmup, "step_s": times,
         "step_s_median": median, "images_per_s": b / median, "images_per_s_min": b / max(times),
         "images_per_s_max": b / min(times), "gflop_per_image": flops_per_image / 1e9,
         "achieved_gflops": achieved, "gemm_peak_gflops": gemm_peak, "native_precision": native,
@@ -403,8 +419,7 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
         "phases_s": phases, "phase_fractions": {k: v / profiled_wall for k, v in phases.items()},
         "gflop_per_image_by_phase": {k: v / b / 1e9 for k, v in flops.items()},
         "phase_gflops": {k: flops[k] / v / 1e9 for k, v in phases.items() if k in flops and v > 0},
-        "profiled_step_s": profiled_wall, "phase_timing": mode, "peak_memory_mib": memory,
-        "memory_kind": memory_kind,
+        "profiled_step_s": profiled_wall,
     }
 
 

@@ -95,6 +95,21 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(y), batch_size)])
 
 
+def read_state(state_path: Path | None, identity: dict[str, Any]) -> dict[str, Any]:
+    """The saved state of an interrupted or finished AutoAttack evaluation ({} when there is none); a file of
+    another evaluation, or an unreadable one, is a one-line error."""
+    if state_path is None or not state_path.is_file():
+        return {}
+    try:
+        saved = json.loads(state_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise RunFileError(f"{state_path} is not readable AutoAttack state ({exc}); delete it to start over") from None
+    if not isinstance(saved, dict) or saved.get("identity") != identity:
+        found = saved.get("identity") if isinstance(saved, dict) else saved
+        raise RunFileError(f"{state_path} belongs to another AutoAttack evaluation ({found}); delete it to start over")
+    return saved
+
+
 def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
                         norm: str = "Linf", batch_size: int = 500, seed: int = 0,
                         state_path: Path | None = None) -> AutoAttackResult:
@@ -113,17 +128,7 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     attack = _autoattack_class()(model, device=device, eps=eps, norm=norm, seed=seed, version="standard")
     order = list(attack.attacks_to_run)
     identity = {"n": int(len(y)), "eps": eps, "norm": norm, "seed": seed, "attacks": order}
-    saved: dict[str, Any] = {}
-    if state_path is not None and state_path.is_file():
-        try:
-            saved = json.loads(state_path.read_text())
-        except (ValueError, OSError) as exc:
-            raise RunFileError(f"{state_path} is not readable AutoAttack state ({exc}); delete it to start over") \
-                from None
-        if not isinstance(saved, dict) or saved.get("identity") != identity:
-            found = saved.get("identity") if isinstance(saved, dict) else saved
-            raise RunFileError(f"{state_path} belongs to another AutoAttack evaluation ({found}); "
-                               "delete it to start over")
+    saved = read_state(state_path, identity)
     if saved:
         flags = torch.tensor(saved["flags"], dtype=torch.bool, device=device)
         clean, after, warnings = saved["clean"], dict(saved["after"]), list(saved["warnings"])

@@ -122,48 +122,84 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
     `flags`, when given, receives the per-image correctness: "clean" and "robust" (the headline PGD);
     `fingerprint` identifies an encoder held in memory (AutoAttack's resumable state).
     """
-    a, e = cfg.eval.attack, cfg.eval
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     seconds: dict[str, float] = {}  # wall time of each part, so a slow evaluation says where its time went
+    record, clean_flags, robust_flags = attacked_accuracy(model, images, labels, cfg, autocast, seconds)
+    if flags is not None:
+        flags.update(clean=clean_flags, robust=robust_flags)
+    aa_count = add_autoattack(record, model, images, labels, robust_flags, cfg, run, protocol, fingerprint)
+    add_curves(record, model, images, labels, cfg, autocast, seconds)
+    record["integrity"] = integrity_record(model, images, labels, clean_flags, robust_flags, record, num_classes, cfg,
+                                           autocast, aa_count)
+    seconds.update({f"check {c['name']}": c["seconds"] for c in record["integrity"]["checks"]})
+    record["seconds_by_part"] = seconds
+    return record
+
+
+def attacked_accuracy(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, cfg: Config, autocast,
+                      seconds: dict[str, float]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Clean accuracy, the headline PGD and the extra white-box attacks (one generator, in this order);
+    returns the record and the per-image clean and PGD correctness."""
+    a, e = cfg.eval.attack, cfg.eval
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     clean_flags = correct_under(model, images, labels, None, e.batch_size, autocast)
-    clean = fraction(clean_flags)
     seconds["clean"], t0 = time.perf_counter() - t0, time.perf_counter()
     pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
     robust_flags = pgd_correct(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)
     robust = {pgd_key: fraction(robust_flags)}
-    seconds[pgd_key], t0 = time.perf_counter() - t0, time.perf_counter()
-    if flags is not None:
-        flags.update(clean=clean_flags, robust=robust_flags)
+    seconds[pgd_key] = time.perf_counter() - t0
     for kind in e.attacks:
         if kind in ("cw", "pgd-l2"):
             key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
             robust[key] = acc
-    record: dict[str, Any] = {"clean_acc": clean, "robust": robust}
+    return {"clean_acc": fraction(clean_flags), "robust": robust}, clean_flags, robust_flags
+
+
+def add_autoattack(record: dict[str, Any], model: BranchModel, images: torch.Tensor, labels: torch.Tensor,
+                   robust_flags: torch.Tensor, cfg: Config, run: RunDir, protocol: str,
+                   fingerprint: str | None) -> int:
+    """AutoAttack on its seeded subset (when configured) into `record`; returns how many images it attacks."""
+    e = cfg.eval
     aa_index = part_index(len(images), e.autoattack_limit, e.subset_seed)
     aa_images, aa_labels = (images, labels) if aa_index is None else (images[aa_index], labels[aa_index])
     if "autoattack" in e.attacks:
         aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint)
         aa["images"] = len(aa_images)
         aa["pgd_on_same_images"] = fraction(robust_flags if aa_index is None else robust_flags[aa_index])
-        robust[autoattack_name(a.eps)] = aa["accuracy"]
+        record["robust"][autoattack_name(e.attack.eps)] = aa["accuracy"]
         record["autoattack"] = aa
+    return len(aa_images)
+
+
+def add_curves(record: dict[str, Any], model: BranchModel, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+               autocast, seconds: dict[str, float]) -> None:
+    """The eps curve (and the steps curve when configured) into `record`, reusing the points already measured."""
+    a, e = cfg.eval.attack, cfg.eval
+    headline = record["robust"][attack_name(a.steps, a.eps, restarts=e.restarts)]
     eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
-    known = {0.0: clean, a.eps: robust[pgd_key]} if e.restarts == 1 else {0.0: clean}
+    known = {0.0: record["clean_acc"], a.eps: headline} if e.restarts == 1 else {0.0: record["clean_acc"]}
     t0 = time.perf_counter()
     record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
     seconds["eps_curve"] = time.perf_counter() - t0
     if e.steps_curve:
-        steps_known = {a.steps: robust[pgd_key]} if e.restarts == 1 else {}
+        steps_known = {a.steps: headline} if e.restarts == 1 else {}
         record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
                                             e.batch_size, cfg.seed, autocast, steps_known)
-    check_index = part_index(len(images), e.checks_limit, e.subset_seed)  # the checks' images (all by default)
+
+
+def integrity_record(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, clean_flags: torch.Tensor,
+                     robust_flags: torch.Tensor, record: dict[str, Any], num_classes: int, cfg: Config, autocast,
+                     aa_count: int) -> dict[str, Any]:
+    """The integrity checks on their images (all by default), AutoAttack's two or the Square cross-check."""
+    a, e = cfg.eval.attack, cfg.eval
+    device = next(model.parameters()).device
+    check_index = part_index(len(images), e.checks_limit, e.subset_seed)
     c_images, c_labels = (images, labels) if check_index is None else (images[check_index], labels[check_index])
-    c_clean = clean if check_index is None else fraction(clean_flags[check_index])
+    c_clean = record["clean_acc"] if check_index is None else fraction(clean_flags[check_index])
     single_pgd = lambda x, y: pgd_accuracy(model, x, y, a, e.batch_size,  # noqa: E731 (one restart)
                                            torch.Generator(device=device).manual_seed(cfg.seed), autocast)
-    single_all = robust[pgd_key] if e.restarts == 1 else single_pgd(images, labels)
+    headline = record["robust"][attack_name(a.steps, a.eps, restarts=e.restarts)]
+    single_all = headline if e.restarts == 1 else single_pgd(images, labels)
     if check_index is None:
         single = single_all
     else:
@@ -172,23 +208,18 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
     integrity = run_integrity_checks(model, c_images, c_labels, a, c_clean, single, curve_single, num_classes,
                                      e.batch_size, cfg.seed, autocast)
     integrity["images"] = len(c_images)
-    extra = []
     if "autoattack" in record:
-        extra.append(check_autoattack_below_pgd(record["autoattack"]["accuracy"],
-                                                record["autoattack"]["pgd_on_same_images"], len(aa_images), a.steps))
-        extra.append(check_square_vs_whitebox(record["autoattack"]["after"], len(aa_images)))
+        extra = [check_autoattack_below_pgd(record["autoattack"]["accuracy"], record["autoattack"]["pgd_on_same_images"],
+                                            aa_count, a.steps),
+                 check_square_vs_whitebox(record["autoattack"]["after"], aa_count)]
     else:
-        extra.append(timed_check(lambda: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed,
-                                                          autocast)))
+        extra = [timed_check(lambda: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed, autocast))]
     for check in extra:
         integrity["checks"].append(check.__dict__)
         if not check.passed:
             integrity["failed"].append(check.name)
     integrity["passed"] = not integrity["failed"]
-    record["integrity"] = integrity
-    seconds.update({f"check {c['name']}": c["seconds"] for c in integrity["checks"]})
-    record["seconds_by_part"] = seconds
-    return record
+    return integrity
 
 
 def write_curves_csv(run: RunDir, per_protocol: dict[str, Any]) -> None:
@@ -230,11 +261,7 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True, protocols: tup
 def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ...] | None, chosen: list[str],
               device: torch.device, loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, Any]:
     """`evaluate_run`'s work, once the run is known writable and locked."""
-    if loaded is not None:
-        encoder, meta = loaded
-    else:
-        encoder, meta = read_encoder(run.encoder)
-        check_encoder_fits(meta, cfg, run.encoder)
+    encoder, meta = loaded if loaded is not None else run_encoder(cfg, run)
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)
@@ -243,30 +270,10 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     a, e = cfg.eval.attack, cfg.eval
     per_protocol: dict[str, Any] = {}
     per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
+    fingerprint = meta["fingerprint"] if loaded is not None else None
     for protocol in chosen:
-        t0 = time.perf_counter()
-        model, saved = protocol_model(run, protocol, encoder, device)
-        num_classes = model.head.out_features
-        flags: dict[str, torch.Tensor] = {}
-        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags,
-                                meta["fingerprint"] if loaded is not None else None)
-        per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
-        per_protocol[protocol] = {
-            "protocol": protocol, "branch": saved["branch"], **record,
-            "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
-            **({"aff": saved["aff"]} if "aff" in saved else {}),
-        }
-        if e.mixed_reading and meta["dual_bn"]:
-            benign_model, _ = protocol_model(run, protocol, encoder, device, branch="benign")
-            adversarial_model, _ = protocol_model(run, protocol, encoder, device, branch="adversarial")
-            gen = torch.Generator(device=device).manual_seed(cfg.seed)
-            per_protocol[protocol]["mixed_reading"] = {
-                "label": MIXED_LABEL,
-                "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast),
-                "robust_acc_adversarial_branch": pgd_accuracy(adversarial_model, images, labels, a, e.batch_size,
-                                                              gen, autocast, e.restarts),
-                "head_trained_on": saved["branch"]}
-        per_protocol[protocol]["seconds"] = time.perf_counter() - t0
+        per_protocol[protocol], num_classes = evaluate_protocol(run, protocol, encoder, meta, images, labels, cfg,
+                                                                device, autocast, per_image, fingerprint)
     attack_record = {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
                      "random_start": a.random_start, "restarts": e.restarts, "loss": "cross-entropy",
                      "precision": e.precision}
@@ -277,12 +284,69 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
                             **per_protocol}
             per_protocol = {p: per_protocol[p] for p in ("slf", "alf", "aff") if p in per_protocol}
             per_image = _merge_earlier_flags(run, per_image, per_protocol)
+    results = results_record(cfg, meta, per_protocol, attack_record, len(images), subset, device)
+    if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
+        results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
+                                                         num_classes, device, autocast, progress)
+    write_curves_csv(run, per_protocol)
+    write_per_image(run, per_image)
+    run.write_json(run.results, results)
+    log_results(cfg, run, {p: per_protocol[p] for p in chosen})
+    return results
+
+
+def run_encoder(cfg: Config, run: RunDir) -> tuple[Encoder, dict[str, Any]]:
+    """The run's encoder.safetensors, checked against the config it is evaluated with."""
+    encoder, meta = read_encoder(run.encoder)
+    check_encoder_fits(meta, cfg, run.encoder)
+    return encoder, meta
+
+
+def evaluate_protocol(run: RunDir, protocol: str, encoder: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor,
+                      labels: torch.Tensor, cfg: Config, device: torch.device, autocast, per_image: PerImage,
+                      fingerprint: str | None) -> tuple[dict[str, Any], int]:
+    """One protocol's fitted model evaluated (its per-image flags into `per_image`); returns its record and
+    the number of classes of its head."""
+    e = cfg.eval
+    t0 = time.perf_counter()
+    model, saved = protocol_model(run, protocol, encoder, device)
+    num_classes = model.head.out_features
+    flags: dict[str, torch.Tensor] = {}
+    record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags, fingerprint)
+    per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
+    out = {"protocol": protocol, "branch": saved["branch"], **record,
+           "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
+           **({"aff": saved["aff"]} if "aff" in saved else {})}
+    if e.mixed_reading and meta["dual_bn"]:
+        out["mixed_reading"] = mixed_reading(run, protocol, encoder, images, labels, cfg, device, autocast,
+                                             saved["branch"])
+    out["seconds"] = time.perf_counter() - t0
+    return out, num_classes
+
+
+def mixed_reading(run: RunDir, protocol: str, encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  cfg: Config, device: torch.device, autocast, trained_on: str) -> dict[str, Any]:
+    """The reference protocol's mixed reading, labelled: clean via the benign BN, robust via the adversarial one."""
+    a, e = cfg.eval.attack, cfg.eval
+    benign_model, _ = protocol_model(run, protocol, encoder, device, branch="benign")
+    adversarial_model, _ = protocol_model(run, protocol, encoder, device, branch="adversarial")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return {"label": MIXED_LABEL,
+            "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast),
+            "robust_acc_adversarial_branch": pgd_accuracy(adversarial_model, images, labels, a, e.batch_size,
+                                                          gen, autocast, e.restarts),
+            "head_trained_on": trained_on}
+
+
+def results_record(cfg: Config, meta: dict[str, Any], per_protocol: dict[str, Any], attack_record: dict[str, Any],
+                   n_eval: int, subset: str, device: torch.device) -> dict[str, Any]:
+    """results.json: the headline protocol's numbers at the top, every protocol's under "protocols"."""
     headline = next(iter(per_protocol.values()))
-    results = {
+    return {
         "method": meta["method"], "dataset": meta["dataset"],
         "protocol": headline["protocol"], "branch": headline["branch"],
         "clean_acc": headline["clean_acc"], "robust": headline["robust"],
-        "n_eval": int(len(images)), "eval_subset": subset,
+        "n_eval": int(n_eval), "eval_subset": subset,
         "attack": attack_record,
         "branch_note": "clean and robust accuracy are read through the same BN branch",
         "hardware": {"device": device_description(device), "train_precision": cfg.train.precision,
@@ -292,14 +356,6 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         "protocols": per_protocol,
         **({"encoder": meta["source"]} if "source" in meta else {}),
     }
-    if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
-        results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
-                                                         num_classes, device, autocast, progress)
-    write_curves_csv(run, per_protocol)
-    write_per_image(run, per_image)
-    run.write_json(run.results, results)
-    log_results(cfg, run, {p: per_protocol[p] for p in chosen})
-    return results
 
 
 def training_images(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
