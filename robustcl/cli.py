@@ -182,7 +182,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A list or grid of configs, pretrain -> finetune -> evaluate each, one comparison table."""
     from robustcl.sweep import format_plan, plan_sweep, run_sweep, summarize_sweep
-    from robustcl.sweep_launch import launch_settings, shard_runs
+    from robustcl.sweep.options import launch_settings, shard_runs
 
     launch = launch_settings(args)
     if args.dry_run:
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "summary.md says whether they agree (rows never skip a run: use --summarize to run nothing)")
     p.add_argument("--summarize", action="store_true",
                    help="write the summary of the runs finished so far (and of --rows) and run nothing")
-    importlib.import_module("robustcl.sweep_launch").add_launch_options(p)  # --jobs, --shard, --launcher, --slurm-*
+    importlib.import_module("robustcl.sweep.options").add_launch_options(p)  # --jobs, --shard, --launcher, --slurm-*
     add_common(p)
     p.set_defaults(fn=cmd_sweep)
 

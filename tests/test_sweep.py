@@ -16,9 +16,11 @@ from robustcl.config import ConfigError, list_presets, load_config
 from robustcl.methods import METHODS
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.runs import RunError
-from robustcl.sweep_stats import RAW_COLUMNS
-from robustcl.sweep import (CSV_COLUMNS, GridSpec, PlannedRun, aggregate, configurations, grid_runs, list_sweeps,
-                            load_spec, mean_std, plan_sweep, run_sweep, safe_name, summary_markdown_table)
+from robustcl.sweep.flow import run_sweep
+from robustcl.sweep.plan import PlannedRun, plan_sweep
+from robustcl.sweep.spec import GridSpec, configurations, grid_runs, list_sweeps, load_spec, safe_name
+from robustcl.sweep.stats import RAW_COLUMNS
+from robustcl.sweep.summary import CSV_COLUMNS, aggregate, mean_std, summary_markdown_table
 
 FAST = ["train.max_steps=2", "finetune.protocols=[slf]", "eval.eps_curve=[]"]
 
@@ -362,12 +364,12 @@ def test_a_run_made_before_a_setting_existed_is_still_reused(swept, count_pretra
 def test_a_run_another_process_finished_after_planning_is_skipped_not_overwritten(swept, count_pretrain,
                                                                                    monkeypatch):
     """Two sweeps sharing a directory: a run planned as new but finished by the other one meanwhile is skipped."""
-    import robustcl.sweep as sweep_module
+    import robustcl.sweep.flow as flow_module
 
     spec, outcome = swept
     out = outcome.plan.out
     results = {p: p.read_bytes() for p in out.glob("*/results.json")}
-    real_plan = sweep_module.plan_sweep
+    real_plan = flow_module.plan_sweep
 
     def stale_plan(*args, **kwargs):  # the statuses this process saw before the other one finished the runs
         plan = real_plan(*args, **kwargs)
@@ -375,7 +377,7 @@ def test_a_run_another_process_finished_after_planning_is_skipped_not_overwritte
             run.status = "new"
         return plan
 
-    monkeypatch.setattr(sweep_module, "plan_sweep", stale_plan)
+    monkeypatch.setattr(flow_module, "plan_sweep", stale_plan)
     log: list[str] = []
     run_sweep(str(spec), out, progress=False, echo=log.append)
     assert count_pretrain == [] and all("done, skipped" in line for line in log) and len(log) == 4
