@@ -10,7 +10,7 @@ keeps the raw per-seed rows.
 The modules, each importing only those above it in this list:
 spec (read and check a spec, the shipped specs), options (launch settings and their CLI options, no torch),
 plan (planned runs and their status), run (execute one planned run), launch (the serial loop, local processes,
-submitit), stats (raw rows, paired differences), rows (--rows summary.csv files read back), summary (summary.md,
+submitit jobs), stats (raw rows, paired differences), rows (--rows summary.csv files read back), summary (summary.md,
 .csv, plot), flow (a whole sweep: run_sweep, summarize_sweep).
 
 The names below are imported from their module on first use, so `robustcl.sweep.options` (the CLI's parser)
@@ -27,7 +27,8 @@ _HOMES = {
     "options": ("LaunchSettings", "add_launch_options", "launch_settings", "parse_shard", "shard_runs"),
     "plan": ("PlannedRun", "SweepPlan", "finished_results", "format_plan", "load_run_config", "plan_sweep",
              "run_status", "write_sweep_yaml"),
-    "run": ("execute_run",),
+    "run": ("TaskResult", "execute_planned_run", "thread_cap"),
+    "launch": ("launch_runs", "run_serial", "run_task"),
     "stats": ("SUBSET_SEED",),
     "rows": ("MergedRows", "merge_rows"),
     "summary": ("CSV_COLUMNS", "EXTRA_MARKERS", "MARKERS", "SummaryRow", "aggregate", "mean_std",

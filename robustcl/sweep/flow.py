@@ -2,17 +2,15 @@
 and write the summary of every finished run (`robustcl sweep`)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from robustcl.runs import RunError
-from robustcl.sweep.launch import run_local_processes, run_submitit
+from robustcl.sweep.launch import launch_runs
 from robustcl.sweep.options import LaunchSettings, shard_runs
-from robustcl.sweep.plan import SweepPlan, plan_sweep, run_status, write_sweep_yaml
+from robustcl.sweep.plan import SweepPlan, plan_sweep, write_sweep_yaml
 from robustcl.sweep.rows import MergedRows, merge_rows
-from robustcl.sweep.run import execute_run
 from robustcl.sweep.spec import Sweep
 from robustcl.sweep.summary import write_summary
 
@@ -32,10 +30,9 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
     """Run every not-finished run (of `launch.shard` only, when given), then write the comparison; returns its paths.
 
     By default runs go one after another in this process; `launch` may spread them over local processes
-    (jobs > 1) or submitit jobs (robustcl/sweep/launch.py). The summary covers every finished run of the sweep.
+    (jobs > 1) or submitit jobs (robustcl/sweep/launch.py); each run goes through run.execute_planned_run.
+    The summary covers every finished run of the sweep.
     """
-    from robustcl.train.pretrain import NonFiniteLoss
-
     launch = launch or LaunchSettings()
     launch.validate()
     plan = plan_sweep(spec, out, overrides, overwrite, seeds)
@@ -46,32 +43,7 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
         raise RunError(blocked[0])
     plan.out.mkdir(parents=True, exist_ok=True)
     write_sweep_yaml(plan)
-    if launch.launcher == "submitit":
-        failed = run_submitit(mine, plan, launch, overwrite, echo)
-    elif not launch.serial:
-        failed = run_local_processes(mine, plan, launch, overwrite, echo)
-    else:
-        failed = {}
-        for i, planned in enumerate(mine, 1):
-            # decided afresh: since planning, another process (a second sweep, shard or job sharing the
-            # directory) may have finished or started this run, and a stale "new" would overwrite it
-            planned.status = run_status(planned, overwrite) if planned.status != "done" else "done"
-            if planned.status == "done":
-                echo(f"[{i}/{len(mine)}] {planned.name}: done, skipped")
-                continue
-            if planned.status.startswith("conflict"):
-                failed[planned.name] = planned.status
-                echo(f"[{i}/{len(mine)}] {planned.name}: failed: {planned.status}")
-                continue
-            echo(f"[{i}/{len(mine)}] {planned.name}: {planned.status}")
-            t0 = time.perf_counter()
-            try:
-                execute_run(planned, progress)
-            except (NonFiniteLoss, RunError) as exc:
-                failed[planned.name] = str(exc)
-                echo(f"[{i}/{len(mine)}] {planned.name}: failed: {exc}")
-                continue
-            echo(f"[{i}/{len(mine)}] {planned.name}: finished in {time.perf_counter() - t0:.0f} s")
+    failed = launch_runs(mine, plan, launch, overwrite, progress, echo)
     return SweepOutcome(write_summary(plan, failed, _merged(plan, rows)), plan, failed)
 
 

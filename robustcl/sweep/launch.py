@@ -1,25 +1,22 @@
-"""Running a sweep's runs in parallel: local processes (`--jobs N`) or SLURM via submitit.
+"""Executing a sweep's runs: one after another in this process (the default), in local processes (`--jobs N`)
+or as SLURM jobs via submitit (`launch_runs` picks by the LaunchSettings).
 
-Each run is one task, executed by `run_task` in a fresh worker: it reloads the run's config, decides
-again whether the run is done, to resume or new (the same rule as the serial sweep, so a run another
-worker or shard finished meanwhile is skipped), and runs pretrain -> finetune -> evaluate. Workers get
-a share of the CPU threads (`thread_cap`) without changing the run's config: config.yaml must stay
-what the serial sweep would write, or skip/resume would see a changed config.
+Every run goes through robustcl/sweep/run.py's execute_planned_run. In parallel each run is one task, executed
+by `run_task` in a fresh worker: it reloads the run's config and calls execute_planned_run, which decides again
+whether the run is done, to resume or new (so a run another worker or shard finished meanwhile is skipped).
+Workers get a share of the CPU threads (`thread_share`, capped by run.thread_cap).
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from robustcl.config import ConfigError
-from robustcl.runs import RunError
 from robustcl.sweep.options import LaunchSettings
-from robustcl.sweep.plan import PlannedRun, SweepPlan, load_run_config, run_status
-from robustcl.sweep.run import execute_run
+from robustcl.sweep.plan import PlannedRun, SweepPlan, load_run_config
+from robustcl.sweep.run import TaskResult, execute_planned_run
 
 LOG_FOLDER = "logs"
 SUBMITIT_FOLDER = "submitit"
@@ -38,27 +35,6 @@ def thread_share(jobs: int, cpus: int | None = None) -> int:
     return max(1, (cpus or available_cpus()) // jobs)
 
 
-@contextlib.contextmanager
-def thread_cap(limit: int | None) -> Iterator[None]:
-    """Within the block, torch uses at most `limit` intra-op threads, whatever a config's train.threads asks for."""
-    if limit is None:
-        yield
-        return
-    import torch
-
-    real = torch.set_num_threads
-
-    def capped(n: int) -> None:
-        real(max(1, min(int(n), limit)))
-
-    torch.set_num_threads = capped
-    real(max(1, min(torch.get_num_threads(), limit)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads = real
-
-
 # ------------------------------------------------------------------------------------------- tasks
 @dataclass(frozen=True)
 class RunTask:
@@ -74,53 +50,44 @@ class RunTask:
     log: str | None = None
 
 
-@dataclass(frozen=True)
-class TaskResult:
-    """A task's outcome: skipped (already done), seconds it took, or the expected failure's message."""
-    name: str
-    skipped: bool
-    seconds: float
-    error: str | None = None
-
-
 def make_task(planned: PlannedRun, overwrite: bool, threads: int | None, log: Path | None) -> RunTask:
+    """The task of one planned run: its identity and config reference, the worker's thread cap and log file."""
     return RunTask(planned.name, planned.label, planned.seed, planned.config, tuple(planned.overrides),
                    str(planned.root), overwrite, threads, None if log is None else str(log))
 
 
 def run_task(task: RunTask) -> TaskResult:
-    """Execute one run in this process (a worker): status decided afresh, then pretrain -> finetune -> evaluate."""
-    from robustcl.train.pretrain import NonFiniteLoss
-
+    """A worker's entry point (a spawned local process or a submitit job): the task's run, its config loaded
+    in this process, through execute_planned_run with the task's thread cap and log."""
     planned = PlannedRun(task.label, task.seed, task.config, task.overrides, Path(task.root))
     planned.cfg = load_run_config(planned)
-    planned.status = run_status(planned, task.overwrite)
-    if planned.status == "done":
-        return TaskResult(task.name, True, 0.0)
-    if planned.status.startswith("conflict"):
-        return TaskResult(task.name, False, 0.0, planned.status)
-    t0 = time.perf_counter()
-    with _logged(task.log), thread_cap(task.threads):
-        try:
-            execute_run(planned, progress=False)
-        except (NonFiniteLoss, RunError) as exc:
-            return TaskResult(task.name, False, time.perf_counter() - t0, str(exc))
-    return TaskResult(task.name, False, time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def _logged(path: str | None) -> Iterator[None]:
-    """The worker's Python-level stdout and stderr appended to `path` (one log per run)."""
-    if path is None:
-        yield
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        yield
+    return execute_planned_run(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
 
 
 # ----------------------------------------------------------------------------------------- launchers
 Echo = Callable[[str], None]
+
+
+def launch_runs(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool, progress: bool,
+                echo: Echo) -> dict[str, str]:
+    """Execute `runs` of the plan with the settings' launcher: submitit jobs, local processes (jobs > 1), or one
+    after another in this process (the default); returns the runs that failed (name -> message)."""
+    if settings.launcher == "submitit":
+        return run_submitit(runs, plan, settings, overwrite, echo)
+    if not settings.serial:
+        return run_local_processes(runs, plan, settings, overwrite, echo)
+    return run_serial(runs, overwrite, progress, echo)
+
+
+def run_serial(runs: Sequence[PlannedRun], overwrite: bool, progress: bool, echo: Echo) -> dict[str, str]:
+    """Every run in this process, one after another, each saying its status first; returns failed runs."""
+    failed: dict[str, str] = {}
+    for i, planned in enumerate(runs, 1):
+        prefix = f"[{i}/{len(runs)}]"
+        result = execute_planned_run(planned, overwrite, progress,  # says the status before the run starts
+                                     announce=lambda status, head=f"{prefix} {planned.name}": echo(f"{head}: {status}"))
+        _echo_result(result, prefix, failed, echo)
+    return failed
 
 
 def runs_to_do(runs: Sequence[PlannedRun], echo: Echo) -> list[PlannedRun]:
@@ -167,6 +134,7 @@ def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: L
 
 
 def _echo_result(result: TaskResult, prefix: str, failed: dict[str, str], echo: Echo) -> None:
+    """Say how a run went (skipped, finished in N s, or failed: why), recording a failure in `failed`."""
     if result.error is not None:
         failed[result.name] = result.error
         echo(f"{prefix} {result.name}: failed: {result.error}")
@@ -215,5 +183,5 @@ def run_submitit(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSe
     return failed
 
 
-__all__ = ["RunTask", "TaskResult", "make_task", "run_local_processes", "run_submitit", "run_task", "thread_cap",
-           "thread_share"]
+__all__ = ["LOG_FOLDER", "SUBMITIT_FOLDER", "RunTask", "launch_runs", "make_task", "run_local_processes", "run_serial",
+           "run_submitit", "run_task", "runs_to_do", "submitit_executor", "thread_share"]
