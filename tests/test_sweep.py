@@ -297,6 +297,28 @@ def test_safe_name_keeps_names_inside_the_sweep_directory():
     assert safe_name("-x") == "_x"
 
 
+# ------------------------------------------------------------------------------------ the package
+LAYERS = ["spec", "options", "plan", "run", "launch", "stats", "rows", "summary", "flow"]  # robustcl/sweep/__init__.py
+
+
+def test_the_package_re_exports_resolve_and_its_modules_import_only_downward():
+    """`from robustcl.sweep import NAME` works for every name it lists; a module imports only the ones above it
+    in LAYERS (no import circle), and no private name crosses modules."""
+    import ast
+
+    import robustcl.sweep as package
+
+    assert all(getattr(package, name) is not None for name in package.__all__)
+    folder = Path(package.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted([*LAYERS, "__init__"])
+    for k, module in enumerate(LAYERS):
+        for node in ast.walk(ast.parse((folder / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("robustcl.sweep"):
+                parts = node.module.split(".")
+                assert len(parts) == 3 and parts[2] in LAYERS[:k], f"{module} imports {node.module}"
+                assert not [a.name for a in node.names if a.name.startswith("_")], f"{module}: {node.module}"
+
+
 # ------------------------------------------------------------------------------- shipped specs
 def test_shipped_specs_parse_and_every_existing_config_loads():
     assert {"fmnist-ladder", "fmnist-lambda-d", "fmnist-methods", "cifar10-methods"} <= set(list_sweeps())

@@ -281,4 +281,4 @@ def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
 
 __all__ = ["DIFF_COLUMNS", "Difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS", "SUBSET_SEED", "Entry",
            "attack_images", "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures",
-           "paired_differences", "points", "raw_csv", "raw_rows", "reading", "suspect_lines", "shared_test_set"]
+           "paired_differences", "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]
