@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -20,11 +20,6 @@ API = ("pretrain", "finetune", "evaluate", "run", "transfer", "sweep", "sweep_pl
 CALLABLE_SUBMODULES = ("bench", "bound", "demo", "sweep", "transfer")  # API functions named like a submodule
 
 __all__ = [*API, "__version__"]
-
-if TYPE_CHECKING:  # what type checkers see: the functions (the submodules remain importable by name)
-    from robustcl.api import (bench, bound, bound_sweep, evaluate, finetune, load_config, load_encoder, pretrain,
-                              run, sweep, transfer)
-
 
 class CallableModule(types.ModuleType):
     """A submodule that, called, runs the API function of its name: robustcl.sweep(...) is robustcl.api.sweep(...)."""

@@ -226,7 +226,7 @@ def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: 
     `rows`: summary.csv files of runs finished elsewhere, joined to the summary. `jobs`, `shard` ("i/n"),
     `launcher` (local | submitit) and the cluster options say how the runs are executed."""
     from robustcl.sweep import Sweep, run_sweep
-    from robustcl.sweep_launch import LaunchSettings, parse_shard
+    from robustcl.sweep.options import LaunchSettings, parse_shard
 
     launch = LaunchSettings(jobs=jobs, shard=parse_shard(shard) if isinstance(shard, str) else shard,
                             launcher=launcher, cluster=cluster, partition=partition, time_min=time_min, gpus=gpus,
@@ -241,7 +241,7 @@ def sweep_plan(spec: str | PathLike | Sweep, out: PathLike | None = None, overri
                shard: str | tuple[int, int] | None = None) -> str:
     """The runs a sweep would do, one line each with its status (`robustcl sweep --dry-run`); runs nothing."""
     from robustcl.sweep import Sweep, format_plan, plan_sweep
-    from robustcl.sweep_launch import parse_shard, shard_runs
+    from robustcl.sweep.options import parse_shard, shard_runs
 
     plan = plan_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite, seeds)
     plan.runs = shard_runs(plan.runs, parse_shard(shard) if isinstance(shard, str) else shard)

@@ -16,9 +16,11 @@ from robustcl.config import ConfigError, list_presets, load_config
 from robustcl.methods import METHODS
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.runs import RunError
-from robustcl.sweep_stats import RAW_COLUMNS
-from robustcl.sweep import (CSV_COLUMNS, GridSpec, PlannedRun, aggregate, configurations, grid_runs, list_sweeps,
-                            load_spec, mean_std, plan_sweep, run_sweep, safe_name, summary_markdown_table)
+from robustcl.sweep.flow import run_sweep
+from robustcl.sweep.plan import PlannedRun, plan_sweep
+from robustcl.sweep.spec import GridSpec, configurations, grid_runs, list_sweeps, load_spec, safe_name
+from robustcl.sweep.stats import RAW_COLUMNS
+from robustcl.sweep.summary import CSV_COLUMNS, aggregate, mean_std, summary_markdown_table
 
 FAST = ["train.max_steps=2", "finetune.protocols=[slf]", "eval.eps_curve=[]"]
 
@@ -295,6 +297,28 @@ def test_safe_name_keeps_names_inside_the_sweep_directory():
     assert safe_name("-x") == "_x"
 
 
+# ------------------------------------------------------------------------------------ the package
+LAYERS = ["spec", "options", "plan", "run", "launch", "stats", "rows", "summary", "flow"]  # robustcl/sweep/__init__.py
+
+
+def test_the_package_re_exports_resolve_and_its_modules_import_only_downward():
+    """`from robustcl.sweep import NAME` works for every name it lists; a module imports only the ones above it
+    in LAYERS (no import circle), and no private name crosses modules."""
+    import ast
+
+    import robustcl.sweep as package
+
+    assert all(getattr(package, name) is not None for name in package.__all__)
+    folder = Path(package.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted([*LAYERS, "__init__"])
+    for k, module in enumerate(LAYERS):
+        for node in ast.walk(ast.parse((folder / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("robustcl.sweep"):
+                parts = node.module.split(".")
+                assert len(parts) == 3 and parts[2] in LAYERS[:k], f"{module} imports {node.module}"
+                assert not [a.name for a in node.names if a.name.startswith("_")], f"{module}: {node.module}"
+
+
 # ------------------------------------------------------------------------------- shipped specs
 def test_shipped_specs_parse_and_every_existing_config_loads():
     assert {"fmnist-ladder", "fmnist-lambda-d", "fmnist-methods", "cifar10-methods"} <= set(list_sweeps())
@@ -362,12 +386,12 @@ def test_a_run_made_before_a_setting_existed_is_still_reused(swept, count_pretra
 def test_a_run_another_process_finished_after_planning_is_skipped_not_overwritten(swept, count_pretrain,
                                                                                    monkeypatch):
     """Two sweeps sharing a directory: a run planned as new but finished by the other one meanwhile is skipped."""
-    import robustcl.sweep as sweep_module
+    import robustcl.sweep.flow as flow_module
 
     spec, outcome = swept
     out = outcome.plan.out
     results = {p: p.read_bytes() for p in out.glob("*/results.json")}
-    real_plan = sweep_module.plan_sweep
+    real_plan = flow_module.plan_sweep
 
     def stale_plan(*args, **kwargs):  # the statuses this process saw before the other one finished the runs
         plan = real_plan(*args, **kwargs)
@@ -375,7 +399,7 @@ def test_a_run_another_process_finished_after_planning_is_skipped_not_overwritte
             run.status = "new"
         return plan
 
-    monkeypatch.setattr(sweep_module, "plan_sweep", stale_plan)
+    monkeypatch.setattr(flow_module, "plan_sweep", stale_plan)
     log: list[str] = []
     run_sweep(str(spec), out, progress=False, echo=log.append)
     assert count_pretrain == [] and all("done, skipped" in line for line in log) and len(log) == 4

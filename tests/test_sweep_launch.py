@@ -10,9 +10,11 @@ import torch
 import robustcl.train.pretrain as pretrain_module
 from robustcl.cli import main
 from robustcl.config import ConfigError
-from robustcl.sweep import PlannedRun, plan_sweep, run_sweep
-from robustcl.sweep_launch import (LaunchSettings, make_task, parse_shard, run_task, shard_runs, thread_cap,
-                                   thread_share)
+from robustcl.sweep.flow import run_sweep
+from robustcl.sweep.launch import make_task, run_task, thread_share
+from robustcl.sweep.options import LaunchSettings, parse_shard, shard_runs
+from robustcl.sweep.plan import PlannedRun, plan_sweep
+from robustcl.sweep.run import thread_cap
 
 SPEC = """\
 # one smoke configuration x two seeds (test)

@@ -11,9 +11,11 @@ import pytest
 
 from robustcl.config import ConfigError
 from robustcl.runs import RunDir
-from robustcl.sweep import PlannedRun, plan_sweep, summarize_sweep, write_summary
-from robustcl.sweep_rows import merge_rows, read_rows, runs_from_rows
-from robustcl.sweep_stats import raw_csv
+from robustcl.sweep.flow import summarize_sweep
+from robustcl.sweep.plan import PlannedRun, plan_sweep
+from robustcl.sweep.rows import merge_rows, read_rows, runs_from_rows
+from robustcl.sweep.stats import raw_csv
+from robustcl.sweep.summary import write_summary
 
 PGD, AA = "pgd20-linf-0.1", "autoattack-linf-0.1"
 SPEC = """\

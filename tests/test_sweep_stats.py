@@ -12,8 +12,10 @@ import pytest
 from robustcl.config import ConfigError
 from robustcl.evaluation.per_image import PerImage, read_per_image, write_per_image
 from robustcl.runs import RunDir
-from robustcl.sweep import PlannedRun, aggregate, configurations, load_spec, plan_sweep, write_summary
-from robustcl.sweep_stats import DIFF_COLUMNS, paired_differences, raw_rows, reading
+from robustcl.sweep.plan import PlannedRun, plan_sweep
+from robustcl.sweep.spec import configurations, load_spec
+from robustcl.sweep.stats import DIFF_COLUMNS, paired_differences, raw_rows, reading
+from robustcl.sweep.summary import aggregate, write_summary
 
 ATTACK = "pgd20-linf-0.1"
 N = 400

@@ -5,9 +5,7 @@ import argparse
 import sys
 
 from robustcl.cli.phases import add_common
-
-LAUNCHERS = ("local", "submitit")
-SUBMITIT_CLUSTERS = ("slurm", "local")
+from robustcl.sweep.options import LAUNCHERS, SUBMITIT_CLUSTERS  # no torch: --help stays fast
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """A sweep's raw rows read back: another machine's or session's summary.csv as finished runs of this sweep.
 
-Run directories hold checkpoints and stay where they were made; summary.csv (sweep_stats.RAW_COLUMNS) is what
+Run directories hold checkpoints and stay where they were made; summary.csv (stats.RAW_COLUMNS) is what
 gets committed or copied. `robustcl sweep --rows FILE` turns its rows back into results, so one summary can
 cover runs finished elsewhere. Rows carry no per-image flags: their differences have the interval over seeds
 only (docs/statistics.md). A run present in the sweep directory wins over a row, and a disagreement is named.
@@ -11,13 +11,11 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from robustcl.config import ConfigError
-from robustcl.sweep_stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry
-
-if TYPE_CHECKING:
-    from robustcl.sweep import PlannedRun, SweepPlan
+from robustcl.sweep.plan import PlannedRun, SweepPlan, finished_results
+from robustcl.sweep.stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry, shared_test_set
 
 AGREEMENT_TOLERANCE = 1e-12  # a rerun of the same config and seed on the same CPU kind reproduces every digit
 
@@ -128,21 +126,14 @@ class MergedRows:
     sources: list[Path]
 
 
-def _test_set(subset: Any) -> str:
-    """An eval_subset with a per-seed subset's seed removed: runs of one sweep share it."""
-    from robustcl.sweep import SUBSET_SEED
-
-    return SUBSET_SEED.sub("", str(subset))
-
-
 def _check_same_evaluation(finished: Sequence[dict[str, Any]], runs: Any) -> None:
     """Rows must come from the evaluation this directory's finished runs used (test images, headline attack)."""
     if not finished:
         return
-    subsets = {_test_set(res.get("eval_subset")) for res in finished}
+    subsets = {shared_test_set(res.get("eval_subset")) for res in finished}
     headlines = {next(iter(p["robust"])) for res in finished for p in res["protocols"].values()}
     for run in runs:
-        subset = _test_set(run.results.get("eval_subset"))
+        subset = shared_test_set(run.results.get("eval_subset"))
         heads = {next(iter(p["robust"])) for p in run.results["protocols"].values()}
         if subset not in subsets or not heads <= headlines:
             raise ConfigError(f"{run.source}: run {run.name} was evaluated on {subset} with {', '.join(sorted(heads))}, "
@@ -163,8 +154,6 @@ def merge_rows(plan: SweepPlan, paths: Sequence[Path | str]) -> MergedRows:
             if run.name in seen and _disagreement(run.name, seen[run.name].results, run.results, path):
                 raise ConfigError(f"{path} and {seen[run.name].source} disagree on {run.name}; keep one of them")
             seen.setdefault(run.name, run)
-    from robustcl.sweep import finished_results
-
     finished = {p.name: res for p, res in finished_results(plan)}  # this directory's runs, read once
     _check_same_evaluation(list(finished.values()), seen.values())
     entries, agreed, disagreements = [], [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -19,7 +20,7 @@ from robustcl.evaluation.per_image import PerImage, read_per_image
 from robustcl.stats import Interval, paired_bootstrap, paired_t_interval
 
 if TYPE_CHECKING:
-    from robustcl.sweep import PlannedRun
+    from robustcl.sweep.plan import PlannedRun
 
 Entry = tuple["PlannedRun", dict[str, Any]]
 BOOTSTRAP_REPS = 10_000
@@ -34,6 +35,7 @@ RAW_COLUMNS = ["configuration", "seed", "run", "method", "protocol", "branch", "
 # NOT_RECORDED when results.json has none. Summaries written before the column existed lack it: not recorded.
 OPTIONAL_COLUMNS = ("headline_on_same_images", "integrity_failed")  # summaries older than a column lack it
 NOT_RECORDED = "not recorded"
+SUBSET_SEED = re.compile(r" \(seed -?\d+\)")  # results.json's eval_subset names the seed of a random subset
 
 
 # ----------------------------------------------------------------------------------- raw rows
@@ -90,6 +92,11 @@ def attack_images(results: dict[str, Any], protocol: dict[str, Any], attack: str
     if attack.startswith("autoattack") and autoattack.get("n") is not None and autoattack["n"] != n_eval:
         return autoattack["n"], f"the first {autoattack['n']} of the {n_eval} evaluated: {subset}"
     return n_eval, subset
+
+
+def shared_test_set(subset: Any) -> str:
+    """An eval_subset with a per-seed subset's seed removed: runs of one sweep share it."""
+    return SUBSET_SEED.sub("", str(subset))
 
 
 def raw_csv(entries: Sequence[Entry]) -> str:
@@ -272,5 +279,6 @@ def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
     return buffer.getvalue()
 
 
-__all__ = ["DIFF_COLUMNS", "Difference", "RAW_COLUMNS", "differences_csv", "differences_markdown",
-           "paired_differences", "points", "raw_csv", "raw_rows", "reading"]
+__all__ = ["DIFF_COLUMNS", "Difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS", "SUBSET_SEED", "Entry",
+           "attack_images", "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures",
+           "paired_differences", "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]
