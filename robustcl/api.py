@@ -104,6 +104,7 @@ def _echo(progress: bool, stream: Any = None) -> Callable[[str], None]:
 
 def load_config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
     """A validated `Config` from a preset name, a YAML path or a `Config`, with `key=value` overrides applied."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
     from robustcl import config as schema
 
     if isinstance(config, schema.Config):

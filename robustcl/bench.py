@@ -326,6 +326,8 @@ class BenchOptions:
 
 def plan_cases(opts: BenchOptions) -> list[tuple[str, Config]]:
     """Every (config, batch, precision) case as (config name, validated Config); bad input fails here, before any work."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+
     cases = []
     for name in opts.configs:
         base = load_config(name, [*opts.overrides, "diagnostics.every=0"])

@@ -163,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
     from robustcl.config import ConfigError, dump_yaml, list_presets, load_config
     from robustcl.sweep import list_sweeps
 
@@ -344,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shows its traceback and where to report it (exit 1)."""
     args = parse_args(build_parser(), argv)
     try:
+        import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+
         return args.fn(args)
     except _user_errors() as exc:
         if main_process():  # under torchrun every rank raises the same error: say it once

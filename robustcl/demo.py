@@ -10,6 +10,7 @@ import torch
 
 import yaml
 
+import robustcl.methods  # noqa: F401 - registers the methods configs are built with
 from robustcl.config import dump_yaml, first_difference, load_config
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.hardware import cpu_capability

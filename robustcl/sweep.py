@@ -284,6 +284,8 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
     if overwrite:
         return "new"
     stored = yaml.safe_load(run.config.read_text()) or {}
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+
     try:  # through today's schema: settings added since the run was made compare at their defaults
         stored = yaml.safe_load(dump_yaml(from_mapping(stored)))
     except ConfigError:
@@ -305,6 +307,8 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
 
 
 def _load_run_config(run: PlannedRun) -> Config:
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+
     try:
         return load_config(run.config, list(run.overrides))
     except ConfigError as exc:

@@ -23,13 +23,13 @@ from torch import nn
 
 from robustcl import load_encoder
 from robustcl.config import ConfigError, load_config
-from robustcl.distributed import Distributed, job_from_env, rank_seed
+from robustcl.distributed import Distributed, gather_with_grad, job_from_env, rank_seed
 from robustcl.methods import StepContext
 from robustcl.methods.components import fixed_embedding, ours_step
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.models.dual_bn import CrossRankBatchNorm2d, DualBatchNorm2d, cross_rank_batch_norm, frozen_bn_stats
 from robustcl.objectives import SAM, info_nce, multi_positive_nce
-from robustcl.objectives.infonce import current_gather, default_gather, gather_with_grad
+from robustcl.objectives.infonce import current_gather, default_gather
 from robustcl.runs import RunDir, RunError
 from robustcl.train.common import build_method
 from robustcl.train.pretrain import Pretrainer, pretrain

@@ -111,6 +111,7 @@ class LoadedRun:
 
 def load_run(root: Path | str, images: int) -> LoadedRun:
     """Rebuild the run's method from config.yaml and checkpoints/last.pt; the first `images` validation images."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
     from robustcl.train.common import build_method, load_split, resolve_device, train_val_indices
 
     run = RunDir(root)

@@ -2,7 +2,7 @@
 
 The conversion from YAML (types, unknown keys, overrides) is `robustcl.config.engine`; the shipped
 presets and `extends` are `robustcl.config.presets`. The method section's dataclass belongs to the
-method (`robustcl.methods`), chosen by method.name.
+method (`robustcl.methods`), chosen by method.name from the registry (`robustcl.config.registry`).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from robustcl.config.engine import CODE_ONLY, ConfigError, build, plain
 from robustcl.config.engine import check as _check
+from robustcl.config.registry import method_config_class
 
 
 @dataclass
@@ -514,9 +515,8 @@ class Config:
 
 
 def from_mapping(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a raw mapping (the method section by its registered schema)."""
-    from robustcl.methods import method_config_class  # methods own their config schema
-
+    """Build and validate a Config from a raw mapping (the method section by its registered schema: the
+    methods must be registered first, `import robustcl.methods`)."""
     data = dict(data)
     method = data.pop("method", None) or {}
     if not isinstance(method, dict) or "name" not in method:

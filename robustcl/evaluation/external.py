@@ -194,6 +194,8 @@ def load_external(encoder: nn.Module | str | Path, info: DatasetInfo, mean: Sequ
 
 def encoder_config(data: str, config: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """The phase-2 and evaluation settings: `config` (default: the dataset's reference preset) on `data`."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+
     base = config or PROTOCOL_PRESETS.get(data)
     if base is None:
         raise ConfigError(f"no preset holds the phase-2 and evaluation protocol for {data!r}; pass --config NAME|PATH "

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from robustcl.config import ConfigError
-from robustcl.methods.base import METHODS, Method, MethodConfig, SamConfig, SetupEnv, StepContext
+from robustcl.config.registry import METHODS, registered_method
+from robustcl.methods.base import Method, MethodConfig, SamConfig, SetupEnv, StepContext
 
 
 def _import_all() -> None:
@@ -25,9 +25,7 @@ _import_all()
 
 def method_class(name: str) -> type[Method]:
     """The Method subclass registered under `name` (one-line error listing the known ones)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method.name {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    return registered_method(name)
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

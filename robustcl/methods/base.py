@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig, TrainConfig
+from robustcl.config.registry import register_method
 from robustcl.distributed import Distributed
 from robustcl.models import Branch, Critic, Encoder, ProjectionHead, frozen_bn_stats, reported_branch
 from robustcl.objectives import SAM, frozen_parameters
@@ -380,7 +381,6 @@ class SetupEnv:
     quiet: bool  # True on every rank but 0 (and when the caller asked for silence): print nothing
 
 
-METHODS: dict[str, type["Method"]] = {}  # name -> class, filled by `Method.__init_subclass__`
 
 
 class Method(nn.Module):
@@ -401,11 +401,7 @@ class Method(nn.Module):
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:
             return  # an intermediate base class
-        known = METHODS.get(cls.name)
-        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise TypeError(f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is already taken by "
-                            f"{known.__module__}.{known.__qualname__}; choose another `name`")
-        METHODS[cls.name] = cls  # the same class again (a module reloaded) replaces itself
+        register_method(cls.name, cls)  # the same class again (a module reloaded) replaces itself
 
     def __init__(self, cfg: MethodConfig, encoder: Encoder, projector: ProjectionHead,
                  critic: Critic | None = None) -> None:
