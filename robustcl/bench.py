@@ -122,7 +122,7 @@ def profiler_intervals(events: Sequence[Any]) -> list[Interval]:
 def phase_hooks(on_enter: Callable[[str], Any], on_exit: Callable[[str], Any]) -> Iterator[None]:
     """Inside the block, on_enter(phase) / on_exit(phase) run at the start / end of every robustcl::<phase> range.
 
-    methods/base.py `phase` looks `torch.profiler.record_function` up at each call, so swapping that
+    methods/step.py `phase` looks `torch.profiler.record_function` up at each call, so swapping that
     attribute for a subclass reaches every range; the original is restored on exit.
     """
     base = torch.autograd.profiler.record_function

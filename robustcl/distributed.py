@@ -24,7 +24,7 @@ steps are unchanged.
 
 Why no DistributedDataParallel: SAM takes `autograd.grad` of some terms, moves the weights and
 back-propagates a second pass; DDP's reducer fires on every backward and cannot tell these apart.
-`robustcl.methods.base.StepContext` all-reduces gradients explicitly, coalesced into buckets, just
+`robustcl.methods.step.StepContext` all-reduces gradients explicitly, coalesced into buckets, just
 before each optimiser step (and SAM's ascent gradient before it is used).
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from robustcl.bench import (RESULT_KEYS, SCHEMA, BenchOptions, add_arguments, bu
                             count_flops_by_phase, exclusive_phase_times, measure_phases, run_bench)
 from robustcl.cli import main
 from robustcl.config import load_config
-from robustcl.methods.base import PHASES, phase
+from robustcl.methods.step import PHASES, phase
 from robustcl.runs import RunDir
 from robustcl.train.pretrain import Pretrainer
 

@@ -15,7 +15,7 @@ from torch import nn
 from robustcl.config import load_config
 from robustcl.data import dataset_info
 from robustcl.methods import METHODS, SetupEnv, StepContext, method_class
-from robustcl.methods.base import optimizer_params
+from robustcl.methods.step import optimizer_params
 from robustcl.methods.build import build_training
 from robustcl.methods.simclr import Simclr, SimclrConfig
 from robustcl.runs import RunDir

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from robustcl.config import ConfigError, load_config
 from robustcl.methods import METHODS, StepContext
-from robustcl.methods.base import weighted_sum
+from robustcl.methods.step import weighted_sum
 from robustcl.methods.dynacl import (Dynacl, augmentation_strength, dynamic_weights, kmeans, lp_aff,
                                      strong_view_at)
 from robustcl.data import DatasetInfo

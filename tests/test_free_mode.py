@@ -13,7 +13,8 @@ from torch import nn
 from robustcl.cli import main
 from robustcl.config import AttackConfig, ConfigError, load_config
 from robustcl.methods import components, gbrcl
-from robustcl.methods.base import FreeReplay, StepContext
+from robustcl.methods.free_replay import FreeReplay
+from robustcl.methods.step import StepContext
 from robustcl.methods.components import eval_pgd
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.objectives import SAM

@@ -13,7 +13,7 @@ import torch
 from robustcl.config import AttackConfig, ConfigError, load_config
 from robustcl.export import resolve_branch
 from robustcl.methods import METHODS, Method, MethodConfig, StepContext, method_class
-from robustcl.methods.base import SamConfig
+from robustcl.methods.sections import SamConfig
 from robustcl.models import reported_branch
 from robustcl.train.common import build_method
 from robustcl.train.diagnostics import Diagnostics

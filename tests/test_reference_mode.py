@@ -13,7 +13,7 @@ import torch
 
 from robustcl.config import ConfigError, list_presets, load_config, reference_switches
 from robustcl.methods.advcl import high_frequency
-from robustcl.methods.base import StepContext
+from robustcl.methods.step import StepContext
 from robustcl.models.resnet import BasicBlock, Bottleneck
 from robustcl.objectives import SAM, pgd
 from robustcl.runs import RunDir

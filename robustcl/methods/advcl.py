@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig
-from robustcl.methods.base import Method, StepContext, Terms
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, Terms
 from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
                                          fixed_embedding, ours_step)
 from robustcl.objectives import info_nce, multi_positive_nce

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 
 from robustcl.config import ConfigError
 from robustcl.methods.advcl import AdvclConfig, high_frequency
-from robustcl.methods.base import Method, StepContext, Terms
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, Terms
 from robustcl.methods.components import (critic_attack_term, divergence_term, draw_view, eval_pgd, fixed_embedding,
                                          ours_step)
 from robustcl.objectives import info_nce

@@ -14,7 +14,8 @@ import torch
 from robustcl.config import Config, reference_switches
 from robustcl.data import DatasetInfo
 from robustcl.distributed import Distributed, rank_seed
-from robustcl.methods.base import Method, StepContext, optimizer_params
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, optimizer_params
 from robustcl.models.dual_bn import cross_rank_batch_norm
 from robustcl.objectives import SAM
 

@@ -14,7 +14,9 @@ from typing import Callable, Literal
 import torch
 
 from robustcl.config import AttackConfig, ConfigError
-from robustcl.methods.base import CriticConfig, Method, MethodConfig, SamConfig, StepContext, Terms, phase
+from robustcl.methods.method import Method, MethodConfig
+from robustcl.methods.sections import CriticConfig, SamConfig
+from robustcl.methods.step import StepContext, Terms, phase
 from robustcl.objectives import Divergence, f_divergence_attack_term, f_divergence_bound, fgsm_rs, pgd
 from robustcl.objectives.divergences import f_critic_accuracy
 from robustcl.views import strong_view, weak_view
@@ -109,7 +111,7 @@ def eval_pgd(method: Method, objective: Callable[[torch.Tensor], torch.Tensor], 
     """PGD (or FGSM-RS) maximising `objective` (run under autocast) from x, eval mode, parameters frozen.
 
     Mode free attacks nothing here: it returns (x + delta_k).clamp(0, 1), this step's k-th carried
-    perturbation (`robustcl.methods.base.FreeReplay`), whose gradient the encoder step's own backward
+    perturbation (`robustcl.methods.free_replay.FreeReplay`), whose gradient the encoder step's own backward
     computes; `objective` is not evaluated. The same x twice in a step gives the same tensor.
     """
     if attack.mode == "free":

@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustcl.config import AttackConfig, Config, ConfigError
-from robustcl.methods.base import Method, MethodConfig, SetupEnv, StepContext, Terms
+from robustcl.methods.method import Method, MethodConfig, SetupEnv
+from robustcl.methods.step import StepContext, Terms
 from robustcl.methods.components import draw_view, eval_pgd
 from robustcl.models import Encoder
 

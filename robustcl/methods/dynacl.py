@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from robustcl.config import AttackConfig, Config, ConfigError
-from robustcl.methods.base import Method, StepContext, Terms
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, Terms
 from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
                                          ours_step)
 from robustcl.models import BranchModel, Encoder, LinearHead

@@ -22,7 +22,9 @@ from typing import Literal
 import torch
 
 from robustcl.config import AttackConfig
-from robustcl.methods.base import Method, SamConfig, StepContext, Terms
+from robustcl.methods.method import Method
+from robustcl.methods.sections import SamConfig
+from robustcl.methods.step import StepContext, Terms
 from robustcl.methods.components import (CriticConfig, OursConfig, critic_attack_term,
                                          divergence_term, draw_view, eval_pgd, fixed_embedding, ours_step)
 from robustcl.objectives import info_nce

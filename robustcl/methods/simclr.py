@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from robustcl.methods.base import Method, MethodConfig, StepContext
+from robustcl.methods.method import Method, MethodConfig
+from robustcl.methods.step import StepContext
 from robustcl.objectives import info_nce
 from robustcl.methods.components import draw_view
 
