@@ -214,7 +214,7 @@ def step_info(cfg: Config) -> DatasetInfo:
     """
     from robustcl.data import DataError, DatasetInfo, dataset_info
     from robustcl.data.base import get_reader
-    from robustcl.train.common import image_side
+    from robustcl.methods.factory import image_side
 
     d = cfg.data
     options = {**(vars(d.synthetic) if d.name == "synthetic" else {}), **(d.options or {})}
@@ -233,7 +233,7 @@ def build_step(cfg: Config, device: torch.device) -> StepSetup:
 
     The dataset is not read: its shape and normalisation come from `step_info`.
     """
-    from robustcl.methods.build import build_training
+    from robustcl.methods.factory import build_training
 
     info = step_info(cfg)
     training = build_training(cfg, info, device)
@@ -348,7 +348,7 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
     The GEMM peak is the best of a torch.mm run just before and just after the timed steps, so a
     shared machine's load changes both numbers alike.
     """
-    from robustcl.train.common import resolve_runtime
+    from robustcl.runtime import resolve_runtime
 
     cfg = resolve_runtime(cfg, device)  # precision auto -> what this device runs natively
     t = cfg.train
@@ -414,7 +414,7 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """All cases of `opts`; returns the report (schema robustcl.bench/1, one entry per case in "results")."""
-    from robustcl.train.common import resolve_device
+    from robustcl.runtime import resolve_device
 
     opts.validate()
     cases = plan_cases(opts)

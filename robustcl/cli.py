@@ -43,7 +43,7 @@ def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
 def _refuse_other_config(args: argparse.Namespace, cfg: Config) -> None:
     """`--resume --config X`: the run continues with its own config.yaml, so X must say the same (else refused)."""
     from robustcl.config import ConfigError, first_difference, load_config
-    from robustcl.train.common import resolve_device, resolve_runtime
+    from robustcl.runtime import resolve_device, resolve_runtime
 
     other = load_config(args.config, args.overrides)  # `auto` as this run resolved it, so only real changes count
     other = resolve_runtime(other, resolve_device(other.train.device), cfg.to_dict())

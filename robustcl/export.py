@@ -34,7 +34,7 @@ def encoder_metadata(encoder: Encoder, info: Any, cfg: Any) -> dict[str, Any]:
     or ImageNet's under reference.imagenet_normalisation), the resolved ResNet stem (None for convnet) and
     whether its blocks have identity shortcuts."""
     from robustcl.methods import method_class
-    from robustcl.train.common import input_normalisation
+    from robustcl.methods.factory import input_normalisation
 
     model = cfg.model
     mean, std = input_normalisation(cfg, tuple(info.mean), tuple(info.std))

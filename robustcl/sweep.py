@@ -290,7 +290,7 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
         stored = yaml.safe_load(dump_yaml(from_mapping(stored)))
     except ConfigError:
         pass  # a key the schema no longer has: the raw comparison below names it
-    from robustcl.train.common import resolve_device, resolve_runtime
+    from robustcl.runtime import resolve_device, resolve_runtime
 
     try:  # `auto` precision/threads as this run resolved them (a started run keeps its precision)
         cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), stored)

@@ -41,7 +41,7 @@ def transfer_run(source_dir: Path | str, dataset: str, size: int | None = None, 
     from robustcl.runs import RunDir, RunError, atomic_write_bytes
     from robustcl.runs.guard import writing
     from robustcl.runs.report import write_report
-    from robustcl.train.common import load_split
+    from robustcl.splits import load_split
     from robustcl.train.finetune import finetune
 
     source = RunDir(source_dir)

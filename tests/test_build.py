@@ -1,4 +1,4 @@
-"""The phase-1 factory (`robustcl.methods.build`) and the trainer's use of the method hooks: parameter groups,
+"""The phase-1 factory (`robustcl.methods.factory`) and the trainer's use of the method hooks: parameter groups,
 lr schedule, per-epoch and per-step hooks, auxiliary networks, checkpoints and exact resume."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from robustcl.config import load_config
 from robustcl.data import dataset_info
 from robustcl.methods import METHODS, SetupEnv, StepContext, method_class
 from robustcl.methods.step import optimizer_params
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.methods.simclr import Simclr, SimclrConfig
 from robustcl.runs import RunDir
 from robustcl.train.pretrain import Pretrainer, pretrain

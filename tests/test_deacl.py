@@ -14,11 +14,11 @@ from robustcl.config import ConfigError, load_config
 from robustcl.distributed import Distributed
 from robustcl.export import load_encoder, read_encoder
 from robustcl.methods import SetupEnv, StepContext, deacl
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.methods.deacl import Deacl, deacl_terms, teacher_config
 from robustcl.methods.simclr import Simclr
 from robustcl.runs import RunDir, RunError
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
 
 SMALL = ["method.name=deacl", "method.attack.steps=2", "train.threads=1"]
 TEACHER = ["method.teacher=smoke", "method.teacher_overrides=[method.name=simclr, train.threads=1]"]

@@ -31,7 +31,7 @@ from robustcl.models.dual_bn import CrossRankBatchNorm2d, DualBatchNorm2d, cross
 from robustcl.objectives import SAM, info_nce, multi_positive_nce
 from robustcl.objectives.infonce import current_gather, default_gather
 from robustcl.runs import RunDir, RunError
-from robustcl.train.common import build_method
+from robustcl.methods.factory import build_method
 from robustcl.train.pretrain import Pretrainer, pretrain
 
 WORLD = 2

@@ -15,9 +15,10 @@ from robustcl.methods.step import weighted_sum
 from robustcl.methods.dynacl import (Dynacl, augmentation_strength, dynamic_weights, kmeans, lp_aff,
                                      strong_view_at)
 from robustcl.data import DatasetInfo
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.objectives import f_divergence_bound
-from robustcl.train.common import build_method, load_split
+from robustcl.methods.factory import build_method
+from robustcl.splits import load_split
 from robustcl.views import StrongViewConfig
 
 AUTHORS_VIEW = StrongViewConfig(crop_scale=(0.1, 1.0), blur_p=0.0)  # train_DynACL.py's view at strength 1

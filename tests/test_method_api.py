@@ -15,7 +15,7 @@ from robustcl.export import resolve_branch
 from robustcl.methods import METHODS, Method, MethodConfig, StepContext, method_class
 from robustcl.methods.sections import SamConfig
 from robustcl.models import reported_branch
-from robustcl.train.common import build_method
+from robustcl.methods.factory import build_method
 from robustcl.train.diagnostics import Diagnostics
 
 

@@ -17,7 +17,7 @@ from robustcl.methods.step import StepContext
 from robustcl.models.resnet import BasicBlock, Bottleneck
 from robustcl.objectives import SAM, pgd
 from robustcl.runs import RunDir
-from robustcl.train.common import IMAGENET_MEAN, IMAGENET_STD, build_method
+from robustcl.methods.factory import IMAGENET_MEAN, IMAGENET_STD, build_method
 from robustcl.train.pretrain import Pretrainer
 from robustcl.train.schedule import reference_learning_rate
 

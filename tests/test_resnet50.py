@@ -16,7 +16,7 @@ from robustcl.models import (
     Bottleneck, DualBatchNorm2d, ResNet18, ResNet50, build_encoder, resolve_stem,
 )
 from robustcl.presets import __file__ as presets_init
-from robustcl.train.common import backbone_kwargs, build_method
+from robustcl.methods.factory import backbone_kwargs, build_method
 
 MEAN, STD = (0.48, 0.45, 0.40), (0.23, 0.22, 0.22)
 

@@ -205,7 +205,7 @@ def encoder_config(data: str, config: str | None = None, overrides: Sequence[str
 
 def data_info(cfg: Config) -> DatasetInfo:
     """Shape, channels and statistics of cfg's dataset (imagefolder reads its files for them)."""
-    from robustcl.train.common import load_split
+    from robustcl.splits import load_split
 
     options = {**(vars(cfg.data.synthetic) if cfg.data.name == "synthetic" else {}), **(cfg.data.options or {})}
     try:

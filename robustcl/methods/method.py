@@ -140,7 +140,7 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, train: TrainConfig) -> ParamGroups:
-        """Optimiser key -> SGD param groups: one SGD is built per key (`robustcl.methods.build`).
+        """Optimiser key -> SGD param groups: one SGD is built per key (`robustcl.methods.factory`).
 
         "encoder" (f and g, train.lr/momentum/weight_decay) is the optimiser SAM wraps and the lr
         schedule drives (each group at schedule(train.lr) * group["lr_scale"], default 1); "critic"

@@ -26,8 +26,9 @@ from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.runs.guard import writing
-from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
-                                   train_val_indices)
+from robustcl.methods.factory import autocast_factory
+from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import check_loggers, open_logger
 from robustcl.views import weak_view
 

@@ -30,12 +30,13 @@ from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, lo
 from robustcl.distributed import Distributed, job_from_env
 from robustcl.export import export_encoder
 from robustcl.methods import Method, SetupEnv
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
-from robustcl.train.common import load_split, resolve_device, resolve_runtime, started_config, train_val_indices
+from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import MetricLogger, check_loggers, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.train.schedule import reference_learning_rate
