@@ -14,17 +14,18 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from robustcl.config import AttackConfig, ConfigError, TrainConfig
+from robustcl.config import AttackConfig, Config, ConfigError, TrainConfig
 from robustcl.config.registry import METHODS, register_method, registered_method
 from robustcl.distributed import Distributed
 from robustcl.methods.sections import CriticConfig, SamConfig
 from robustcl.methods.step import StepContext
 from robustcl.models import Branch, Critic, Encoder, ProjectionHead, reported_branch
+from robustcl.runs import RunDir
 
 ParamGroups = dict[str, list[dict[str, Any]]]
 T = TypeVar("T")
@@ -56,14 +57,29 @@ class MethodConfig:
             attack.validate("method.attack")
 
 
+class PretrainEntry(Protocol):
+    """The harness's phase-1 entry point (`robustcl.train.pretrain.pretrain`): train or resume `cfg` in `run`."""
+
+    def __call__(self, cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> object: ...
+
+
+RunEncoderReader = Callable[[Path], tuple[Encoder, Branch]]  # a finished run's encoder and its headline branch
+
+
 @dataclass(frozen=True)
 class SetupEnv:
-    """What `Method.setup` may use: the run's config, its directory (None outside a run), device, ranks, verbosity."""
-    cfg: Any
+    """What `Method.setup` may use: the run's config, its directory (None outside a run), device, ranks, verbosity,
+    and what the harness lends a method that needs another run (DeACL's teacher), so that no method imports the
+    harness or the exporter: its own `pretrain` entry point and `read_run_encoder` (`robustcl.export`'s reading
+    of a finished run's encoder through its headline branch). Both are None where no harness lends them."""
+    cfg: Config
     run_root: Path | None
     device: torch.device
     distributed: Distributed
     quiet: bool  # True on every rank but 0 (and when the caller asked for silence): print nothing
+    pretrain: PretrainEntry | None = None
+    read_run_encoder: RunEncoderReader | None = None
 
 
 
@@ -218,4 +234,5 @@ def method_class(name: str) -> type[Method]:
     return registered_method(name)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "ParamGroups", "SetupEnv", "attack_field", "declared", "method_class"]
+__all__ = ["METHODS", "Method", "MethodConfig", "ParamGroups", "PretrainEntry", "RunEncoderReader", "SetupEnv",
+           "attack_field", "declared", "method_class"]

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config, reference_switches
 from robustcl.distributed import Distributed, job_from_env
-from robustcl.export import export_encoder
+from robustcl.export import export_encoder, read_headline_encoder
 from robustcl.methods import Method, SetupEnv
-from robustcl.methods.factory import build_training
+from robustcl.methods.factory import build_training, encoder_export_fields
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
@@ -115,8 +115,10 @@ class Pretrainer:
 
     def setup_method(self) -> None:
         """`Method.setup` on every rank, once the run directory is prepared (a method may write under it, e.g.
-        DeACL's stage 1 in <run>/teacher) and before a resume loads the checkpoint over what it set up."""
-        self.method.setup(SetupEnv(self.cfg, self.run.root, self.device, self.dist, quiet=not self.dist.is_main))
+        DeACL's stage 1 in <run>/teacher) and before a resume loads the checkpoint over what it set up. The
+        method may train another run with this module's own `pretrain` and read a finished run's encoder."""
+        self.method.setup(SetupEnv(self.cfg, self.run.root, self.device, self.dist, quiet=not self.dist.is_main,
+                                   pretrain=pretrain, read_run_encoder=read_headline_encoder))
 
     def sync_from_main(self) -> None:
         """Copy rank 0's parameters and buffers to every rank (a no-op for a single process)."""
@@ -350,7 +352,8 @@ class Pretrainer:
 
     def _finish(self) -> None:
         """Export the encoder and mark phase 1 done (rank 0)."""
-        export_encoder(self.method.encoder, self.run.encoder, self.info, self.cfg)
+        export_encoder(self.method.encoder, self.run.encoder, self.info, self.cfg,
+                       **encoder_export_fields(self.cfg, self.info))
         atomic_write_text(self.run.pretrain_done, f"{self.step}\n")
 
 
