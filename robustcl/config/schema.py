@@ -295,7 +295,7 @@ class AffConfig:
 
 @dataclass
 class PostprocessConfig:
-    """Encoder post-processing before the protocols: lp-aff is DynACL++'s (robustcl/methods/dynacl.py `lp_aff`).
+    """Encoder post-processing before the protocols: lp-aff is DynACL++'s (robustcl/train/lp_aff.py `lp_aff`).
 
     k-means pseudo-labels of the benign-branch features, `lp_epochs` of linear probing, then `aff.epochs` of
     adversarial full fine-tuning on them (lr x 0.1 at each of `milestones`); every protocol starts from the result.
