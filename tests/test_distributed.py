@@ -25,7 +25,8 @@ from robustcl import load_encoder
 from robustcl.config import ConfigError, load_config
 from robustcl.distributed import Distributed, gather_with_grad, job_from_env, rank_seed
 from robustcl.methods import StepContext
-from robustcl.methods.components import fixed_embedding, ours_step
+from robustcl.methods.add_on_terms import step_with_add_on_terms
+from robustcl.methods.step_inputs import fixed_embedding
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.models.dual_bn import CrossRankBatchNorm2d, DualBatchNorm2d, cross_rank_batch_norm, frozen_bn_stats
 from robustcl.objectives import SAM, info_nce, multi_positive_nce
@@ -116,8 +117,9 @@ def _step_run(distributed: Distributed, steps: int = 2) -> dict[str, Any]:
         p, q = (v[rows] for v in _step_inputs(step))
         with default_gather(distributed.gather):
             q_adv = method.attack(p, q, ctx, fixed_embedding(method, p, "benign", ctx))
-            stats = ours_step(method, lambda: q_adv, q, lambda qa, only: method.loss_terms(p, q, qa, only),
-                              {"adversarial": 1.0}, ctx)
+            stats = step_with_add_on_terms(method, lambda: q_adv, q,
+                                           lambda qa, only: method.loss_terms(p, q, qa, only),
+                                           {"adversarial": 1.0}, ctx)
         values = torch.stack([stats[k].float() for k in sorted(stats)])
         distributed.all_reduce_mean_([values])
         out["q_adv"].append(q_adv)

@@ -7,7 +7,7 @@ import torch
 from robustcl.config import AttackConfig, ConfigError, load_config
 from robustcl.data import DatasetInfo
 from robustcl.methods import METHODS
-from robustcl.methods.components import eval_pgd
+from robustcl.methods.step_inputs import eval_pgd
 from robustcl.methods.factory import build_training
 
 

@@ -59,7 +59,7 @@ from torch import nn
 from robustcl.config import AttackConfig, Config, ConfigError, apply_overrides, from_mapping, load_config
 from robustcl.methods.method import Method, MethodConfig, SetupEnv
 from robustcl.methods.step import StepContext, Terms
-from robustcl.methods.components import draw_view, eval_pgd
+from robustcl.methods.step_inputs import draw_view, eval_pgd
 from robustcl.models import Encoder
 from robustcl.runs import RunDir, RunError
 

@@ -11,7 +11,7 @@ DynACL is dual-stream ACL (acl.py) under two schedules of the epoch e (0-based, 
 Attack, as ACL: (p', q') = PGD-5 (eps 8/255, alpha 2/255) on both strong views jointly, maximising
 NCE(z_a(p'), z_a(q')). Branches: p, q through the benign BN branch; p', q' through the adversarial one.
 
-"DynACL + ours" (components.OursConfig, all off by default, composed as advcl composes it): "benign" =
+"DynACL + ours" (add_on_terms.AddOnTermsConfig, all off by default, composed as advcl composes it): "benign" =
 benign_weight * NCE(z_b(p), z_b(q)) (the NCE of DynACL's own "natural" term, computed once, so SAM on
 "benign" sharpens only the added part), and a critic D between z_b([p; q]) and z_a([p'; q']).
 
@@ -52,10 +52,11 @@ from typing import Any
 import torch
 
 from robustcl.config import AttackConfig, ConfigError
+from robustcl.methods.add_on_terms import (AddOnTermsConfig, critic_attack_term, divergence_term,
+                                           step_with_add_on_terms)
 from robustcl.methods.method import Method
 from robustcl.methods.step import StepContext, Terms
-from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
-                                         ours_step)
+from robustcl.methods.step_inputs import draw_view, eval_pgd
 from robustcl.objectives import info_nce
 from robustcl.objectives.air import AirConfig, invariant_regularization
 from robustcl.views import StrongViewConfig, to_unit
@@ -94,7 +95,7 @@ def strong_view_at(strength: float, full: StrongViewConfig) -> StrongViewConfig:
 
 # ------------------------------------------------------------------------------------- the method
 @dataclass
-class DynaclConfig(OursConfig):
+class DynaclConfig(AddOnTermsConfig):
     """DynACL: ACL's attack and branches, the strength schedule (period K epochs) and lambda; the "ours" fields off."""
     name: str = "dynacl"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
@@ -192,6 +193,7 @@ class Dynacl(Method):
         self._last = (self.strength, self.weights["adversarial"])
         p, q = draw_view("strong", images, ctx), draw_view("strong", images, ctx)
         x_orig = ctx.prepare(to_unit(images)) if self.cfg.air.active() else None
-        return ours_step(self, lambda: self.attack(p, q, ctx), torch.cat([p, q]),
-                         lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only, x_orig=x_orig),
-                         {**self.weights, "air": 1.0}, ctx)
+        return step_with_add_on_terms(self, lambda: self.attack(p, q, ctx), torch.cat([p, q]),
+                                      lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only,
+                                                                          x_orig=x_orig),
+                                      {**self.weights, "air": 1.0}, ctx)
