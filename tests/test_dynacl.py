@@ -156,7 +156,7 @@ def test_anneal_off_is_acl_half_and_half_with_the_full_view_at_any_epoch():
     expected = 0.5 * (nt_xent_loop(E(p, "benign"), E(q, "benign")) + nt_xent_loop(E(pa, "adversarial"),
                                                                                   E(qa, "adversarial")))
     assert weighted_loss(method, ctx).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert ctx.strong == load_config("smoke").views.strong.build()
+    assert ctx.strong == load_config("smoke").views.strong
 
 
 def test_ours_adds_the_benign_term_and_the_critic_bound_over_both_views():

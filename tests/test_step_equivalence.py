@@ -39,8 +39,8 @@ def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, c
     ASAM on the benign term."""
     m, a, c = method, cfg.method.attack, cfg.method.critic
     tau, lam_b, lam_d, rho = cfg.method.temperature, cfg.method.benign_weight, c.weight, cfg.method.sam.rho
-    p = strong_view(images, generator, cfg.views.strong.build())
-    q = weak_view(images, generator, cfg.views.weak.build())
+    p = strong_view(images, generator, cfg.views.strong)
+    q = weak_view(images, generator, cfg.views.weak)
     # 1. attack: PGD on q in eval mode; the target z_b(p) recomputed at every iteration
     m.eval()
     x = (q + (2 * torch.rand(q.shape, generator=generator) - 1) * a.eps).clamp(0, 1)
@@ -135,8 +135,8 @@ def plain_adv_only_step(method, images: torch.Tensor, generator: torch.Generator
     The benign branch sees p and q together, one forward, exactly as in the +benign rung.
     """
     m, a, tau = method, cfg.method.attack, cfg.method.temperature
-    p = strong_view(images, generator, cfg.views.strong.build())
-    q = weak_view(images, generator, cfg.views.weak.build())
+    p = strong_view(images, generator, cfg.views.strong)
+    q = weak_view(images, generator, cfg.views.weak)
     m.eval()
     x = (q + (2 * torch.rand(q.shape, generator=generator) - 1) * a.eps).clamp(0, 1)
     for _ in range(a.steps):

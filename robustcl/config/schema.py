@@ -125,10 +125,6 @@ class StrongViewConfig:
             raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
         check_kernel(self.blur_kernel)
 
-    def build(self) -> StrongViewConfig:
-        """This object (the views take the config section itself; kept for code that called build())."""
-        return self
-
 
 @dataclass(frozen=True)
 class WeakViewConfig:
@@ -147,13 +143,6 @@ class WeakViewConfig:
         _check(self.padding >= 0, "views.weak.padding", self.padding, "must be >= 0")
         _check(0 <= self.flip_p <= 1, "views.weak.flip_p", self.flip_p, "must be a probability in [0, 1]")
 
-    def build(self) -> WeakViewConfig:
-        """This object (kept for code that called build())."""
-        return self
-
-
-StrongViewSection = StrongViewConfig  # the config sections' former names
-WeakViewSection = WeakViewConfig
 
 
 @dataclass
@@ -485,12 +474,12 @@ class ReferenceConfig:
                    f"applies to method.name=advcl only (this config trains {cfg.method.name}); drop it")
 
 
-OFF = ReferenceConfig()
+REFERENCE_SWITCHES_OFF = ReferenceConfig()  # the reference mode switched off: robustcl's own behaviour throughout
 
 
 def reference_switches(cfg: "Config") -> ReferenceConfig:
     """cfg's reference switches (all off when the config has no `reference` section)."""
-    return cfg.reference if cfg.reference is not None else OFF
+    return cfg.reference if cfg.reference is not None else REFERENCE_SWITCHES_OFF
 
 
 @dataclass
@@ -530,7 +519,8 @@ def from_mapping(data: dict[str, Any]) -> Config:
     return cfg
 
 
-# Settings that do not change what phase 1 computes: a resumed run may change these.
-PHASE1_FREE = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
+# Settings that do not change what phase 1 computes: the config keys (and sections) a resumed or continued
+# phase-1 run may change.
+CHANGEABLE_ON_RESUME = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
                "train.loggers", "train.wandb_project", "diagnostics", "finetune", "eval", "reference.evaluation",
                "reference.test_attack")

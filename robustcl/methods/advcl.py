@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig
+from robustcl.config import REFERENCE_SWITCHES_OFF, AttackConfig, ConfigError, ReferenceConfig
 from robustcl.methods.add_on_terms import (AddOnTermsConfig, critic_attack_term, divergence_term,
                                            step_with_add_on_terms)
 from robustcl.methods.method import Method
@@ -99,7 +99,7 @@ class Advcl(Method):
         return eval_pgd(self, objective, x, self.cfg.attack, ctx)
 
     def loss_terms(self, x: torch.Tensor, clean: torch.Tensor, x_adv: torch.Tensor,
-                   only: tuple[str, ...] | None = None, reference: ReferenceConfig = OFF) -> Terms:
+                   only: tuple[str, ...] | None = None, reference: ReferenceConfig = REFERENCE_SWITCHES_OFF) -> Terms:
         """"contrastive" (4-view), "benign" = NCE(z_b(p), z_b(q)) if weighted, "divergence" if a critic.
 
         One benign-branch forward of [p; q; HF(x)] serves both terms in every pass (BN batch statistics

@@ -31,7 +31,7 @@ ParamGroups = dict[str, list[dict[str, Any]]]
 T = TypeVar("T")
 
 
-def declared(cfg: object, name: str, kind: type[T]) -> T | None:
+def optional_field(cfg: object, name: str, kind: type[T]) -> T | None:
     """cfg's field `name` when its dataclass declares one holding a `kind`, else None.
 
     The one place a method config is read by field name: the defaults of the `Method` hooks use it,
@@ -52,7 +52,7 @@ class MethodConfig:
     def validate(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"config value method.temperature={self.temperature!r} must be > 0")
-        attack = declared(self, "attack", AttackConfig)  # every attacking method's `attack` section
+        attack = optional_field(self, "attack", AttackConfig)  # every attacking method's `attack` section
         if attack is not None:
             attack.validate("method.attack")
 
@@ -116,13 +116,13 @@ class Method(nn.Module):
     @classmethod
     def wants_critic(cls, cfg: MethodConfig) -> bool:
         """Whether this configuration needs a critic D: a declared `critic` section, enabled, with a positive weight."""
-        critic = declared(cfg, "critic", CriticConfig)
+        critic = optional_field(cfg, "critic", CriticConfig)
         return critic is not None and critic.enabled and critic.weight > 0
 
     @classmethod
     def attack_for(cls, cfg: MethodConfig) -> AttackConfig | None:
         """The phase-1 attack of config `cfg` (None: the method attacks nothing); override this, not attack_config."""
-        return declared(cfg, "attack", AttackConfig)
+        return optional_field(cfg, "attack", AttackConfig)
 
     @classmethod
     def attack_free(cls, cfg: MethodConfig) -> bool:
@@ -135,12 +135,12 @@ class Method(nn.Module):
 
     def sam_config(self) -> SamConfig:
         """The SAM settings of this method (off unless the method's config declares a `sam` section)."""
-        found = declared(self.cfg, "sam", SamConfig)
+        found = optional_field(self.cfg, "sam", SamConfig)
         return found if found is not None else SamConfig()
 
     def critic_config(self) -> CriticConfig | None:
         """The critic's settings (its optimiser's lr, momentum, weight decay), from a declared `critic` section."""
-        return declared(self.cfg, "critic", CriticConfig)
+        return optional_field(self.cfg, "critic", CriticConfig)
 
     def attack_view(self) -> Literal["weak", "strong"]:
         """Which augmentation the method attacks (bound measures with it): the strong view unless overridden."""
@@ -148,7 +148,7 @@ class Method(nn.Module):
 
     def divergence(self) -> str | None:
         """The f-divergence the critic estimates (diagnostics read its threshold), None without a critic."""
-        return declared(self.cfg, "divergence", str) if self.critic is not None else None
+        return optional_field(self.cfg, "divergence", str) if self.critic is not None else None
 
     def report_branch(self, requested: str = "headline") -> Branch:
         """The BN branch a reading through `requested` uses: headline -> `headline_branch`; one BN -> benign."""
@@ -235,4 +235,4 @@ def method_class(name: str) -> type[Method]:
 
 
 __all__ = ["METHODS", "Method", "MethodConfig", "ParamGroups", "PretrainEntry", "RunEncoderReader", "SetupEnv",
-           "attack_field", "declared", "method_class"]
+           "attack_field", "method_class", "optional_field"]

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from robustcl.config import OFF, ConfigError, ReferenceConfig
+from robustcl.config import REFERENCE_SWITCHES_OFF, ConfigError, ReferenceConfig
 from robustcl.distributed import Distributed
 from robustcl.methods.free_replay import free_replay_for
 from robustcl.models import frozen_bn_stats
@@ -42,7 +42,7 @@ class StepContext:
                  sam_terms: tuple[str, ...], generator: torch.Generator, autocast: Callable[[], contextlib.AbstractContextManager],
                  strong: StrongViewConfig = StrongViewConfig(), weak: WeakViewConfig = WeakViewConfig(),
                  channels_last: bool = False, distributed: Distributed | None = None,
-                 reference: ReferenceConfig = OFF,
+                 reference: ReferenceConfig = REFERENCE_SWITCHES_OFF,
                  optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
         self.reference = reference
         self.distributed = distributed if distributed is not None else Distributed()

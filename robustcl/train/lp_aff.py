@@ -17,8 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from robustcl.config import AffConfig, Config, ConfigError
-from robustcl.config.schema import PostprocessConfig
+from robustcl.config import AffConfig, Config, ConfigError, PostprocessConfig
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss

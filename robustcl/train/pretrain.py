@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config, reference_switches
+from robustcl.config import CHANGEABLE_ON_RESUME, Config, dump_yaml, first_difference, load_config, reference_switches
 from robustcl.distributed import Distributed, job_from_env
 from robustcl.export import export_encoder, read_headline_encoder
 from robustcl.methods import Method, SetupEnv
@@ -214,7 +214,7 @@ class Pretrainer:
         """Load checkpoints/last.pt (refusing a config that changes phase 1, or another number of ranks)
         and drop later metrics."""
         state = load_checkpoint(self.run.checkpoint, self.device)
-        changed = first_difference(state["config"], self.cfg.to_dict(), ignore=PHASE1_FREE)
+        changed = first_difference(state["config"], self.cfg.to_dict(), ignore=CHANGEABLE_ON_RESUME)
         if changed:
             raise RunError(f"cannot resume {self.run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
@@ -363,7 +363,7 @@ def preflight(cfg: Config, run: RunDir, resume: bool) -> None:
     of its files is a symbolic link."""
     if resume and run.config.is_file():
         stored = run.config.read_text(encoding="utf-8")
-        changed = first_difference(load_config(str(run.config)).to_dict(), cfg.to_dict(), ignore=PHASE1_FREE)
+        changed = first_difference(load_config(str(run.config)).to_dict(), cfg.to_dict(), ignore=CHANGEABLE_ON_RESUME)
         if changed:
             raise RunError(f"cannot resume {run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
@@ -410,7 +410,7 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
             trainer.setup_method()
             if resuming:
                 trainer.resume()
-                job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only PHASE1_FREE settings differ
+                job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only CHANGEABLE_ON_RESUME keys differ
             elif resume:  # stopped before its first checkpoint: drop what it logged, train from step 0
                 job.on_main(trainer._rewind_logs)
             return trainer.fit(progress)
