@@ -129,12 +129,8 @@ def _step_run(distributed: Distributed, steps: int = 2) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the spawned ranks
-def _worker(rank: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}/init", rank=rank, world_size=WORLD)
-    job = Distributed.current()
-    result: dict[str, Any] = {"rank": job.rank, "world": job.world}
-
+def _worker_collectives(job: Distributed, rank: int, result: dict[str, Any]) -> None:
+    """InfoNCE with gathered keys, cross-rank BN, broadcast and on_main, on this rank, into `result`."""
     # InfoNCE / multi-positive NCE with keys gathered from both ranks (the default_gather hook)
     x, y, z, w = _nce_inputs()
     w = w.clone().requires_grad_(True)
@@ -174,10 +170,9 @@ def _worker(rank: int, out: str) -> None:
     except RunError as exc:
         result["on_main_error"] = str(exc)
 
-    # two gbrcl steps on fixed views
-    result["step"] = _step_run(job)
 
-    # the smoke pretrain straight to step 4, then again interrupted after step 3 (checkpoint at step 2)
+def _worker_pretrain(out: str, result: dict[str, Any]) -> None:
+    """The smoke pretrain straight to step 4, then again interrupted after step 3 (checkpoint at step 2)."""
     pretrain(load_config("smoke", RUN_OVERRIDES), RunDir(Path(out) / "straight"), progress=False)
     original = Gbrcl.training_step
     seen: list[dict[str, torch.Tensor]] = []
@@ -198,6 +193,16 @@ def _worker(rank: int, out: str) -> None:
     finally:
         Gbrcl.training_step = original  # type: ignore[method-assign]
     result["after_3_steps"] = seen[-1]
+
+
+def _worker(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/init", rank=rank, world_size=WORLD)
+    job = Distributed.current()
+    result: dict[str, Any] = {"rank": job.rank, "world": job.world}
+    _worker_collectives(job, rank, result)
+    result["step"] = _step_run(job)  # two gbrcl steps on fixed views
+    _worker_pretrain(out, result)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

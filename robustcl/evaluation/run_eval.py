@@ -115,6 +115,81 @@ def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: st
     return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state).to_dict()
 
 
+def _attacked_accuracies(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                         gen: torch.Generator, autocast, seconds: dict[str, float]
+                         ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """(record with clean_acc and the `robust` map, clean flags, headline-PGD flags): clean accuracy, the headline
+    PGD, then CW / PGD-L2 when configured, all from `gen` in that order; their wall times go into `seconds`."""
+    a, e = cfg.eval.attack, cfg.eval
+    t0 = time.perf_counter()
+    clean_flags = correct_under(model, images, labels, None, e.batch_size, autocast)
+    clean = fraction(clean_flags)
+    seconds["clean"], t0 = time.perf_counter() - t0, time.perf_counter()
+    pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
+    robust_flags = pgd_correct(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)
+    robust = {pgd_key: fraction(robust_flags)}
+    seconds[pgd_key], t0 = time.perf_counter() - t0, time.perf_counter()
+    for kind in e.attacks:
+        if kind in ("cw", "pgd-l2"):
+            key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
+            robust[key] = acc
+    return {"clean_acc": clean, "robust": robust}, clean_flags, robust_flags
+
+
+def _curves(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, cfg: Config, autocast,
+            record: dict[str, Any], seconds: dict[str, float]) -> None:
+    """The eps curve (and the steps curve when configured) into `record`, reusing the headline numbers."""
+    a, e = cfg.eval.attack, cfg.eval
+    pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
+    eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
+    known = {0.0: record["clean_acc"], a.eps: record["robust"][pgd_key]} if e.restarts == 1 else \
+        {0.0: record["clean_acc"]}
+    t0 = time.perf_counter()
+    record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
+    seconds["eps_curve"] = time.perf_counter() - t0
+    if e.steps_curve:
+        steps_known = {a.steps: record["robust"][pgd_key]} if e.restarts == 1 else {}
+        record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
+                                            e.batch_size, cfg.seed, autocast, steps_known)
+
+
+def _integrity(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
+               autocast, record: dict[str, Any], clean_flags: torch.Tensor, robust_flags: torch.Tensor,
+               aa_count: int) -> dict[str, Any]:
+    """The integrity checks on eval.checks_limit of the images, with AutoAttack's (`aa_count` images) or Square's."""
+    a, e = cfg.eval.attack, cfg.eval
+    device = next(model.parameters()).device
+    robust_all = record["robust"][attack_name(a.steps, a.eps, restarts=e.restarts)]
+    check_index = part_index(len(images), e.checks_limit, e.subset_seed)  # the checks' images (all by default)
+    c_images, c_labels = (images, labels) if check_index is None else (images[check_index], labels[check_index])
+    c_clean = record["clean_acc"] if check_index is None else fraction(clean_flags[check_index])
+    single_pgd = lambda x, y: pgd_accuracy(model, x, y, a, e.batch_size,  # noqa: E731 (one restart)
+                                           torch.Generator(device=device).manual_seed(cfg.seed), autocast)
+    single_all = robust_all if e.restarts == 1 else single_pgd(images, labels)
+    if check_index is None:
+        single = single_all
+    else:
+        single = fraction(robust_flags[check_index]) if e.restarts == 1 else single_pgd(c_images, c_labels)
+    curve_single = [c if c["eps"] != a.eps else {"eps": a.eps, "accuracy": single_all} for c in record["eps_curve"]]
+    integrity = run_integrity_checks(model, c_images, c_labels, a, c_clean, single, curve_single, num_classes,
+                                     e.batch_size, cfg.seed, autocast)
+    integrity["images"] = len(c_images)
+    extra = []
+    if "autoattack" in record:
+        extra.append(check_autoattack_below_pgd(record["autoattack"]["accuracy"],
+                                                record["autoattack"]["pgd_on_same_images"], aa_count, a.steps))
+        extra.append(check_square_vs_whitebox(record["autoattack"]["after"], aa_count))
+    else:
+        extra.append(timed_check(lambda: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed,
+                                                          autocast)))
+    for check in extra:
+        integrity["checks"].append(check.__dict__)
+        if not check.passed:
+            integrity["failed"].append(check.name)
+    integrity["passed"] = not integrity["failed"]
+    return integrity
+
+
 def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
                    autocast, run: RunDir, protocol: str, flags: dict[str, torch.Tensor] | None = None,
                    fingerprint: str | None = None) -> dict[str, Any]:
@@ -127,65 +202,20 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     seconds: dict[str, float] = {}  # wall time of each part, so a slow evaluation says where its time went
-    t0 = time.perf_counter()
-    clean_flags = correct_under(model, images, labels, None, e.batch_size, autocast)
-    clean = fraction(clean_flags)
-    seconds["clean"], t0 = time.perf_counter() - t0, time.perf_counter()
-    pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
-    robust_flags = pgd_correct(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)
-    robust = {pgd_key: fraction(robust_flags)}
-    seconds[pgd_key], t0 = time.perf_counter() - t0, time.perf_counter()
+    record, clean_flags, robust_flags = _attacked_accuracies(model, images, labels, cfg, gen, autocast, seconds)
     if flags is not None:
         flags.update(clean=clean_flags, robust=robust_flags)
-    for kind in e.attacks:
-        if kind in ("cw", "pgd-l2"):
-            key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
-            robust[key] = acc
-    record: dict[str, Any] = {"clean_acc": clean, "robust": robust}
     aa_index = part_index(len(images), e.autoattack_limit, e.subset_seed)
     aa_images, aa_labels = (images, labels) if aa_index is None else (images[aa_index], labels[aa_index])
     if "autoattack" in e.attacks:
         aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint)
         aa["images"] = len(aa_images)
         aa["pgd_on_same_images"] = fraction(robust_flags if aa_index is None else robust_flags[aa_index])
-        robust[autoattack_name(a.eps)] = aa["accuracy"]
+        record["robust"][autoattack_name(a.eps)] = aa["accuracy"]
         record["autoattack"] = aa
-    eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
-    known = {0.0: clean, a.eps: robust[pgd_key]} if e.restarts == 1 else {0.0: clean}
-    t0 = time.perf_counter()
-    record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
-    seconds["eps_curve"] = time.perf_counter() - t0
-    if e.steps_curve:
-        steps_known = {a.steps: robust[pgd_key]} if e.restarts == 1 else {}
-        record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
-                                            e.batch_size, cfg.seed, autocast, steps_known)
-    check_index = part_index(len(images), e.checks_limit, e.subset_seed)  # the checks' images (all by default)
-    c_images, c_labels = (images, labels) if check_index is None else (images[check_index], labels[check_index])
-    c_clean = clean if check_index is None else fraction(clean_flags[check_index])
-    single_pgd = lambda x, y: pgd_accuracy(model, x, y, a, e.batch_size,  # noqa: E731 (one restart)
-                                           torch.Generator(device=device).manual_seed(cfg.seed), autocast)
-    single_all = robust[pgd_key] if e.restarts == 1 else single_pgd(images, labels)
-    if check_index is None:
-        single = single_all
-    else:
-        single = fraction(robust_flags[check_index]) if e.restarts == 1 else single_pgd(c_images, c_labels)
-    curve_single = [c if c["eps"] != a.eps else {"eps": a.eps, "accuracy": single_all} for c in record["eps_curve"]]
-    integrity = run_integrity_checks(model, c_images, c_labels, a, c_clean, single, curve_single, num_classes,
-                                     e.batch_size, cfg.seed, autocast)
-    integrity["images"] = len(c_images)
-    extra = []
-    if "autoattack" in record:
-        extra.append(check_autoattack_below_pgd(record["autoattack"]["accuracy"],
-                                                record["autoattack"]["pgd_on_same_images"], len(aa_images), a.steps))
-        extra.append(check_square_vs_whitebox(record["autoattack"]["after"], len(aa_images)))
-    else:
-        extra.append(timed_check(lambda: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed,
-                                                          autocast)))
-    for check in extra:
-        integrity["checks"].append(check.__dict__)
-        if not check.passed:
-            integrity["failed"].append(check.name)
-    integrity["passed"] = not integrity["failed"]
+    _curves(model, images, labels, cfg, autocast, record, seconds)
+    integrity = _integrity(model, images, labels, num_classes, cfg, autocast, record, clean_flags, robust_flags,
+                           len(aa_images))
     record["integrity"] = integrity
     seconds.update({f"check {c['name']}": c["seconds"] for c in integrity["checks"]})
     record["seconds_by_part"] = seconds
@@ -228,6 +258,57 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True, protocols: tup
         return _evaluate(cfg, run, progress, protocols, chosen, device, loaded)
 
 
+def _protocol_record(cfg: Config, run: RunDir, protocol: str, encoder: Encoder, meta: dict[str, Any],
+                     test: tuple[torch.Tensor, torch.Tensor], device: torch.device, autocast, per_image: PerImage,
+                     fingerprint: str | None) -> tuple[dict[str, Any], int]:
+    """One fitted model's entry of results.json's `protocols` (its flags into `per_image`), and its class count."""
+    a, e = cfg.eval.attack, cfg.eval
+    images, labels = test
+    t0 = time.perf_counter()
+    model, saved = protocol_model(run, protocol, encoder, device)
+    num_classes = model.head.out_features
+    flags: dict[str, torch.Tensor] = {}
+    record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags, fingerprint)
+    per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
+    entry = {
+        "protocol": protocol, "branch": saved["branch"], **record,
+        "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
+        **({"aff": saved["aff"]} if "aff" in saved else {}),
+    }
+    if e.mixed_reading and meta["dual_bn"]:
+        benign_model, _ = protocol_model(run, protocol, encoder, device, branch="benign")
+        adversarial_model, _ = protocol_model(run, protocol, encoder, device, branch="adversarial")
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        entry["mixed_reading"] = {
+            "label": MIXED_LABEL,
+            "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast),
+            "robust_acc_adversarial_branch": pgd_accuracy(adversarial_model, images, labels, a, e.batch_size,
+                                                          gen, autocast, e.restarts),
+            "head_trained_on": saved["branch"]}
+    entry["seconds"] = time.perf_counter() - t0
+    return entry, num_classes
+
+
+def _results(cfg: Config, meta: dict[str, Any], per_protocol: dict[str, Any], n_eval: int, subset: Any,
+             attack_record: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """results.json's content: the headline (first protocol's) numbers, the attack, the hardware, every protocol."""
+    headline = next(iter(per_protocol.values()))
+    return {
+        "method": meta["method"], "dataset": meta["dataset"],
+        "protocol": headline["protocol"], "branch": headline["branch"],
+        "clean_acc": headline["clean_acc"], "robust": headline["robust"],
+        "n_eval": n_eval, "eval_subset": subset,
+        "attack": attack_record,
+        "branch_note": "clean and robust accuracy are read through the same BN branch",
+        "hardware": {"device": device_description(device), "train_precision": cfg.train.precision,
+                     "eval_precision": cfg.eval.precision, "threads": torch.get_num_threads(),
+                     "cpu": cpu_model(), "torch": torch.__version__},
+        "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
+        "protocols": per_protocol,
+        **({"encoder": meta["source"]} if "source" in meta else {}),
+    }
+
+
 def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ...] | None, chosen: list[str],
               device: torch.device, loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, Any]:
     """`evaluate_run`'s work, once the run is known writable and locked."""
@@ -244,30 +325,10 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     a, e = cfg.eval.attack, cfg.eval
     per_protocol: dict[str, Any] = {}
     per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
+    fingerprint = meta["fingerprint"] if loaded is not None else None
     for protocol in chosen:
-        t0 = time.perf_counter()
-        model, saved = protocol_model(run, protocol, encoder, device)
-        num_classes = model.head.out_features
-        flags: dict[str, torch.Tensor] = {}
-        record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags,
-                                meta["fingerprint"] if loaded is not None else None)
-        per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
-        per_protocol[protocol] = {
-            "protocol": protocol, "branch": saved["branch"], **record,
-            "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
-            **({"aff": saved["aff"]} if "aff" in saved else {}),
-        }
-        if e.mixed_reading and meta["dual_bn"]:
-            benign_model, _ = protocol_model(run, protocol, encoder, device, branch="benign")
-            adversarial_model, _ = protocol_model(run, protocol, encoder, device, branch="adversarial")
-            gen = torch.Generator(device=device).manual_seed(cfg.seed)
-            per_protocol[protocol]["mixed_reading"] = {
-                "label": MIXED_LABEL,
-                "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast),
-                "robust_acc_adversarial_branch": pgd_accuracy(adversarial_model, images, labels, a, e.batch_size,
-                                                              gen, autocast, e.restarts),
-                "head_trained_on": saved["branch"]}
-        per_protocol[protocol]["seconds"] = time.perf_counter() - t0
+        per_protocol[protocol], num_classes = _protocol_record(cfg, run, protocol, encoder, meta, (images, labels),
+                                                               device, autocast, per_image, fingerprint)
     attack_record = {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
                      "random_start": a.random_start, "restarts": e.restarts, "loss": "cross-entropy",
                      "precision": e.precision}
@@ -278,21 +339,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
                             **per_protocol}
             per_protocol = {p: per_protocol[p] for p in ("slf", "alf", "aff") if p in per_protocol}
             per_image = _merge_earlier_flags(run, per_image, per_protocol)
-    headline = next(iter(per_protocol.values()))
-    results = {
-        "method": meta["method"], "dataset": meta["dataset"],
-        "protocol": headline["protocol"], "branch": headline["branch"],
-        "clean_acc": headline["clean_acc"], "robust": headline["robust"],
-        "n_eval": int(len(images)), "eval_subset": subset,
-        "attack": attack_record,
-        "branch_note": "clean and robust accuracy are read through the same BN branch",
-        "hardware": {"device": device_description(device), "train_precision": cfg.train.precision,
-                     "eval_precision": cfg.eval.precision, "threads": torch.get_num_threads(),
-                     "cpu": cpu_model(), "torch": torch.__version__},
-        "suspect": {p: r["integrity"]["failed"] for p, r in per_protocol.items() if not r["integrity"]["passed"]},
-        "protocols": per_protocol,
-        **({"encoder": meta["source"]} if "source" in meta else {}),
-    }
+    results = _results(cfg, meta, per_protocol, int(len(images)), subset, attack_record, device)
     if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
         results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
                                                          num_classes, device, autocast, progress)
