@@ -14,7 +14,7 @@ import pytest
 # subprocesses included; tests of the resolution itself fake the capability (tests/test_hardware.py).
 os.environ["ROBUSTCL_CPU_CAPABILITY"] = "AVX2"
 
-import robustcl.methods  # noqa: E402, F401 - registers the methods every config a test builds needs (as each entry point does)
+import robustcl.methods  # noqa: E402, F401 - registers the methods the tests' configs need, as every entry point does
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
