@@ -144,7 +144,6 @@ class WeakViewConfig:
         _check(0 <= self.flip_p <= 1, "views.weak.flip_p", self.flip_p, "must be a probability in [0, 1]")
 
 
-
 @dataclass
 class ViewsConfig:
     """The two augmentations phase 1 draws: strong (SimCLR's) and weak (pad-crop-flip)."""

@@ -82,8 +82,6 @@ class SetupEnv:
     read_run_encoder: RunEncoderReader | None = None
 
 
-
-
 class Method(nn.Module):
     """Base of every phase-1 method: f (encoder), g (projection head), optional D (critic), and its hooks.
 
@@ -223,6 +221,7 @@ class Method(nn.Module):
     def training_step(self, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One phase-1 optimisation step on a uint8 batch; returns detached metrics."""
         raise NotImplementedError
+
 
 def attack_field(**overrides: float) -> AttackConfig:
     """A dataclass default for a method's attack section."""
