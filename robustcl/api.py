@@ -104,6 +104,7 @@ def _echo(progress: bool, stream: Any = None) -> Callable[[str], None]:
 
 def load_config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
     """A validated `Config` from a preset name, a YAML path or a `Config`, with `key=value` overrides applied."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
     from robustcl import config as schema
 
     if isinstance(config, schema.Config):
@@ -152,7 +153,7 @@ def pretrain(config: ConfigLike | None, out: PathLike | None, overrides: Sequenc
 def _refuse_other_config(cfg: Config, config: ConfigLike, overrides: Sequence[str], out: Path) -> None:
     """Resuming with a config: the run continues with its own config.yaml, so `config` must say the same."""
     from robustcl.config import ConfigError, first_difference
-    from robustcl.train.common import resolve_device, resolve_runtime
+    from robustcl.runtime import resolve_device, resolve_runtime
 
     other = load_config(config, overrides)  # `auto` as this run resolved it, so only real changes count
     other = resolve_runtime(other, resolve_device(other.train.device), cfg.to_dict())
@@ -220,11 +221,12 @@ def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: 
           seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False,
           rows: Sequence[PathLike] = (), jobs: int = 1, shard: str | tuple[int, int] | None = None,
           launcher: str = "local", cluster: str = "slurm", partition: str | None = None, time_min: int | None = None,
-          gpus: int | None = None, cpus: int | None = None) -> SweepOutcome:
+          gpus: int | None = None, cpus: int | None = None, echo: Callable[[str], None] | None = None) -> SweepOutcome:
     """Every configuration x seed of a sweep spec through pretrain -> finetune -> evaluate (`robustcl sweep`),
     finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (`runs/sweeps/<name>`).
     `rows`: summary.csv files of runs finished elsewhere, joined to the summary. `jobs`, `shard` ("i/n"),
-    `launcher` (local | submitit) and the cluster options say how the runs are executed."""
+    `launcher` (local | submitit) and the cluster options say how the runs are executed; `echo` receives the
+    per-run lines (default: stdout with `progress`, else nothing)."""
     from robustcl.sweep import Sweep, run_sweep
     from robustcl.sweep.options import LaunchSettings, parse_shard
 
@@ -233,7 +235,7 @@ def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: 
                             cpus=cpus)
     launch.validate()
     return run_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite,
-                     progress=progress, echo=_echo(progress), seeds=seeds, launch=launch, rows=tuple(rows))
+                     progress=progress, echo=echo or _echo(progress), seeds=seeds, launch=launch, rows=tuple(rows))
 
 
 def sweep_plan(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,

@@ -121,7 +121,7 @@ def profiler_intervals(events: Sequence[Any]) -> list[Interval]:
 def phase_hooks(on_enter: Callable[[str], Any], on_exit: Callable[[str], Any]) -> Iterator[None]:
     """Inside the block, on_enter(phase) / on_exit(phase) run at the start / end of every robustcl::<phase> range.
 
-    methods/base.py `phase` looks `torch.profiler.record_function` up at each call, so swapping that
+    methods/step.py `phase` looks `torch.profiler.record_function` up at each call, so swapping that
     attribute for a subclass reaches every range; the original is restored on exit.
     """
     base = torch.autograd.profiler.record_function
@@ -212,7 +212,7 @@ def step_info(cfg: Config) -> DatasetInfo:
     does not depend on those values.
     """
     from robustcl.data import DataError, DatasetInfo, dataset_info, dataset_options
-    from robustcl.train.common import image_side
+    from robustcl.methods.factory import image_side
 
     d = cfg.data
     options = d.reader_options()
@@ -231,7 +231,7 @@ def build_step(cfg: Config, device: torch.device) -> StepSetup:
 
     The dataset is not read: its shape and normalisation come from `step_info`.
     """
-    from robustcl.methods.build import build_training
+    from robustcl.methods.factory import build_training
 
     info = step_info(cfg)
     training = build_training(cfg, info, device)
@@ -324,6 +324,8 @@ class BenchOptions:
 
 def plan_cases(opts: BenchOptions) -> list[tuple[str, Config]]:
     """Every (config, batch, precision) case as (config name, validated Config); bad input fails here, before any work."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+
     cases = []
     for name in opts.configs:
         base = load_config(name, [*opts.overrides, "diagnostics.every=0"])
@@ -344,7 +346,7 @@ def bench_case(cfg: Config, config_name: str, opts: BenchOptions, device: torch.
     The GEMM peak is the best of a torch.mm run just before and just after the timed steps, so a
     shared machine's load changes both numbers alike.
     """
-    from robustcl.train.common import resolve_runtime
+    from robustcl.runtime import resolve_runtime
 
     cfg = resolve_runtime(cfg, device)  # precision auto -> what this device runs natively
     t = cfg.train
@@ -425,7 +427,7 @@ def throughput(times: list[float], b: int, flops: dict[str, int], gemm_peak: flo
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """All cases of `opts`; returns the report (schema robustcl.bench/1, one entry per case in "results")."""
-    from robustcl.train.common import resolve_device
+    from robustcl.runtime import resolve_device
 
     opts.validate()
     cases = plan_cases(opts)

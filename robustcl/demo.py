@@ -10,13 +10,14 @@ import torch
 
 import yaml
 
+import robustcl.methods  # noqa: F401 - registers the methods configs are built with
 from robustcl.config import dump_yaml, first_difference, load_config
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.hardware import cpu_capability
 from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.runs.report import (describe_attack, integrity_lines, plot_eps_curves, plot_loss_terms,
                                   results_table)
-from robustcl.train.common import resolve_device, resolve_runtime, started_config
+from robustcl.runtime import resolve_device, resolve_runtime, started_config
 from robustcl.train.finetune import finetune
 from robustcl.train.pretrain import pretrain
 

@@ -24,7 +24,7 @@ steps are unchanged.
 
 Why no DistributedDataParallel: SAM takes `autograd.grad` of some terms, moves the weights and
 back-propagates a second pass; DDP's reducer fires on every backward and cannot tell these apart.
-`robustcl.methods.base.StepContext` all-reduces gradients explicitly, coalesced into buckets, just
+`robustcl.methods.step.StepContext` all-reduces gradients explicitly, coalesced into buckets, just
 before each optimiser step (and SAM's ascent gradient before it is used).
 """
 from __future__ import annotations
@@ -96,6 +96,18 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherRows.apply(x) if dist.is_available() and dist.is_initialized() else x
 
 
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (rank order), keeping the gradient to the local rows.
+
+    The backward sums, over ranks, the gradient each rank's loss sends to a slice and hands it to the
+    slice's owner: rank r receives d(sum_s L_s)/d x_r, where L_s is rank s's loss. See
+    `robustcl.objectives.infonce.info_nce` for how that sum is scaled. A single process gets `x` back.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return all_gather_with_grad(x)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s view/attack generator: the run seed on rank 0, distinct streams elsewhere."""
     return seed + rank * VIEW_SEED_STRIDE
@@ -144,8 +156,6 @@ class Distributed:
     @property
     def gather(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """InfoNCE's key gather across ranks (None for a single process)."""
-        from robustcl.objectives.infonce import gather_with_grad
-
         return gather_with_grad if self.world > 1 else None
 
     def device(self, device: torch.device) -> torch.device:

@@ -29,21 +29,26 @@ class FixedBranchEncoder(nn.Module):
         return self.encoder(x, self.branch)
 
 
-def encoder_metadata(encoder: Encoder, info: Any, cfg: Any) -> dict[str, Any]:
-    """What is needed to rebuild the encoder without the config: arch, channels, normalisation (the dataset's,
-    or ImageNet's under reference.imagenet_normalisation), the resolved ResNet stem (None for convnet) and
-    whether its blocks have identity shortcuts."""
-    from robustcl.methods import method_class
-    from robustcl.train.common import input_normalisation
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 
+
+def encoder_metadata(encoder: Encoder, info: Any, cfg: Any, headline_branch: Branch,
+                     normalisation: Normalisation) -> dict[str, Any]:
+    """What is needed to rebuild the encoder without the config: arch, channels, the (mean, std) `normalisation`
+    it was built with, the resolved ResNet stem (None for convnet) and whether its blocks have identity shortcuts;
+    and what reading it needs: the method's `headline_branch`.
+
+    The caller knows the last two (`robustcl.methods.factory.encoder_export_fields`: the dataset's statistics
+    or ImageNet's under reference.imagenet_normalisation, and the method class's headline branch).
+    """
     model = cfg.model
-    mean, std = input_normalisation(cfg, tuple(info.mean), tuple(info.std))
+    mean, std = normalisation
     return {"format": FORMAT, "arch": model.arch, "in_channels": info.channels, "mean": list(mean),
             "std": list(std), "dual_bn": encoder.dual_bn,
             "widths": list(model.widths) if model.arch == "convnet" else None,
             "stem": getattr(encoder.backbone, "stem", None),
             "identity_shortcut": getattr(encoder.backbone, "identity_shortcut", None),
-            "method": cfg.method.name, "headline_branch": method_class(cfg.method.name).headline_branch,
+            "method": cfg.method.name, "headline_branch": headline_branch,
             "dataset": info.name}
 
 
@@ -53,12 +58,13 @@ def resolve_branch(requested: str, meta: dict[str, Any]) -> Branch:
     return reported_branch(requested, meta["headline_branch"], meta["dual_bn"])
 
 
-def export_encoder(encoder: Encoder, path: Path, info: Any, cfg: Any) -> None:
-    """Write the encoder's weights and rebuild metadata to a safetensors file, atomically."""
+def export_encoder(encoder: Encoder, path: Path, info: Any, cfg: Any, *, headline_branch: Branch,
+                   normalisation: Normalisation) -> None:
+    """Write the encoder's weights and rebuild metadata (`encoder_metadata`) to a safetensors file, atomically."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
-    meta = {"robustcl": json.dumps(encoder_metadata(encoder, info, cfg))}
+    meta = {"robustcl": json.dumps(encoder_metadata(encoder, info, cfg, headline_branch, normalisation))}
     atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 
@@ -124,6 +130,12 @@ def check_encoder_fits(meta: dict[str, Any], cfg: Any, path: Path | str) -> None
         if found != configured:
             raise RunFileError(f"{path} is not this run's encoder: it has {key}={found} but the run's config.yaml says "
                                f"{key}={configured}; copy the run's own encoder back, or {encoder_fix(Path(path))}")
+
+
+def read_headline_encoder(path: Path | str) -> tuple[Encoder, Branch]:
+    """`read_encoder`'s encoder with the branch its headline reading uses (what DeACL reads its teacher through)."""
+    encoder, meta = read_encoder(path)
+    return encoder, resolve_branch("headline", meta)
 
 
 def load_encoder(path: Path | str, branch: Branch | str = "headline") -> FixedBranchEncoder:

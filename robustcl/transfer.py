@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # imported when the command runs: `robustcl --help` imports n
 def transfer_config(source: Path, dataset: str, size: int | None, root: str | None, val_size: int,
                     overrides: list[str]) -> Config:
     """The source run's config with data.* replaced by the target dataset (and any further overrides)."""
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
     from robustcl.config import load_config
 
     if not (source / "config.yaml").is_file():
@@ -40,7 +41,7 @@ def transfer_run(source_dir: Path | str, dataset: str, size: int | None = None, 
     from robustcl.runs import RunDir, RunError, atomic_write_bytes
     from robustcl.runs.guard import writing
     from robustcl.runs.report import write_report
-    from robustcl.train.common import load_split
+    from robustcl.splits import load_split
     from robustcl.train.finetune import finetune
 
     source = RunDir(source_dir)

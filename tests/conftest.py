@@ -14,6 +14,8 @@ import pytest
 # subprocesses included; tests of the resolution itself fake the capability (tests/test_hardware.py).
 os.environ["ROBUSTCL_CPU_CAPABILITY"] = "AVX2"
 
+import robustcl.methods  # noqa: E402, F401 - registers the methods the tests' configs need, as every entry point does
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     """Static file handler that does not log to stderr."""

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from robustcl.config import ConfigError, load_config
 from robustcl.data import DatasetInfo
 from robustcl.methods.ainfonce import Ainfonce, HardNegatives, a_infonce, adaptive_alpha
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.objectives import info_nce, multi_positive_nce
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
 
 CPU = torch.device("cpu")
 

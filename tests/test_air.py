@@ -9,11 +9,11 @@ import torch
 
 from robustcl.config import ConfigError, load_config
 from robustcl.data import DatasetInfo
-from robustcl.methods.base import weighted_sum
-from robustcl.methods.build import build_training
+from robustcl.methods.step import weighted_sum
+from robustcl.methods.factory import build_training
 from robustcl.objectives import info_nce
 from robustcl.objectives.air import AirConfig, air, invariant_regularization, sir
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
 
 CPU = torch.device("cpu")
 

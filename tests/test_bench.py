@@ -24,7 +24,7 @@ from robustcl.bench import (RESULT_KEYS, SCHEMA, BenchOptions, build_step, count
 from robustcl.cli import main
 from robustcl.cli.tools import add_bench_arguments
 from robustcl.config import load_config
-from robustcl.methods.base import PHASES, phase
+from robustcl.methods.step import PHASES, phase
 from robustcl.runs import RunDir
 from robustcl.train.pretrain import Pretrainer
 

@@ -1,4 +1,4 @@
-"""The phase-1 factory (`robustcl.methods.build`) and the trainer's use of the method hooks: parameter groups,
+"""The phase-1 factory (`robustcl.methods.factory`) and the trainer's use of the method hooks: parameter groups,
 lr schedule, per-epoch and per-step hooks, auxiliary networks, checkpoints and exact resume."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from torch import nn
 from robustcl.config import load_config
 from robustcl.data import dataset_info
 from robustcl.methods import METHODS, SetupEnv, StepContext, method_class
-from robustcl.methods.base import optimizer_params
-from robustcl.methods.build import build_training
+from robustcl.methods.step import optimizer_params
+from robustcl.methods.factory import build_training
 from robustcl.methods.simclr import Simclr, SimclrConfig
 from robustcl.runs import RunDir
 from robustcl.train.pretrain import Pretrainer, pretrain
@@ -191,10 +191,9 @@ class _Teacher(nn.Module):
         return self.net(z)
 
 
-def test_an_auxiliary_module_is_checkpointed_stays_in_eval_mode_and_out_of_the_optimisers(
-        registry, tmp_path, monkeypatch):
-    """An EMA teacher (a submodule, not trained by any optimiser, moved in on_step_end), a predictor group with
-    lr_scale in the encoder optimiser and a further optimiser of its own: all checkpointed, resumed exactly."""
+def _method_with_teacher() -> type[Simclr]:
+    """A SimCLR with an EMA teacher (a submodule, not trained by any optimiser, moved in on_step_end), a predictor
+    group with lr_scale in the encoder optimiser and a further optimiser of its own; registered when called."""
     class WithTeacher(Simclr):
         name = "teacher-test"
 
@@ -230,6 +229,14 @@ def test_an_auxiliary_module_is_checkpointed_stays_in_eval_mode_and_out_of_the_o
             with torch.no_grad():  # EMA of the predictor into the teacher's linear layer
                 self.teacher.net[0].weight.lerp_(self.predictor.weight, 0.5)
 
+    return WithTeacher
+
+
+def test_an_auxiliary_module_is_checkpointed_stays_in_eval_mode_and_out_of_the_optimisers(
+        registry, tmp_path, monkeypatch):
+    """The auxiliary module, the predictor group and the further optimiser of `_method_with_teacher`: all
+    checkpointed, resumed exactly."""
+    WithTeacher = _method_with_teacher()  # noqa: N806 - a class
     cfg = load_config("smoke", ["method.name=teacher-test", *SHORT, "train.checkpoint_every=3"])
     trainer = Pretrainer(cfg, RunDir(tmp_path / "probe"))
     trainer.run.prepare("x\n", False, False)
@@ -237,6 +244,7 @@ def test_an_auxiliary_module_is_checkpointed_stays_in_eval_mode_and_out_of_the_o
     assert method.set_up == []  # setup waits for the prepared run directory (pretrain() calls it after prepare)
     trainer.setup_method()
     assert [env.run_root for env in method.set_up] == [tmp_path / "probe"] and not method.set_up[0].quiet
+    assert method.set_up[0].pretrain is not None and method.set_up[0].read_run_encoder is not None  # lent
     stepped = {id(p) for opt in trainer.optimizers.values() for p in optimizer_params(opt)}
     assert set(trainer.optimizers) == {"encoder", "offset"}
     assert not stepped & {id(p) for p in method.teacher.parameters()}

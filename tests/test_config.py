@@ -93,12 +93,12 @@ def test_eval_attacks_must_include_pgd():
 def test_one_view_schema_serves_the_config_and_the_view_functions():
     """views.strong / views.weak are the very classes strong_view / weak_view take; code-only fields stay out of YAML."""
     from robustcl import views
-    from robustcl.config import StrongViewSection, WeakViewSection
+    from robustcl.config import StrongViewConfig, WeakViewConfig
 
     cfg = load_config("smoke", ["views.strong.blur_p=0.3", "views.weak.padding=2"])
-    assert type(cfg.views.strong) is views.StrongViewConfig is StrongViewSection
-    assert type(cfg.views.weak) is views.WeakViewConfig is WeakViewSection
-    assert cfg.views.strong.blur_p == 0.3 and cfg.views.weak.padding == 2 and cfg.views.strong.build() is cfg.views.strong
+    assert type(cfg.views.strong) is views.StrongViewConfig is StrongViewConfig
+    assert type(cfg.views.weak) is views.WeakViewConfig is WeakViewConfig
+    assert cfg.views.strong.blur_p == 0.3 and cfg.views.weak.padding == 2
     assert list(cfg.to_dict()["views"]["strong"]) == ["crop_scale", "flip_p", "jitter", "jitter_p", "gray_p", "blur_p",
                                                       "blur_sigma"]
     with pytest.raises(ConfigError, match="unknown config key views.strong.crop_ratio"):

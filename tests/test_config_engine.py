@@ -61,13 +61,15 @@ def test_plain_and_dump_yaml_keep_config_keys_only_and_first_difference_finds_th
     assert first_difference(plain(obj), plain(changed), ignore=("inner",)) is None
 
 
-def test_the_package_keeps_every_name_the_single_module_had():
+def test_the_package_exports_the_public_names_of_its_parts_and_no_private_one():
     import robustcl.config as config
 
-    former = ("AffConfig AttackConfig Config ConfigError DataConfig DiagnosticsConfig EvalAttack EvalConfig "
-              "FinetuneConfig LINF_RANGE ModelConfig OFF PHASE1_FREE PRESET_PACKAGE ReferenceConfig SCHEDULE_PACKAGE "
-              "StrongViewSection SyntheticConfig TrainConfig ViewsConfig WeakViewSection _check _convert _merge "
-              "_parse_float _plain _read_yaml _resolve_extends apply_override apply_overrides build dump_yaml "
-              "first_difference from_mapping list_presets list_schedules load_config reference_switches "
-              "schedule_overrides").split()
-    assert [name for name in former if not hasattr(config, name)] == []
+    public = ("AffConfig AttackConfig CHANGEABLE_ON_RESUME CODE_ONLY Config ConfigError DataConfig DiagnosticsConfig "
+              "EvalAttack EvalConfig FinetuneConfig LINF_RANGE ModelConfig PRESET_PACKAGE PostprocessConfig "
+              "REFERENCE_SWITCHES_OFF ReferenceConfig SCHEDULE_PACKAGE StrongViewConfig SyntheticConfig TrainConfig "
+              "ViewsConfig WeakViewConfig apply_override apply_overrides build check config_fields convert dump_yaml "
+              "first_difference from_mapping list_presets list_schedules load_config merge parse_float parse_yaml "
+              "plain preset_chain reference_switches schedule_overrides").split()
+    assert sorted(config.__all__) == sorted(public)
+    assert [name for name in public if not hasattr(config, name)] == []
+    assert not [name for name in config.__all__ if name.startswith("_")]

@@ -13,7 +13,7 @@ from PIL import Image
 from robustcl.config import ConfigError, load_config
 from robustcl.data import DataError, dataset_info, load_dataset, verify_files
 from robustcl.data import files, stl10
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
 
 N_TRAIN, N_TEST = 7, 5
 # The official lists, copied from STL-10's class_names.txt and CIFAR-10's batches.meta label_names.

@@ -12,13 +12,14 @@ import torch
 from robustcl.api import pretrain
 from robustcl.config import ConfigError, load_config
 from robustcl.distributed import Distributed
-from robustcl.export import load_encoder, read_encoder
+from robustcl.export import load_encoder, read_encoder, read_headline_encoder
 from robustcl.methods import SetupEnv, StepContext, deacl
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.methods.deacl import Deacl, deacl_terms, teacher_config
 from robustcl.methods.simclr import Simclr
 from robustcl.runs import RunDir, RunError
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
+from robustcl.train.pretrain import pretrain as pretrain_run
 
 SMALL = ["method.name=deacl", "method.attack.steps=2", "train.threads=1"]
 TEACHER = ["method.teacher=smoke", "method.teacher_overrides=[method.name=simclr, train.threads=1]"]
@@ -41,7 +42,8 @@ def build(*overrides: str) -> tuple[Deacl, StepContext, torch.Tensor]:
 
 
 def env(cfg, run_root: Path | None) -> SetupEnv:
-    return SetupEnv(cfg=cfg, run_root=run_root, device=torch.device("cpu"), distributed=Distributed(), quiet=True)
+    return SetupEnv(cfg=cfg, run_root=run_root, device=torch.device("cpu"), distributed=Distributed(), quiet=True,
+                    pretrain=pretrain_run, read_run_encoder=read_headline_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +153,19 @@ def test_a_teacher_run_directory_is_loaded_as_that_runs_encoder(simclr_run):
     before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     method.training_step(images, ctx)
     assert all(torch.equal(before[k], v) for k, v in method.teacher.state_dict().items())
+
+
+def test_deacl_reads_and_trains_runs_only_through_what_the_harness_lends(simclr_run, tmp_path):
+    """No method imports the harness or the exporter: a SetupEnv without the lent entry points is a clear error."""
+    method, _, _ = build(f"method.teacher={simclr_run}")
+    bare = SetupEnv(cfg=load_config("smoke", SMALL), run_root=None, device=torch.device("cpu"),
+                    distributed=Distributed(), quiet=True)
+    with pytest.raises(RuntimeError, match=r"SetupEnv\.read_run_encoder"):
+        method.setup(bare)
+    method, _, _ = build(*TEACHER)
+    with pytest.raises(RuntimeError, match=r"SetupEnv\.pretrain"):
+        method.setup(SetupEnv(cfg=load_config("smoke", [*SMALL, *TEACHER]), run_root=tmp_path / "run",
+                              device=torch.device("cpu"), distributed=Distributed(), quiet=True))
 
 
 def test_a_scratch_student_keeps_its_own_start(simclr_run):

@@ -23,15 +23,16 @@ from torch import nn
 
 from robustcl import load_encoder
 from robustcl.config import ConfigError, load_config
-from robustcl.distributed import Distributed, job_from_env, rank_seed
+from robustcl.distributed import Distributed, gather_with_grad, job_from_env, rank_seed
 from robustcl.methods import StepContext
-from robustcl.methods.components import fixed_embedding, ours_step
+from robustcl.methods.add_on_terms import step_with_add_on_terms
+from robustcl.methods.step_inputs import fixed_embedding
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.models.dual_bn import CrossRankBatchNorm2d, DualBatchNorm2d, cross_rank_batch_norm, frozen_bn_stats
 from robustcl.objectives import SAM, info_nce, multi_positive_nce
-from robustcl.objectives.infonce import current_gather, default_gather, gather_with_grad
+from robustcl.objectives.infonce import current_gather, default_gather
 from robustcl.runs import RunDir, RunError
-from robustcl.train.common import build_method
+from robustcl.methods.factory import build_method
 from robustcl.train.pretrain import Pretrainer, pretrain
 
 WORLD = 2
@@ -116,8 +117,9 @@ def _step_run(distributed: Distributed, steps: int = 2) -> dict[str, Any]:
         p, q = (v[rows] for v in _step_inputs(step))
         with default_gather(distributed.gather):
             q_adv = method.attack(p, q, ctx, fixed_embedding(method, p, "benign", ctx))
-            stats = ours_step(method, lambda: q_adv, q, lambda qa, only: method.loss_terms(p, q, qa, only),
-                              {"adversarial": 1.0}, ctx)
+            stats = step_with_add_on_terms(method, lambda: q_adv, q,
+                                           lambda qa, only: method.loss_terms(p, q, qa, only),
+                                           {"adversarial": 1.0}, ctx)
         values = torch.stack([stats[k].float() for k in sorted(stats)])
         distributed.all_reduce_mean_([values])
         out["q_adv"].append(q_adv)
@@ -127,12 +129,8 @@ def _step_run(distributed: Distributed, steps: int = 2) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the spawned ranks
-def _worker(rank: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}/init", rank=rank, world_size=WORLD)
-    job = Distributed.current()
-    result: dict[str, Any] = {"rank": job.rank, "world": job.world}
-
+def _worker_collectives(job: Distributed, rank: int, result: dict[str, Any]) -> None:
+    """InfoNCE with gathered keys, cross-rank BN, broadcast and on_main, on this rank, into `result`."""
     # InfoNCE / multi-positive NCE with keys gathered from both ranks (the default_gather hook)
     x, y, z, w = _nce_inputs()
     w = w.clone().requires_grad_(True)
@@ -172,10 +170,9 @@ def _worker(rank: int, out: str) -> None:
     except RunError as exc:
         result["on_main_error"] = str(exc)
 
-    # two gbrcl steps on fixed views
-    result["step"] = _step_run(job)
 
-    # the smoke pretrain straight to step 4, then again interrupted after step 3 (checkpoint at step 2)
+def _worker_pretrain(out: str, result: dict[str, Any]) -> None:
+    """The smoke pretrain straight to step 4, then again interrupted after step 3 (checkpoint at step 2)."""
     pretrain(load_config("smoke", RUN_OVERRIDES), RunDir(Path(out) / "straight"), progress=False)
     original = Gbrcl.training_step
     seen: list[dict[str, torch.Tensor]] = []
@@ -196,6 +193,16 @@ def _worker(rank: int, out: str) -> None:
     finally:
         Gbrcl.training_step = original  # type: ignore[method-assign]
     result["after_3_steps"] = seen[-1]
+
+
+def _worker(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/init", rank=rank, world_size=WORLD)
+    job = Distributed.current()
+    result: dict[str, Any] = {"rank": job.rank, "world": job.world}
+    _worker_collectives(job, rank, result)
+    result["step"] = _step_run(job)  # two gbrcl steps on fixed views
+    _worker_pretrain(out, result)
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

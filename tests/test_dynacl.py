@@ -1,4 +1,4 @@
-"""DynACL and DynACL++ (robustcl/methods/dynacl.py): the two schedules against the authors' formulas, the strong
+"""DynACL and DynACL++ (robustcl/methods/dynacl.py, robustcl/train/lp_aff.py): the two schedules against the authors' formulas, the strong
 view they anneal, the loss against a row-by-row computation, k-means, and LP-AFF run by finetune."""
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 from robustcl.config import ConfigError, load_config
 from robustcl.methods import METHODS, StepContext
-from robustcl.methods.base import weighted_sum
-from robustcl.methods.dynacl import (Dynacl, augmentation_strength, dynamic_weights, kmeans, lp_aff,
-                                     strong_view_at)
+from robustcl.methods.step import weighted_sum
+from robustcl.methods.dynacl import Dynacl, augmentation_strength, dynamic_weights, strong_view_at
 from robustcl.data import DatasetInfo
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.objectives import f_divergence_bound
-from robustcl.train.common import build_method, load_split
+from robustcl.methods.factory import build_method
+from robustcl.splits import load_split
+from robustcl.train.lp_aff import kmeans, lp_aff
 from robustcl.views import StrongViewConfig
 
 AUTHORS_VIEW = StrongViewConfig(crop_scale=(0.1, 1.0), blur_p=0.0)  # train_DynACL.py's view at strength 1
@@ -155,7 +156,7 @@ def test_anneal_off_is_acl_half_and_half_with_the_full_view_at_any_epoch():
     expected = 0.5 * (nt_xent_loop(E(p, "benign"), E(q, "benign")) + nt_xent_loop(E(pa, "adversarial"),
                                                                                   E(qa, "adversarial")))
     assert weighted_loss(method, ctx).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert ctx.strong == load_config("smoke").views.strong.build()
+    assert ctx.strong == load_config("smoke").views.strong
 
 
 def test_ours_adds_the_benign_term_and_the_critic_bound_over_both_views():
@@ -272,7 +273,7 @@ def test_lp_aff_returns_a_new_encoder_from_deterministic_pseudo_labels(monkeypat
         seen.append(labels)
         return labels, centres
 
-    monkeypatch.setattr("robustcl.methods.dynacl.kmeans", spy)
+    monkeypatch.setattr("robustcl.train.lp_aff.kmeans", spy)
     logged: list[dict] = []
     runs = [lp_aff(encoder, data.images[:128], "adversarial", cfg, torch.device("cpu"), contextlib.nullcontext,
                    logged.append) for _ in range(2)]

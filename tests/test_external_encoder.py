@@ -16,6 +16,7 @@ from robustcl.config import load_config
 from robustcl.data import dataset_info
 from robustcl.encoders import EncoderError, evaluate_encoder, load_external
 from robustcl.export import export_encoder
+from robustcl.methods.factory import encoder_export_fields
 from robustcl.models import ResNet50, build_encoder
 from robustcl.models.torchvision_layout import from_torchvision, to_torchvision
 from robustcl.runs import RunDir
@@ -156,7 +157,8 @@ def test_one_bn_branch_exports_as_a_torchvision_state_dict_and_loads_back(tmp_pa
         for name, buffer in encoder.named_buffers():
             if "adversarial.running_mean" in name:
                 buffer.add_(0.3)
-    export_encoder(encoder, tmp_path / "encoder.safetensors", CIFAR, load_config("cifar10-gbrcl"))
+    cfg = load_config("cifar10-gbrcl")
+    export_encoder(encoder, tmp_path / "encoder.safetensors", CIFAR, cfg, **encoder_export_fields(cfg, CIFAR))
     out = tmp_path / "adv.pth"
     assert main(["export", "--run", str(tmp_path / "encoder.safetensors"), "--branch", "adversarial",
                  "--out", str(out)]) == 0
@@ -179,7 +181,8 @@ def test_one_bn_branch_exports_as_a_torchvision_state_dict_and_loads_back(tmp_pa
 
 def test_export_of_a_convnet_encoder_is_a_one_line_error(tmp_path, capsys):
     encoder = build_encoder("convnet", 1, (0.5,), (0.5,), widths=(8, 16, 16, 32))
-    export_encoder(encoder, tmp_path / "encoder.safetensors", dataset_info("fashion-mnist"), load_config("smoke"))
+    cfg, info = load_config("smoke"), dataset_info("fashion-mnist")
+    export_encoder(encoder, tmp_path / "encoder.safetensors", info, cfg, **encoder_export_fields(cfg, info))
     assert main(["export", "--run", str(tmp_path)]) == 2
     assert "only ResNet-18/50 encoders have a torchvision layout" in capsys.readouterr().err
 

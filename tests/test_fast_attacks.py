@@ -7,8 +7,8 @@ import torch
 from robustcl.config import AttackConfig, ConfigError, load_config
 from robustcl.data import DatasetInfo
 from robustcl.methods import METHODS
-from robustcl.methods.components import eval_pgd
-from robustcl.methods.build import build_training
+from robustcl.methods.step_inputs import eval_pgd
+from robustcl.methods.factory import build_training
 
 
 def _method_and_ctx(overrides: list[str]):

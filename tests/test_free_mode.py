@@ -12,9 +12,10 @@ from torch import nn
 
 from robustcl.cli import main
 from robustcl.config import AttackConfig, ConfigError, load_config
-from robustcl.methods import components, gbrcl
-from robustcl.methods.base import FreeReplay, StepContext
-from robustcl.methods.components import eval_pgd
+from robustcl.methods import gbrcl, step_inputs
+from robustcl.methods.free_replay import FreeReplay
+from robustcl.methods.step import StepContext
+from robustcl.methods.step_inputs import eval_pgd
 from robustcl.methods.gbrcl import Gbrcl
 from robustcl.objectives import SAM
 from robustcl.runs import RunDir
@@ -138,7 +139,7 @@ def recorded_run(tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("free") / "straight"
     rec: dict[str, Any] = {"images": [], "views": [], "attacked": [], "forwards": [], "out": out}
     step_views: list[torch.Tensor] = []
-    real_step, real_view, real_eval = Gbrcl.training_step, components.draw_view, components.eval_pgd
+    real_step, real_view, real_eval = Gbrcl.training_step, step_inputs.draw_view, step_inputs.eval_pgd
 
     def step(self: Gbrcl, images: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         rec["images"].append(images.clone())
@@ -170,8 +171,8 @@ def recorded_run(tmp_path_factory) -> dict[str, Any]:
         mp.setattr(Gbrcl, "training_step", step)
         mp.setattr(gbrcl, "draw_view", view)
         mp.setattr(gbrcl, "eval_pgd", attacked)
-        mp.setattr(components, "pgd", no_attack)
-        mp.setattr(components, "fgsm_rs", no_attack)
+        mp.setattr(step_inputs, "pgd", no_attack)
+        mp.setattr(step_inputs, "fgsm_rs", no_attack)
         assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", *RUN]) == 0
     return rec
 
@@ -246,7 +247,7 @@ def test_a_killed_free_run_resumes_exactly(recorded_run, tmp_path, monkeypatch):
 
 def test_acl_trains_in_free_mode_with_one_delta_for_the_stacked_pair(tmp_path, monkeypatch):
     out = tmp_path / "acl"
-    monkeypatch.setattr(components, "pgd", lambda *a, **k: pytest.fail("free mode ran PGD"))
+    monkeypatch.setattr(step_inputs, "pgd", lambda *a, **k: pytest.fail("free mode ran PGD"))
     assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", "method.name=acl",
                  f"method.attack.eps={EPS}", *FREE, "train.max_steps=4"]) == 0
     assert (out / "encoder.safetensors").is_file()

@@ -16,7 +16,7 @@ from robustcl import hardware
 from robustcl.config import ConfigError, load_config
 from robustcl.hardware import CpuCapability
 from robustcl.runs import RunDir
-from robustcl.train.common import resolve_runtime
+from robustcl.runtime import resolve_runtime
 from robustcl.train.pretrain import pretrain
 
 CPU = torch.device("cpu")
@@ -96,8 +96,8 @@ def test_resolved_precision_is_stored_and_kept_on_resume(fake_cpu, tmp_path, mon
     fake_cpu(AVX512_BF16)  # the run starts where bf16 is native
     # what is tested is the resolved value and its keeping; bf16 arithmetic itself, emulated on an AVX2 CI
     # machine, would only make this test slow, so the step computes in fp32 here
-    import robustcl.train.common as common  # where the trainer's factory (robustcl.methods.build) takes it from
-    monkeypatch.setattr(common, "autocast_factory", lambda device, precision: contextlib.nullcontext)
+    import robustcl.methods.factory as factory  # where the trainer's factory takes it from
+    monkeypatch.setattr(factory, "autocast_factory", lambda device, precision: contextlib.nullcontext)
     killed_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, run, progress=False)

@@ -1,7 +1,11 @@
 """The method API (docs/methods.md): registration by subclassing, the hooks' defaults, one branch resolution."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +13,9 @@ import torch
 from robustcl.config import AttackConfig, ConfigError, load_config
 from robustcl.export import resolve_branch
 from robustcl.methods import METHODS, Method, MethodConfig, StepContext, method_class
-from robustcl.methods.base import SamConfig
+from robustcl.methods.sections import SamConfig
 from robustcl.models import reported_branch
-from robustcl.train.common import build_method
+from robustcl.methods.factory import build_method
 from robustcl.train.diagnostics import Diagnostics
 
 
@@ -54,6 +58,26 @@ def test_a_base_class_without_a_name_is_not_registered_and_a_taken_name_is_refus
 def test_an_unknown_method_name_lists_the_registered_ones():
     with pytest.raises(ConfigError, match="known methods: " + ", ".join(sorted(METHODS))):
         method_class("no-such-method")
+
+
+def test_the_config_imports_no_method_and_an_empty_registry_says_what_to_import():
+    """The registry sits below the config (robustcl.config.registry): building a config without having imported
+    robustcl.methods is a clear error, not a silent upward import."""
+    code = ("import sys\n"
+            "from robustcl.config import load_config\n"
+            "assert not [m for m in sys.modules if m.startswith('robustcl.methods')], 'the config imported methods'\n"
+            "try:\n"
+            "    load_config('smoke')\n"
+            "except RuntimeError as exc:\n"
+            "    print(exc)\n"
+            "import robustcl.methods\n"
+            "print(type(load_config('smoke').method).__name__)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.strip().splitlines()
+    assert "import robustcl.methods" in first and second == "GbrclConfig"
 
 
 # ------------------------------------------------------------------------------------ hooks

@@ -11,10 +11,10 @@ from robustcl.config import list_presets, load_config, preset_chain
 from robustcl.methods import METHODS, Method, StepContext, method_class
 from robustcl.methods.advcl import high_frequency
 from robustcl.data import DatasetInfo
-from robustcl.methods.base import weighted_sum
-from robustcl.methods.build import build_training
+from robustcl.methods.step import weighted_sum
+from robustcl.methods.factory import build_training
 from robustcl.objectives import DIVERGENCES, f_divergence_bound, info_nce, multi_positive_nce
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
 
 CPU = torch.device("cpu")
 

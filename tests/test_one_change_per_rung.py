@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from robustcl.config import load_config
-from robustcl.train.common import build_method
+from robustcl.methods.factory import build_method
 
 
 def _method(*overrides: str):

@@ -13,11 +13,11 @@ import torch
 
 from robustcl.config import ConfigError, list_presets, load_config, reference_switches
 from robustcl.methods.advcl import high_frequency
-from robustcl.methods.base import StepContext
+from robustcl.methods.step import StepContext
 from robustcl.models.resnet import BasicBlock, Bottleneck
 from robustcl.objectives import SAM, pgd
 from robustcl.runs import RunDir
-from robustcl.train.common import IMAGENET_MEAN, IMAGENET_STD, build_method
+from robustcl.methods.factory import IMAGENET_MEAN, IMAGENET_STD, build_method, encoder_export_fields
 from robustcl.train.pretrain import Pretrainer
 from robustcl.train.schedule import reference_learning_rate
 
@@ -128,7 +128,8 @@ def test_projection_only_resnet18_has_five_blocks_without_a_residual_path_and_su
     blocks = [b for stage in (getattr(method.encoder.backbone, f"layer{i}") for i in range(1, 5)) for b in stage]
     assert sum(not b.downsample for b in blocks) == 5 and not any(b.identity_shortcut for b in blocks)
     encoder = method.encoder.eval()
-    export_encoder(encoder, tmp_path / "e.safetensors", dataset_info("cifar10"), cfg)
+    info = dataset_info("cifar10")
+    export_encoder(encoder, tmp_path / "e.safetensors", info, cfg, **encoder_export_fields(cfg, info))
     again, meta = read_encoder(tmp_path / "e.safetensors")
     assert meta["identity_shortcut"] is False and tuple(meta["mean"]) == IMAGENET_MEAN
     x = torch.rand(2, 3, 32, 32)

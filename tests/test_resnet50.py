@@ -16,7 +16,7 @@ from robustcl.models import (
     Bottleneck, DualBatchNorm2d, ResNet18, ResNet50, build_encoder, resolve_stem,
 )
 from robustcl.presets import __file__ as presets_init
-from robustcl.train.common import backbone_kwargs, build_method
+from robustcl.methods.factory import backbone_kwargs, build_method, encoder_export_fields
 
 MEAN, STD = (0.48, 0.45, 0.40), (0.23, 0.22, 0.22)
 
@@ -188,7 +188,7 @@ def test_resnet50_export_round_trip_records_the_resolved_stem(tmp_path) -> None:
     cfg = load_config("imagefolder-gbrcl-r50", ["data.root=/some/dir"])
     info = DatasetInfo("imagefolder", 2, 3, 96, 96, MEAN, STD)
     encoder = _perturbed(build_encoder("resnet50", 3, MEAN, STD, stem=backbone_kwargs(cfg)["stem"]), 64)
-    export_encoder(encoder, tmp_path / "enc.safetensors", info, cfg)
+    export_encoder(encoder, tmp_path / "enc.safetensors", info, cfg, **encoder_export_fields(cfg, info))
     loaded, meta = read_encoder(tmp_path / "enc.safetensors")
     assert (meta["arch"], meta["stem"], loaded.backbone.stem, loaded.feature_dim) == ("resnet50", "imagenet", "imagenet", 2048)
     x = torch.rand(2, 3, 64, 64)

@@ -7,7 +7,7 @@ from torch import nn
 
 from robustcl.config import AttackConfig
 from robustcl.evaluation import accuracy, pgd_accuracy, robustness_curve
-from robustcl.train.common import train_val_indices
+from robustcl.splits import train_val_indices
 from robustcl.train.pretrain import learning_rate
 
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from robustcl.config import ConfigError, ReferenceConfig, load_config
 from robustcl.data import DatasetInfo
-from robustcl.methods.base import (StepContext, sam_term_names, set_grads, sharp_gradients, take_grads,
+from robustcl.methods.step import (StepContext, sam_term_names, set_grads, sharp_gradients, take_grads,
                                    unreached_parameters, weighted_backward)
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training
 from robustcl.objectives import SAM
 
 

@@ -34,14 +34,9 @@ def _critic_bce(logits_benign: torch.Tensor, logits_adv: torch.Tensor) -> torch.
                   + F.binary_cross_entropy_with_logits(logits_adv, torch.zeros_like(logits_adv)))
 
 
-def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, cfg, lr: float) -> dict[str, float]:
-    """The step of docs/algorithm.md section 2 written out directly: attack, critic step, encoder step with
-    ASAM on the benign term."""
-    m, a, c = method, cfg.method.attack, cfg.method.critic
-    tau, lam_b, lam_d, rho = cfg.method.temperature, cfg.method.benign_weight, c.weight, cfg.method.sam.rho
-    p = strong_view(images, generator, cfg.views.strong.build())
-    q = weak_view(images, generator, cfg.views.weak.build())
-    # 1. attack: PGD on q in eval mode; the target z_b(p) recomputed at every iteration
+def _plain_attack(m, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator, cfg) -> torch.Tensor:
+    """1. attack: PGD on q in eval mode; the target z_b(p) recomputed at every iteration."""
+    a, tau, lam_d = cfg.method.attack, cfg.method.temperature, cfg.method.critic.weight
     m.eval()
     x = (q + (2 * torch.rand(q.shape, generator=generator) - 1) * a.eps).clamp(0, 1)
     for _ in range(a.steps):
@@ -51,8 +46,11 @@ def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, c
         objective = info_nce(target, z, tau) + lam_d * (LOG2 + torch.log(1 - torch.sigmoid(m.critic(z))).mean())
         (grad,) = torch.autograd.grad(objective, x)
         x = torch.min(torch.max(x.detach() + a.alpha * grad.sign(), q - a.eps), q + a.eps).clamp(0, 1)
-    q_adv = x.detach()
-    # 2. critic: one SGD step on L_D over eval-mode features
+    return x.detach()
+
+
+def _plain_critic_step(m, q: torch.Tensor, q_adv: torch.Tensor, c) -> torch.Tensor:
+    """2. critic: one SGD step on L_D over eval-mode features; its loss."""
     with torch.no_grad():
         z_b, z_a = m.embed(q, "benign"), m.embed(q_adv, "adversarial")
     critic_opt = torch.optim.SGD(m.critic.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
@@ -60,6 +58,18 @@ def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, c
     critic_opt.zero_grad()
     critic_loss.backward()
     critic_opt.step()
+    return critic_loss
+
+
+def plain_gbrcl_step(method, images: torch.Tensor, generator: torch.Generator, cfg, lr: float) -> dict[str, float]:
+    """The step of docs/algorithm.md section 2 written out directly: attack, critic step, encoder step with
+    ASAM on the benign term."""
+    m, c = method, cfg.method.critic
+    tau, lam_b, lam_d, rho = cfg.method.temperature, cfg.method.benign_weight, c.weight, cfg.method.sam.rho
+    p = strong_view(images, generator, cfg.views.strong)
+    q = weak_view(images, generator, cfg.views.weak)
+    q_adv = _plain_attack(m, p, q, generator, cfg)
+    critic_loss = _plain_critic_step(m, q, q_adv, c)
     # 3 + 4. encoder: lambda_b NCE_b + NCE_adv - lambda_D L_D (D frozen), ASAM on the benign term
     m.train()
     params = [*m.encoder.parameters(), *m.projector.parameters()]
@@ -135,8 +145,8 @@ def plain_adv_only_step(method, images: torch.Tensor, generator: torch.Generator
     The benign branch sees p and q together, one forward, exactly as in the +benign rung.
     """
     m, a, tau = method, cfg.method.attack, cfg.method.temperature
-    p = strong_view(images, generator, cfg.views.strong.build())
-    q = weak_view(images, generator, cfg.views.weak.build())
+    p = strong_view(images, generator, cfg.views.strong)
+    q = weak_view(images, generator, cfg.views.weak)
     m.eval()
     x = (q + (2 * torch.rand(q.shape, generator=generator) - 1) * a.eps).clamp(0, 1)
     for _ in range(a.steps):

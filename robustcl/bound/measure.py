@@ -111,7 +111,10 @@ class LoadedRun:
 
 def load_run(root: Path | str, images: int) -> LoadedRun:
     """Rebuild the run's method from config.yaml and checkpoints/last.pt; the first `images` validation images."""
-    from robustcl.train.common import build_method, load_split, resolve_device, train_val_indices
+    import robustcl.methods  # noqa: F401 - registers the methods configs are built with
+    from robustcl.methods.factory import build_method
+    from robustcl.runtime import resolve_device
+    from robustcl.splits import load_split, train_val_indices
 
     run = RunDir(root)
     if not run.root.is_dir():
@@ -301,7 +304,7 @@ def robust_loss(run: RunDir, cfg: Config, protocol: str, device: torch.device) -
     from robustcl.evaluation.robust import ce_objective
     from robustcl.evaluation.run_eval import protocol_model, test_subset
     from robustcl.export import read_encoder
-    from robustcl.train.common import autocast_factory
+    from robustcl.methods.factory import autocast_factory
 
     encoder, _ = read_encoder(run.encoder)
     encoder.to(device).eval().requires_grad_(False)

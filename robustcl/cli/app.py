@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shows its traceback and where to report it (exit 1)."""
     args = parse_args(build_parser(), argv)
     try:
+        import robustcl.methods  # noqa: F401 - registers the methods configs are built with (after --help: no torch)
+
         return args.fn(args)
     except user_errors() as exc:
         if phases.on_rank_zero():  # under torchrun every rank raises the same error: say it once

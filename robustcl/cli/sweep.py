@@ -22,7 +22,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     try:
         outcome = api.sweep(args.spec, args.out, args.overrides, seeds=args.seeds, overwrite=args.overwrite,
-                            progress=not args.quiet, rows=args.rows, **launch)
+                            progress=not args.quiet, rows=args.rows, echo=print, **launch)
     except KeyboardInterrupt:
         print("robustcl: sweep interrupted; run the same command again to resume it", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ dataset's shape) and measures, in this order:
   module hooks fail under `autograd.grad` w.r.t. inputs (the attack), still so in torch 2.13.
 * images/s: median (and min/max) of `--steps` timed steps after `--warmup` steps (CUDA-synchronised).
 * the phase split, in a separate pass so profiling does not slow the timed steps: the time inside
-  each `robustcl::<phase>` range (methods/base.py `phase`), nested ranges subtracted from their
+  each `robustcl::<phase>` range (methods/step.py `phase`), nested ranges subtracted from their
   parent (sam_second_pass runs inside encoder_step), and "other" = step wall time - phases. On CPU
   the ranges come from torch.profiler; on CUDA ("synced") each range is timed with the device
   synchronised at its start and end, so it holds the GPU work launched inside it.

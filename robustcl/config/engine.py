@@ -30,9 +30,6 @@ def check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config value {key}={value!r} {why}")
 
 
-_check = check  # the name the schema's validators have always used
-
-
 def config_fields(cls: Any) -> list[dataclasses.Field]:
     """The fields of dataclass `cls` (or instance) that are config keys (not marked CODE_ONLY)."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
@@ -49,9 +46,6 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-_plain = plain
-
-
 def parse_float(value: Any, key: str) -> float:
     """Accept numbers and fraction strings such as '8/255'."""
     if isinstance(value, bool):
@@ -64,9 +58,6 @@ def parse_float(value: Any, key: str) -> float:
         except (ValueError, ZeroDivisionError):
             pass
     raise ConfigError(f"config key {key} must be a number (or a fraction like 8/255), got {value!r}")
-
-
-_parse_float = parse_float
 
 
 def _convert_union(args: tuple[Any, ...], value: Any, key: str) -> Any:
@@ -146,9 +137,6 @@ def convert(tp: Any, value: Any, key: str) -> Any:
     return _convert_scalar(tp, value, key)
 
 
-_convert = convert
-
-
 def _validator(obj: Any) -> Callable[[], None] | None:
     """obj.validate when it takes no arguments; one that needs its key (AttackConfig's) is its parent's to call."""
     validate = getattr(obj, "validate", None)
@@ -208,9 +196,6 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-_merge = merge
 
 
 # -------------------------------------------------------------------------------------- overrides

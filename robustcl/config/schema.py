@@ -2,7 +2,7 @@
 
 The conversion from YAML (types, unknown keys, overrides) is `robustcl.config.engine`; the shipped
 presets and `extends` are `robustcl.config.presets`. The method section's dataclass belongs to the
-method (`robustcl.methods`), chosen by method.name.
+method (`robustcl.methods`), chosen by method.name from the registry (`robustcl.config.registry`).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from robustcl.config.engine import CODE_ONLY, ConfigError, build, plain
 from robustcl.config.engine import check as _check
+from robustcl.config.registry import method_config_class
 
 
 @dataclass
@@ -134,10 +135,6 @@ class StrongViewConfig:
             raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
         check_kernel(self.blur_kernel)
 
-    def build(self) -> StrongViewConfig:
-        """This object (the views take the config section itself; kept for code that called build())."""
-        return self
-
 
 @dataclass(frozen=True)
 class WeakViewConfig:
@@ -155,14 +152,6 @@ class WeakViewConfig:
         """One-line ConfigError (a ValueError) naming the views.weak key at fault."""
         _check(self.padding >= 0, "views.weak.padding", self.padding, "must be >= 0")
         _check(0 <= self.flip_p <= 1, "views.weak.flip_p", self.flip_p, "must be a probability in [0, 1]")
-
-    def build(self) -> WeakViewConfig:
-        """This object (kept for code that called build())."""
-        return self
-
-
-StrongViewSection = StrongViewConfig  # the config sections' former names
-WeakViewSection = WeakViewConfig
 
 
 @dataclass
@@ -304,7 +293,7 @@ class AffConfig:
 
 @dataclass
 class PostprocessConfig:
-    """Encoder post-processing before the protocols: lp-aff is DynACL++'s (robustcl/methods/dynacl.py `lp_aff`).
+    """Encoder post-processing before the protocols: lp-aff is DynACL++'s (robustcl/train/lp_aff.py `lp_aff`).
 
     k-means pseudo-labels of the benign-branch features, `lp_epochs` of linear probing, then `aff.epochs` of
     adversarial full fine-tuning on them (lr x 0.1 at each of `milestones`); every protocol starts from the result.
@@ -494,12 +483,12 @@ class ReferenceConfig:
                    f"applies to method.name=advcl only (this config trains {cfg.method.name}); drop it")
 
 
-OFF = ReferenceConfig()
+REFERENCE_SWITCHES_OFF = ReferenceConfig()  # the reference mode switched off: robustcl's own behaviour throughout
 
 
 def reference_switches(cfg: "Config") -> ReferenceConfig:
     """cfg's reference switches (all off when the config has no `reference` section)."""
-    return cfg.reference if cfg.reference is not None else OFF
+    return cfg.reference if cfg.reference is not None else REFERENCE_SWITCHES_OFF
 
 
 @dataclass
@@ -524,9 +513,8 @@ class Config:
 
 
 def from_mapping(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a raw mapping (the method section by its registered schema)."""
-    from robustcl.methods import method_config_class  # methods own their config schema
-
+    """Build and validate a Config from a raw mapping (the method section by its registered schema: the
+    methods must be registered first, `import robustcl.methods`)."""
     data = dict(data)
     method = data.pop("method", None) or {}
     if not isinstance(method, dict) or "name" not in method:
@@ -540,7 +528,8 @@ def from_mapping(data: dict[str, Any]) -> Config:
     return cfg
 
 
-# Settings that do not change what phase 1 computes: a resumed run may change these.
-PHASE1_FREE = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
+# Settings that do not change what phase 1 computes: the config keys (and sections) a resumed or continued
+# phase-1 run may change.
+CHANGEABLE_ON_RESUME = ("name", "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
                "train.loggers", "train.wandb_project", "diagnostics", "finetune", "eval", "reference.evaluation",
                "reference.test_attack")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+import robustcl.methods  # noqa: F401 - registers the methods configs are built with (pyflakes: used for its effect)
 from robustcl.config import Config, ConfigError, dump_yaml, load_config
 from robustcl.data import DataError, DatasetInfo, dataset_info
 from robustcl.encoders.load import load_external
@@ -19,7 +20,7 @@ from robustcl.models import Encoder
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 from robustcl.runs.loggers import check_loggers
 from robustcl.runs.report import write_report
-from robustcl.train.common import load_split
+from robustcl.splits import load_split
 from robustcl.train.finetune import finetune
 
 # The preset whose finetune and eval sections are a dataset's standard protocol (--config overrides it).

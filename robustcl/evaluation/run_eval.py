@@ -28,8 +28,9 @@ from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.hardware import cpu_model, device_description
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
-from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
-                                   train_val_indices)
+from robustcl.methods.factory import autocast_factory
+from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import check_loggers, open_logger
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "

@@ -1,16 +1,19 @@
 """Phase-1 methods, one file each, selected by `method.name` in a config.
 
 Every module of this package is imported here (`pkgutil.iter_modules`), and every `Method` subclass
-that sets `name` registers itself in `METHODS` (`Method.__init_subclass__`): a new method is one new
-file in this folder and nothing else to edit.
+that sets `name` registers itself in `METHODS` (`Method.__init_subclass__`, `robustcl.config.registry`):
+a new method is one new file in this folder and nothing else to edit. Importing this package is what
+makes the methods known to the config: every entry point that builds a config imports it first.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from robustcl.config import ConfigError
-from robustcl.methods.base import METHODS, Method, MethodConfig, SamConfig, SetupEnv, StepContext
+from robustcl.config.registry import METHODS, method_config_class
+from robustcl.methods.method import Method, MethodConfig, SetupEnv, method_class
+from robustcl.methods.sections import SamConfig
+from robustcl.methods.step import StepContext
 
 
 def _import_all() -> None:
@@ -21,18 +24,6 @@ def _import_all() -> None:
 
 
 _import_all()
-
-
-def method_class(name: str) -> type[Method]:
-    """The Method subclass registered under `name` (one-line error listing the known ones)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method.name {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def method_config_class(name: str) -> type[MethodConfig]:
-    """The config dataclass of method `name`."""
-    return method_class(name).config_class
 
 
 __all__ = ["METHODS", "Method", "MethodConfig", "SamConfig", "SetupEnv", "StepContext", "method_class",

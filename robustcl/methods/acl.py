@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from robustcl.config import AttackConfig
-from robustcl.methods.base import Method, MethodConfig, StepContext, Terms
-from robustcl.methods.components import draw_view, eval_pgd
+from robustcl.methods.method import Method, MethodConfig
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd
 from robustcl.objectives import info_nce
 from robustcl.objectives.air import AirConfig, invariant_regularization
 from robustcl.views import to_unit

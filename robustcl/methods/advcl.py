@@ -7,7 +7,7 @@ the 4-view loss against the fixed clean embeddings. Loss ("contrastive"): the mu
 over {z_a(x'), z_b(p), z_b(q), z_b(HF(x))}, positives = the other three views of the same image.
 Branches: x' through the adversarial BN branch; p, q, HF(x) (and x for the critic) through the benign one.
 
-The paper's "ours" components are optional config (components.OursConfig, all off by default), so
+The paper's add-on terms ("ours") are optional config (add_on_terms.AddOnTermsConfig, all off by default), so
 "AdvCL + ours" is a preset: "benign" = benign_weight * NCE(z_b(p), z_b(q)) with SAM/ASAM on the terms
 in sam.terms, and a critic D between z_b(x) and z_a(x') exactly as in gbrcl (in the attack,
 3- or 4-step order, `divergence` picks the f-divergence).
@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from robustcl.config import OFF, AttackConfig, ConfigError, ReferenceConfig
-from robustcl.methods.base import Method, StepContext, Terms
-from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
-                                         fixed_embedding, ours_step)
+from robustcl.config import REFERENCE_SWITCHES_OFF, AttackConfig, ConfigError, ReferenceConfig
+from robustcl.methods.add_on_terms import (AddOnTermsConfig, critic_attack_term, divergence_term,
+                                           step_with_add_on_terms)
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd, fixed_embedding
 from robustcl.objectives import info_nce, multi_positive_nce
 
 SUPCON_BASE_TEMPERATURE = 0.07  # SupConLoss's default base temperature: its loss is scaled by tau / 0.07
@@ -61,7 +63,7 @@ def high_frequency(x: torch.Tensor, radius: float, rescale: bool = True) -> torc
 
 
 @dataclass
-class AdvclConfig(OursConfig):
+class AdvclConfig(AddOnTermsConfig):
     name: str = "advcl"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
     hf_radius: float = 8.0   # HF(x) keeps the frequencies at or above this radius (integer DFT frequency units)
@@ -97,7 +99,7 @@ class Advcl(Method):
         return eval_pgd(self, objective, x, self.cfg.attack, ctx)
 
     def loss_terms(self, x: torch.Tensor, clean: torch.Tensor, x_adv: torch.Tensor,
-                   only: tuple[str, ...] | None = None, reference: ReferenceConfig = OFF) -> Terms:
+                   only: tuple[str, ...] | None = None, reference: ReferenceConfig = REFERENCE_SWITCHES_OFF) -> Terms:
         """"contrastive" (4-view), "benign" = NCE(z_b(p), z_b(q)) if weighted, "divergence" if a critic.
 
         One benign-branch forward of [p; q; HF(x)] serves both terms in every pass (BN batch statistics
@@ -135,6 +137,6 @@ class Advcl(Method):
         hf = high_frequency(x, self.cfg.hf_radius, rescale=not ctx.reference.advcl_raw_high_frequency)
         clean = ctx.prepare(torch.cat([p, q, hf]))
         targets = fixed_embedding(self, clean, "benign", ctx)
-        return ours_step(self, lambda: self.attack(x, clean, ctx, targets), x,
-                         lambda x_adv, only: self.loss_terms(x, clean, x_adv, only, ctx.reference),
-                         {"contrastive": 1.0}, ctx)
+        return step_with_add_on_terms(self, lambda: self.attack(x, clean, ctx, targets), x,
+                                      lambda x_adv, only: self.loss_terms(x, clean, x_adv, only, ctx.reference),
+                                      {"contrastive": 1.0}, ctx)

@@ -25,7 +25,7 @@ The attack maximises the same loss without stop-gradient, with alpha = 0 and (as
 --attack_ori) without hard negatives. Defaults: the authors' CIFAR-10 "IP+HN" script (advcl-IPHN-cifar10.sh:
 --stop_grad --stpg_degree 0.2 --adv_weight 0.7 --stop_grad_adaptive 30 --HN, beta 1, tau+ 0.1, d_min 0.4).
 
-AdvCL's "ours" options (components.OursConfig: benign term, SAM, critic) compose onto it as onto advcl.
+AdvCL's "ours" options (add_on_terms.AddOnTermsConfig: benign term, SAM, critic) compose onto it as onto advcl.
 
 Where robustcl differs from the authors' code (Asym-AdvCL/pretraining_advCL.py, losses.py):
 - No ImageNet pseudo-label cross-entropy term and no 'pgd_ce' BN branch (as robustcl's advcl); the RobustSSL
@@ -53,10 +53,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from robustcl.config import ConfigError
+from robustcl.methods.add_on_terms import critic_attack_term, divergence_term, step_with_add_on_terms
 from robustcl.methods.advcl import AdvclConfig, high_frequency
-from robustcl.methods.base import Method, StepContext, Terms
-from robustcl.methods.components import (critic_attack_term, divergence_term, draw_view, eval_pgd, fixed_embedding,
-                                         ours_step)
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd, fixed_embedding
 from robustcl.objectives import info_nce
 from robustcl.objectives.infonce import Gather, current_gather  # the trainer's cross-rank gather (default_gather)
 
@@ -284,4 +285,5 @@ class Ainfonce(Method):
                 self._last["alpha"] = alpha
             return self.loss_terms(x, clean, x_adv, only, seen["alpha"])
 
-        return ours_step(self, lambda: self.attack(x, clean, ctx, targets), x, terms, {"contrastive": 1.0}, ctx)
+        return step_with_add_on_terms(self, lambda: self.attack(x, clean, ctx, targets), x, terms, {"contrastive": 1.0},
+                                      ctx)

@@ -13,11 +13,13 @@ batch [x; x'], as in the authors' step. Its headline branch is benign. As in the
 `--student_scratch`), the student starts from the teacher's weights and BN statistics
 (`student_init: teacher`); `student_init: scratch` is their ablation.
 
-`method.teacher` is a finished robustcl run directory (any method; its encoder is read with
-`robustcl.export.read_encoder`, through its headline branch), a preset name / YAML path, or empty
-(stage 1 is then this run's own config with method.name=simclr). A config is stage 1: `setup` trains
-it, or resumes it, in <run>/teacher with robustcl's own pretrain entry point, then loads it; a
-finished <run>/teacher is not trained again, so one command (or a resumed one) runs both stages.
+`method.teacher` is a finished robustcl run directory (any method; its encoder is read through its
+headline branch with the reader the harness lends, `SetupEnv.read_run_encoder`, i.e.
+`robustcl.export.read_headline_encoder`), a preset name / YAML path, or empty (stage 1 is then this
+run's own config with method.name=simclr). A config is stage 1: `setup` trains it, or resumes it, in
+<run>/teacher with robustcl's own pretrain entry point (lent by the harness as `SetupEnv.pretrain`),
+then loads it; a finished <run>/teacher is not trained again, so one command (or a resumed one) runs
+both stages.
 The stage-1 config is that preset with this run's data, model and seed and its runtime settings
 (train.device, threads, loggers), then `method.teacher_overrides`; `--overwrite` of the DeACL run
 keeps <run>/teacher (delete it to train stage 1 again).
@@ -48,21 +50,24 @@ import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustcl.config import AttackConfig, Config, ConfigError
-from robustcl.methods.base import Method, MethodConfig, SetupEnv, StepContext, Terms
-from robustcl.methods.components import draw_view, eval_pgd
+from robustcl.config import AttackConfig, Config, ConfigError, apply_overrides, from_mapping, load_config
+from robustcl.methods.method import Method, MethodConfig, SetupEnv
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd
 from robustcl.models import Encoder
+from robustcl.runs import RunDir, RunError
 
 # Settings of the DeACL run that the stage-1 (teacher) config takes over: what it trains on and with what
 # architecture, so that student and teacher agree, and where and how it runs.
 IMPOSED = ("seed", "data", "model")
 IMPOSED_TRAIN = ("device", "threads", "loggers", "wandb_project")
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,8 +124,6 @@ def deacl_terms(student_clean: torch.Tensor, student_adv: torch.Tensor, teacher:
 def teacher_config(cfg: Config, teacher: str, overrides: tuple[str, ...]) -> Config:
     """Stage 1's config: preset/YAML `teacher` with cfg's seed, data, model and runtime settings (empty
     `teacher`: cfg itself with method.name=simclr), then `overrides`."""
-    from robustcl.config import apply_overrides, from_mapping, load_config
-
     mine = cfg.to_dict()
     data = load_config(teacher).to_dict() if teacher else {**mine, "method": {"name": "simclr"}}
     for key in IMPOSED:
@@ -129,6 +132,14 @@ def teacher_config(cfg: Config, teacher: str, overrides: tuple[str, ...]) -> Con
         data["train"][key] = mine["train"][key]
     apply_overrides(data, list(overrides))
     return from_mapping(data)
+
+
+def lent(entry: T | None, name: str, what: str) -> T:
+    """`entry`, a SetupEnv field the harness lends; a RuntimeError naming it when this SetupEnv lacks it."""
+    if entry is None:
+        raise RuntimeError(f"deacl needs SetupEnv.{name} to {what}; robustcl's pretrain lends it (a SetupEnv built "
+                           "elsewhere must pass it)")
+    return entry
 
 
 @contextlib.contextmanager
@@ -168,20 +179,19 @@ class Deacl(Method):
         """Load the teacher: a run directory as it is, a config after training/resuming it in <run>/teacher."""
         source = self.cfg.teacher
         if source and Path(source).is_dir():
-            self.install_teacher(Path(source), env.device)
+            self.install_teacher(Path(source), env)
             return
         if env.run_root is None:  # no run (bench, a bare step): the placeholder teacher stays
             if not env.quiet:
                 print(f"deacl: no run directory, so stage 1 ({source or 'this config as simclr'}) is not trained; "
                       "stepping against an untrained teacher")
             return
-        self.install_teacher(self.train_teacher(env), env.device)
+        self.install_teacher(self.train_teacher(env), env)
 
     def train_teacher(self, env: SetupEnv) -> Path:
-        """Train or resume stage 1 in <run>/teacher (a finished one is left as it is); returns its directory."""
-        from robustcl.runs import RunDir, RunError
-        from robustcl.train.pretrain import pretrain  # lazily: robustcl.train imports robustcl.methods
-
+        """Train or resume stage 1 in <run>/teacher (a finished one is left as it is) with the harness's own
+        pretrain entry point (`env.pretrain`); returns its directory."""
+        pretrain = lent(env.pretrain, "pretrain", "train stage 1")
         cfg = teacher_config(env.cfg, self.cfg.teacher, self.cfg.teacher_overrides)
         run = RunDir(Path(env.run_root) / "teacher")
         try:
@@ -193,23 +203,21 @@ class Deacl(Method):
             env.distributed.barrier()  # rank 0 writes the teacher's encoder; the others read it next
         return run.root
 
-    def install_teacher(self, root: Path, device: torch.device) -> None:
-        """Read a finished run's encoder as the frozen teacher (and, with student_init=teacher, the student's start)."""
-        from robustcl.export import read_encoder, resolve_branch
-        from robustcl.runs import RunDir, RunError
-
+    def install_teacher(self, root: Path, env: SetupEnv) -> None:
+        """Read a finished run's encoder (with `env.read_run_encoder`) as the frozen teacher (and, with
+        student_init=teacher, the student's start)."""
+        read_run_encoder = lent(env.read_run_encoder, "read_run_encoder", "read the teacher's encoder")
         run = RunDir(root)
         if not (run.pretrain_done.is_file() and run.encoder.is_file()):
             raise RunError(f"method.teacher={root} is not a finished run (no {run.pretrain_done.name}); finish it "
                            f"first: robustcl pretrain --resume --out {root}")
-        encoder, meta = read_encoder(root)
-        branch = resolve_branch("headline", meta)
+        encoder, branch = read_run_encoder(root)
         if encoder.feature_dim != self.encoder.feature_dim:
             raise ConfigError(f"method.teacher={root} has {encoder.feature_dim}-d features, this student "
                               f"{self.encoder.feature_dim}-d; use a teacher of the student's model (model.*)")
         if self.cfg.student_init == "teacher":
             self.start_from(encoder, root)
-        self.teacher = TeacherFeatures(encoder, branch).to(device)
+        self.teacher = TeacherFeatures(encoder, branch).to(env.device)
         if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                for p in self.encoder.parameters()):
             self.teacher.to(memory_format=torch.channels_last)  # the student's layout (train.channels_last)

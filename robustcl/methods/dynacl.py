@@ -11,7 +11,7 @@ DynACL is dual-stream ACL (acl.py) under two schedules of the epoch e (0-based, 
 Attack, as ACL: (p', q') = PGD-5 (eps 8/255, alpha 2/255) on both strong views jointly, maximising
 NCE(z_a(p'), z_a(q')). Branches: p, q through the benign BN branch; p', q' through the adversarial one.
 
-"DynACL + ours" (components.OursConfig, all off by default, composed as advcl composes it): "benign" =
+"DynACL + ours" (add_on_terms.AddOnTermsConfig, all off by default, composed as advcl composes it): "benign" =
 benign_weight * NCE(z_b(p), z_b(q)) (the NCE of DynACL's own "natural" term, computed once, so SAM on
 "benign" sharpens only the added part), and a critic D between z_b([p; q]) and z_a([p'; q']).
 
@@ -19,11 +19,11 @@ benign_weight * NCE(z_b(p), z_b(q)) (the NCE of DynACL's own "natural" term, com
 2023, arXiv 2305.00374) on z_b(p), z_b(q), z_b(x) (x the un-augmented image, its own forward), z_a(p'),
 z_a(q'): DynACL-AIR (its ++ with the LP-AFF below: DynACL-AIR++), as the authors add IR to DynACL (AIR.py).
 
-DynACL++ (`lp_aff`: robustcl's finetune runs it before its protocols when finetune.postprocess.name is
-lp-aff): pseudo-labels = k-means (k = 10, `kmeans`) of the benign-branch features of the phase-2 training
-images; a linear head probed on them with the encoder frozen (10 epochs, lr 0.01), then encoder and head
-adversarially fine-tuned on them with TRADES (25 epochs, lr 0.1, x0.1 at epochs 10 and 20) through the
-reported branch. Every protocol (SLF, ALF, AFF) then starts from that encoder.
+DynACL++ (LP-AFF, phase-2 code: robustcl/train/lp_aff.py, which robustcl's finetune runs before its protocols
+when finetune.postprocess.name is lp-aff): pseudo-labels = k-means (k = 10, `kmeans`) of the benign-branch
+features of the phase-2 training images; a linear head probed on them with the encoder frozen (10 epochs,
+lr 0.01), then encoder and head adversarially fine-tuned on them with TRADES (25 epochs, lr 0.1, x0.1 at
+epochs 10 and 20) through the reported branch. Every protocol (SLF, ALF, AFF) then starts from that encoder.
 
 Where robustcl differs from the authors' code:
 - PKU-ML/DYNACL's train_DynACL.py sends the second view of each pair through a no-gradient momentum copy of
@@ -44,28 +44,24 @@ Where robustcl differs from the authors' code:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from robustcl.config import AttackConfig, Config, ConfigError
-from robustcl.methods.base import Method, StepContext, Terms
-from robustcl.methods.components import (OursConfig, critic_attack_term, divergence_term, draw_view, eval_pgd,
-                                         ours_step)
-from robustcl.models import BranchModel, Encoder, LinearHead
-from robustcl.objectives import info_nce, pgd
+from robustcl.config import AttackConfig, ConfigError
+from robustcl.methods.add_on_terms import (AddOnTermsConfig, critic_attack_term, divergence_term,
+                                           step_with_add_on_terms)
+from robustcl.methods.method import Method
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd
+from robustcl.objectives import info_nce
 from robustcl.objectives.air import AirConfig, invariant_regularization
-from robustcl.objectives.trades import trades_attack, trades_loss
-from robustcl.views import StrongViewConfig, to_unit, weak_view
+from robustcl.views import StrongViewConfig, to_unit
 
-__all__ = ["Dynacl", "DynaclConfig", "augmentation_strength", "dynamic_weights", "kmeans", "lp_aff",
-           "strong_view_at"]
+__all__ = ["Dynacl", "DynaclConfig", "augmentation_strength", "dynamic_weights", "strong_view_at"]
 
 _FLOOR_TOLERANCE = 1e-9  # floor(e / K) of float epochs: 0.15 / 0.05 is 2.9999999999999996 in binary
 
@@ -99,7 +95,7 @@ def strong_view_at(strength: float, full: StrongViewConfig) -> StrongViewConfig:
 
 # ------------------------------------------------------------------------------------- the method
 @dataclass
-class DynaclConfig(OursConfig):
+class DynaclConfig(AddOnTermsConfig):
     """DynACL: ACL's attack and branches, the strength schedule (period K epochs) and lambda; the "ours" fields off."""
     name: str = "dynacl"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
@@ -197,142 +193,7 @@ class Dynacl(Method):
         self._last = (self.strength, self.weights["adversarial"])
         p, q = draw_view("strong", images, ctx), draw_view("strong", images, ctx)
         x_orig = ctx.prepare(to_unit(images)) if self.cfg.air.active() else None
-        return ours_step(self, lambda: self.attack(p, q, ctx), torch.cat([p, q]),
-                         lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only, x_orig=x_orig),
-                         {**self.weights, "air": 1.0}, ctx)
-
-
-# --------------------------------------------------------------------------- DynACL++: LP-AFF
-def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007) in fp64 on the CPU: (labels, centres).
-
-    Seeding draws the first centre uniformly and each next one with probability proportional to the
-    squared distance to the nearest centre so far, all from `generator` (a CPU generator), so the labels
-    are a function of x and the seed. Iterates until no label changes (or `iters`); an empty cluster keeps
-    its centre.
-    """
-    x = x.detach().to("cpu", torch.float64)
-    n = x.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k-means needs 1 <= k <= n points, got k={k}, n={n}")
-    first = int(torch.randint(n, (1,), generator=generator))
-    centres, d2 = [x[first]], ((x - x[first]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = d2.sum()
-        idx = (int(torch.multinomial(d2 / total, 1, generator=generator)) if total > 0
-               else int(torch.randint(n, (1,), generator=generator)))  # every point already is a centre
-        centres.append(x[idx])
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
-    c = torch.stack(centres)
-    labels: torch.Tensor | None = None
-    for _ in range(iters):
-        new = torch.cdist(x, c).argmin(1)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(c).index_add_(0, labels, x)
-        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
-    else:
-        labels = torch.cdist(x, c).argmin(1)
-    assert labels is not None
-    return labels, c.float()
-
-
-@torch.no_grad()
-def _features(encoder: Encoder, images: torch.Tensor, branch: str, device: torch.device, autocast) -> torch.Tensor:
-    """Eval-mode features of uint8 images through `branch`, no augmentation (the pseudo-labels' input)."""
-    out = []
-    for i in range(0, len(images), 512):
-        with autocast():
-            out.append(encoder(images[i:i + 512].to(device).float().div_(255), branch).float().cpu())
-    return torch.cat(out)
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's shuffled full batches (the authors' drop_last: BN in train mode needs them)."""
-    perm = torch.randperm(n, generator=gen)
-    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def lp_aff(encoder: Encoder, images: torch.Tensor, branch: str, cfg: Config, device: torch.device, autocast,
-           log: Callable[[dict[str, Any]], None]) -> tuple[Encoder, dict[str, Any]]:
-    """DynACL++'s post-processing of `encoder` on uint8 `images`: a new encoder (the input is left alone) + a record.
-
-    1. pseudo-labels: k-means of the benign-branch features; 2. linear probing of a k-way head through
-    `branch` (encoder frozen, eval mode); 3. TRADES (or PGD-AT) full fine-tuning of encoder and head
-    through `branch` on the pseudo-labels, lr x 0.1 at each milestone epoch; the last epoch is kept.
-    """
-    pp = cfg.finetune.postprocess
-    assert pp is not None and pp.name == "lp-aff"
-    aff, t0 = pp.aff, time.perf_counter()
-    if aff.train_limit is not None:
-        images = images[: aff.train_limit]
-    if len(images) < max(aff.batch_size, pp.clusters):
-        raise ConfigError(f"finetune.postprocess needs at least {max(aff.batch_size, pp.clusters)} training images "
-                          f"(batch_size, clusters); it has {len(images)}")
-    encoder = copy.deepcopy(encoder).to(device).eval().requires_grad_(False)
-    labels, _ = kmeans(_features(encoder, images, "benign", device, autocast), pp.clusters,
-                       torch.Generator().manual_seed(cfg.seed + 41), pp.kmeans_iters)
-    sizes = torch.bincount(labels, minlength=pp.clusters).tolist()
-    labels = labels.to(device)
-    gen, view_gen = torch.Generator().manual_seed(cfg.seed + 43), torch.Generator(device=device).manual_seed(cfg.seed + 47)
-    attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 53)
-    weak = cfg.views.weak.build()
-
-    def view(idx: torch.Tensor) -> torch.Tensor:
-        x = weak_view(images[idx].to(device), view_gen, weak)
-        return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
-
-    torch.manual_seed(cfg.seed)
-    head = LinearHead(encoder.feature_dim, pp.clusters).to(device)
-    model = BranchModel(encoder, head, branch)
-    opt = torch.optim.SGD(head.parameters(), lr=pp.lp_lr, momentum=aff.momentum, weight_decay=aff.weight_decay)
-    lp_loss = torch.zeros(())
-    for epoch in range(pp.lp_epochs):                                     # 2. linear probing
-        for idx in _batches(len(images), aff.batch_size, gen):
-            with torch.no_grad(), autocast():
-                feats = encoder(view(idx), branch).float()
-            lp_loss = F.cross_entropy(head(feats), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            lp_loss.backward()
-            opt.step()
-        log({"phase": "postprocess", "stage": "lp", "epoch": epoch + 1, "loss": lp_loss.item()})
-
-    encoder.requires_grad_(True)                                          # 3. adversarial full fine-tuning
-    opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=aff.lr, momentum=aff.momentum,
-                          weight_decay=aff.weight_decay)
-    aff_loss = torch.zeros(())
-    for epoch in range(aff.epochs):
-        for group in opt.param_groups:
-            group["lr"] = aff.lr * 0.1 ** sum(epoch >= m for m in pp.milestones)
-        for idx in _batches(len(images), aff.batch_size, gen):
-            x, y = view(idx), labels[idx]
-            model.eval()
-            if aff.loss == "trades":
-                def logits(z: torch.Tensor) -> torch.Tensor:
-                    with autocast():
-                        return model(z).float()
-                x_adv = trades_attack(logits, x, aff.attack.eps, aff.attack.alpha, aff.attack.steps, attack_gen,
-                                      modules=[model])
-            else:
-                def ce(z: torch.Tensor) -> torch.Tensor:
-                    with autocast():
-                        return F.cross_entropy(model(z).float(), y, reduction="sum")
-                x_adv = pgd(ce, x, aff.attack.eps, aff.attack.alpha, aff.attack.steps, aff.attack.random_start,
-                            attack_gen, modules=[model])
-            model.train()
-            with autocast():  # clean and adversarial in separate forwards (own BN batch statistics), as the authors
-                logits_adv = model(x_adv).float()
-                logits_clean = model(x).float() if aff.loss == "trades" else None
-            aff_loss = (trades_loss(logits_clean, logits_adv, y, aff.beta) if logits_clean is not None
-                        else F.cross_entropy(logits_adv, y))
-            opt.zero_grad(set_to_none=True)
-            aff_loss.backward()
-            opt.step()
-        log({"phase": "postprocess", "stage": "aff", "epoch": epoch + 1, "loss": aff_loss.item()})
-    encoder.eval().requires_grad_(False)
-    record = {"name": pp.name, "clusters": pp.clusters, "cluster_sizes": sizes, "cluster_branch": "benign",
-              "branch": branch, "n_train": len(images), "lp_loss": lp_loss.item(), "aff_loss": aff_loss.item(),
-              "seconds": time.perf_counter() - t0}
-    return encoder, record
+        return step_with_add_on_terms(self, lambda: self.attack(p, q, ctx), torch.cat([p, q]),
+                                      lambda x_adv, only: self.loss_terms(p, q, *x_adv.chunk(2), only=only,
+                                                                          x_orig=x_orig),
+                                      {**self.weights, "air": 1.0}, ctx)

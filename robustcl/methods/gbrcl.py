@@ -22,16 +22,19 @@ from typing import Literal
 import torch
 
 from robustcl.config import AttackConfig
-from robustcl.methods.base import Method, SamConfig, StepContext, Terms
-from robustcl.methods.components import (CriticConfig, OursConfig, critic_attack_term,
-                                         divergence_term, draw_view, eval_pgd, fixed_embedding, ours_step)
+from robustcl.methods.add_on_terms import (AddOnTermsConfig, critic_attack_term, divergence_term,
+                                           step_with_add_on_terms)
+from robustcl.methods.method import Method
+from robustcl.methods.sections import CriticConfig, SamConfig
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd, fixed_embedding
 from robustcl.objectives import info_nce
 
-__all__ = ["CriticConfig", "Gbrcl", "GbrclConfig"]
+__all__ = ["Gbrcl", "GbrclConfig"]
 
 
 @dataclass
-class GbrclConfig(OursConfig):
+class GbrclConfig(AddOnTermsConfig):
     name: str = "gbrcl"
     benign_weight: float = 2.0
     sam: SamConfig = field(default_factory=lambda: SamConfig("asam", 1.0, ("benign",)))
@@ -96,6 +99,6 @@ class Gbrcl(Method):
         p = draw_view("strong", images, ctx)
         q = draw_view(self.cfg.attack_view, images, ctx)
         target = fixed_embedding(self, p, "benign", ctx)  # z_b(p): computed once, attacked against twice in 4-step
-        return ours_step(self, lambda: self.attack(p, q, ctx, target), q,        # 1. attack, 2. critic on (q, q')
-                         lambda q_adv, only: self.loss_terms(p, q, q_adv, only),  # 3. encoder terms, 4. SAM
-                         {"adversarial": 1.0}, ctx)
+        return step_with_add_on_terms(self, lambda: self.attack(p, q, ctx, target), q,  # 1. attack, 2. critic (q, q')
+                                      lambda q_adv, only: self.loss_terms(p, q, q_adv, only),  # 3. terms, 4. SAM
+                                      {"adversarial": 1.0}, ctx)

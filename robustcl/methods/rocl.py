@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 
 from robustcl.config import AttackConfig, ConfigError
-from robustcl.methods.base import Method, MethodConfig, StepContext, Terms
-from robustcl.methods.components import draw_view, eval_pgd, fixed_embedding
+from robustcl.methods.method import Method, MethodConfig
+from robustcl.methods.step import StepContext, Terms
+from robustcl.methods.step_inputs import draw_view, eval_pgd, fixed_embedding
 from robustcl.objectives import info_nce, multi_positive_nce
 
 

@@ -5,9 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from robustcl.methods.base import Method, MethodConfig, StepContext
+from robustcl.methods.method import Method, MethodConfig
+from robustcl.methods.step import StepContext
+from robustcl.methods.step_inputs import draw_view
 from robustcl.objectives import info_nce
-from robustcl.methods.components import draw_view
 
 
 @dataclass

@@ -18,9 +18,10 @@ _DEFAULT_GATHER: contextvars.ContextVar[Gather | None] = contextvars.ContextVar(
 def default_gather(gather: Gather | None) -> Iterator[None]:
     """Inside the block, `info_nce` / `multi_positive_nce` calls that pass no `gather` use this one.
 
-    Phase-1 training enters it with `gather_with_grad` when the job has more than one rank, so every
-    method's contrastive terms (and its attack's) take their negatives from the global batch without
-    each method threading a `gather` argument through; None (a single process) changes nothing.
+    Phase-1 training enters it with `robustcl.distributed.gather_with_grad` when the job has more than
+    one rank, so every method's contrastive terms (and its attack's) take their negatives from the
+    global batch without each method threading a `gather` argument through; None (a single process)
+    changes nothing.
     """
     token = _DEFAULT_GATHER.set(gather)
     try:
@@ -34,31 +35,18 @@ def current_gather() -> Gather | None:
     return _DEFAULT_GATHER.get()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0 (rank order), keeping the gradient to the local rows.
-
-    The backward sums, over ranks, the gradient each rank's loss sends to a slice and hands it to the
-    slice's owner: rank r receives d(sum_s L_s)/d x_r, where L_s is rank s's loss. See `info_nce`
-    for how that sum is scaled.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from robustcl.distributed import all_gather_with_grad
-
-    return all_gather_with_grad(x)
-
-
 def info_nce(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.5,
              gather: Gather | None = None) -> torch.Tensor:
     """NT-Xent over the 2N rows [u; v]: row i's positive is its twin, the other 2N-2 rows are negatives.
 
     `u`, `v` are (N, d) embeddings (normalised here, in fp32). The loss is averaged over the 2N rows.
-    With `gather` (e.g. `gather_with_grad`; default: the one set by `default_gather`) the keys, hence
-    the negatives, are the global batch of all ranks (rank-order concatenation, equal N per rank),
-    while the queries stay this rank's 2N rows: rank r returns L_r, the mean over its own rows of
-    the global-batch loss, so mean_r L_r equals the single-process loss on the concatenated batch,
-    and (the gather's backward summing over ranks) the MEAN over ranks of the parameter gradients
-    equals the single-process gradient. `robustcl.distributed` relies on exactly this.
+    With `gather` (e.g. `robustcl.distributed.gather_with_grad`; default: the one set by
+    `default_gather`) the keys, hence the negatives, are the global batch of all ranks (rank-order
+    concatenation, equal N per rank), while the queries stay this rank's 2N rows: rank r returns
+    L_r, the mean over its own rows of the global-batch loss, so mean_r L_r equals the
+    single-process loss on the concatenated batch, and (the gather's backward summing over ranks)
+    the MEAN over ranks of the parameter gradients equals the single-process gradient.
+    `robustcl.distributed` relies on exactly this.
     """
     if u.shape != v.shape or u.dim() != 2:
         raise ValueError(f"info_nce needs two (N, d) tensors of equal shape, got {tuple(u.shape)} and {tuple(v.shape)}")

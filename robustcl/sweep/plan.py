@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 
+import robustcl.methods  # noqa: F401 - registers the methods the planned configs are built with
 from robustcl.config import Config, ConfigError, dump_yaml, first_difference, from_mapping, load_config
 from robustcl.runs import RunDir, atomic_write_text
 from robustcl.sweep.spec import Sweep, check_overrides, configurations, load_spec
@@ -77,7 +78,7 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
         stored = yaml.safe_load(dump_yaml(from_mapping(stored)))
     except ConfigError:
         pass  # a key the schema no longer has: the raw comparison below names it
-    from robustcl.train.common import resolve_device, resolve_runtime
+    from robustcl.runtime import resolve_device, resolve_runtime
 
     try:  # `auto` precision/threads as this run resolved them (a started run keeps its precision)
         cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), stored)

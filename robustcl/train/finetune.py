@@ -3,7 +3,7 @@
 SLF trains the head on clean features, ALF on PGD examples made against the current head, AFF
 fine-tunes encoder and head with TRADES (or PGD-AT); all read features through one stated BN
 branch, and the best epoch is chosen by validation accuracy (clean for SLF, PGD for ALF and AFF),
-never on the test set. With finetune.postprocess (lp-aff: DynACL++, robustcl/methods/dynacl.py) the encoder
+never on the test set. With finetune.postprocess (lp-aff: DynACL++, robustcl/train/lp_aff.py) the encoder
 is first post-processed once per call; every protocol starts from the result, which SLF/ALF heads carry.
 """
 from __future__ import annotations
@@ -26,9 +26,11 @@ from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.runs.guard import writing
-from robustcl.train.common import (autocast_factory, load_split, resolve_device, resolve_runtime, started_config,
-                                   train_val_indices)
+from robustcl.methods.factory import autocast_factory
+from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import check_loggers, open_logger
+from robustcl.train.lp_aff import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
 from robustcl.views import weak_view
 
 
@@ -257,8 +259,6 @@ def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, prog
     with open_logger(run, cfg) as logger:  # each fit is a new series: TensorBoard hides an earlier fit's epochs
         post = None
         if cfg.finetune.postprocess is not None and cfg.finetune.postprocess.name != "none":
-            from robustcl.methods.dynacl import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
-
             encoder, post = lp_aff(encoder, train[0], branch, cfg, device, autocast, logger.log)
         for protocol in protocols or cfg.finetune.protocols:
             torch.manual_seed(cfg.seed)

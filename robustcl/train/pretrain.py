@@ -26,16 +26,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from robustcl.config import PHASE1_FREE, Config, dump_yaml, first_difference, load_config, reference_switches
+from robustcl.config import CHANGEABLE_ON_RESUME, Config, dump_yaml, first_difference, load_config, reference_switches
 from robustcl.distributed import Distributed, job_from_env
-from robustcl.export import export_encoder
+from robustcl.export import export_encoder, read_headline_encoder
 from robustcl.methods import Method, SetupEnv
-from robustcl.methods.build import build_training
+from robustcl.methods.factory import build_training, encoder_export_fields
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
-from robustcl.train.common import load_split, resolve_device, resolve_runtime, started_config, train_val_indices
+from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import MetricLogger, check_loggers, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.train.schedule import reference_learning_rate
@@ -114,8 +115,10 @@ class Pretrainer:
 
     def setup_method(self) -> None:
         """`Method.setup` on every rank, once the run directory is prepared (a method may write under it, e.g.
-        DeACL's stage 1 in <run>/teacher) and before a resume loads the checkpoint over what it set up."""
-        self.method.setup(SetupEnv(self.cfg, self.run.root, self.device, self.dist, quiet=not self.dist.is_main))
+        DeACL's stage 1 in <run>/teacher) and before a resume loads the checkpoint over what it set up. The
+        method may train another run with this module's own `pretrain` and read a finished run's encoder."""
+        self.method.setup(SetupEnv(self.cfg, self.run.root, self.device, self.dist, quiet=not self.dist.is_main,
+                                   pretrain=pretrain, read_run_encoder=read_headline_encoder))
 
     def sync_from_main(self) -> None:
         """Copy rank 0's parameters and buffers to every rank (a no-op for a single process)."""
@@ -211,7 +214,7 @@ class Pretrainer:
         """Load checkpoints/last.pt (refusing a config that changes phase 1, or another number of ranks)
         and drop later metrics."""
         state = load_checkpoint(self.run.checkpoint, self.device)
-        changed = first_difference(state["config"], self.cfg.to_dict(), ignore=PHASE1_FREE)
+        changed = first_difference(state["config"], self.cfg.to_dict(), ignore=CHANGEABLE_ON_RESUME)
         if changed:
             raise RunError(f"cannot resume {self.run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
@@ -349,7 +352,8 @@ class Pretrainer:
 
     def _finish(self) -> None:
         """Export the encoder and mark phase 1 done (rank 0)."""
-        export_encoder(self.method.encoder, self.run.encoder, self.info, self.cfg)
+        export_encoder(self.method.encoder, self.run.encoder, self.info, self.cfg,
+                       **encoder_export_fields(self.cfg, self.info))
         atomic_write_text(self.run.pretrain_done, f"{self.step}\n")
 
 
@@ -359,7 +363,7 @@ def preflight(cfg: Config, run: RunDir, resume: bool) -> None:
     of its files is a symbolic link."""
     if resume and run.config.is_file():
         stored = run.config.read_text(encoding="utf-8")
-        changed = first_difference(load_config(str(run.config)).to_dict(), cfg.to_dict(), ignore=PHASE1_FREE)
+        changed = first_difference(load_config(str(run.config)).to_dict(), cfg.to_dict(), ignore=CHANGEABLE_ON_RESUME)
         if changed:
             raise RunError(f"cannot resume {run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
@@ -406,7 +410,7 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
             trainer.setup_method()
             if resuming:
                 trainer.resume()
-                job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only PHASE1_FREE settings differ
+                job.on_main(lambda: atomic_write_text(run.config, dump_yaml(cfg)))  # only CHANGEABLE_ON_RESUME keys differ
             elif resume:  # stopped before its first checkpoint: drop what it logged, train from step 0
                 job.on_main(trainer._rewind_logs)
             return trainer.fit(progress)
