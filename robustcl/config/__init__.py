@@ -16,15 +16,15 @@ from robustcl.config.schema import (CHANGEABLE_ON_RESUME, LINF_RANGE, REFERENCE_
                                     ModelConfig, PostprocessConfig, ReferenceConfig, StrongViewConfig,
                                     SyntheticConfig, TrainConfig, ViewsConfig, WeakViewConfig, from_mapping,
                                     reference_switches)
-from robustcl.config.presets import (PRESET_PACKAGE, SCHEDULE_PACKAGE, list_presets, list_schedules, load_config,
-                                     preset_chain, schedule_overrides)
+from robustcl.config.presets import (PRESET_PACKAGE, SCHEDULE_PACKAGE, described, first_comment, list_presets,
+                                     list_schedules, load_config, preset_chain, schedule_overrides, shipped_yaml)
 
 __all__ = [
-    "CHANGEABLE_ON_RESUME", "CODE_ONLY", "LINF_RANGE", "PRESET_PACKAGE", "REFERENCE_SWITCHES_OFF", "SCHEDULE_PACKAGE",
-    "AffConfig", "AttackConfig", "Config", "ConfigError", "DataConfig", "DiagnosticsConfig", "EvalAttack",
-    "EvalConfig", "FinetuneConfig", "ModelConfig", "PostprocessConfig", "ReferenceConfig", "StrongViewConfig",
-    "SyntheticConfig", "TrainConfig", "ViewsConfig", "WeakViewConfig", "apply_override", "apply_overrides", "build",
-    "check", "config_fields", "convert", "dump_yaml", "first_difference", "from_mapping", "list_presets",
-    "list_schedules", "load_config", "merge", "parse_float", "parse_yaml", "plain", "preset_chain",
-    "reference_switches", "schedule_overrides",
+    "CHANGEABLE_ON_RESUME", "CODE_ONLY", "LINF_RANGE", "PRESET_PACKAGE", "REFERENCE_SWITCHES_OFF",
+    "SCHEDULE_PACKAGE", "AffConfig", "AttackConfig", "Config", "ConfigError", "DataConfig", "DiagnosticsConfig",
+    "EvalAttack", "EvalConfig", "FinetuneConfig", "ModelConfig", "PostprocessConfig", "ReferenceConfig",
+    "StrongViewConfig", "SyntheticConfig", "TrainConfig", "ViewsConfig", "WeakViewConfig", "apply_override",
+    "apply_overrides", "build", "check", "config_fields", "convert", "described", "dump_yaml", "first_comment",
+    "first_difference", "from_mapping", "list_presets", "list_schedules", "load_config", "merge", "parse_float",
+    "parse_yaml", "plain", "preset_chain", "reference_switches", "schedule_overrides", "shipped_yaml",
 ]

@@ -16,14 +16,31 @@ SCHEDULE_PACKAGE = "robustcl.presets.schedules"
 EXTENDS_DEPTH = 8  # a longer `extends` chain is taken for a cycle
 
 
+def shipped_yaml(package: str, folder: str | None = None) -> dict[str, Any]:
+    """name -> file of the YAML files shipped in `package` (or its `folder`), sorted by name: the one lister of
+    presets, schedules and sweep specs."""
+    root = resources.files(package)
+    if folder is not None:
+        root = root / folder
+    if not root.is_dir():
+        return {}
+    return {e.name[:-5]: e for e in sorted(root.iterdir(), key=lambda p: p.name) if e.name.endswith(".yaml")}
+
+
+def first_comment(text: str) -> str:
+    """A shipped YAML file's first line, the comment saying what it is and where it comes from ("" if none)."""
+    first = text.splitlines()[0] if text else ""
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+def described(package: str, folder: str | None = None) -> dict[str, str]:
+    """name -> first comment line of each YAML file shipped in `package` (or its `folder`)."""
+    return {name: first_comment(entry.read_text()) for name, entry in shipped_yaml(package, folder).items()}
+
+
 def list_presets() -> dict[str, str]:
     """Preset name -> first comment line (its description and source)."""
-    out = {}
-    for entry in sorted(resources.files(PRESET_PACKAGE).iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".yaml"):
-            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
-            out[entry.name[:-5]] = first.lstrip("# ").strip()
-    return out
+    return described(PRESET_PACKAGE)
 
 
 def _read_file(path: Path) -> tuple[str, str]:
@@ -55,9 +72,7 @@ def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
 
 def list_schedules() -> dict[str, str]:
     """Phase-2 schedule preset name -> its first comment line (what it is and where it comes from)."""
-    return {entry.name[:-5]: entry.read_text().splitlines()[0].lstrip("# ").strip()
-            for entry in sorted(resources.files(SCHEDULE_PACKAGE).iterdir(), key=lambda p: p.name)
-            if entry.name.endswith(".yaml")}
+    return described(SCHEDULE_PACKAGE)
 
 
 def _flatten(node: dict[str, Any], prefix: str) -> list[str]:

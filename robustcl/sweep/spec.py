@@ -9,13 +9,12 @@ import itertools
 import json
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from robustcl.config import ConfigError, build
+from robustcl.config import ConfigError, build, described, first_comment, shipped_yaml
 
 SWEEP_PACKAGE = "robustcl.presets"
 SWEEP_FOLDER = "sweeps"
@@ -98,22 +97,9 @@ class Sweep:
     folder: Path | None
 
 
-def _sweep_entries() -> dict[str, Any]:
-    folder = resources.files(SWEEP_PACKAGE) / SWEEP_FOLDER
-    if not folder.is_dir():
-        return {}
-    return {e.name[:-5]: e for e in sorted(folder.iterdir(), key=lambda p: p.name) if e.name.endswith(".yaml")}
-
-
-def _first_comment(text: str) -> str:
-    """A spec's first line, a comment saying what the sweep answers and its source."""
-    first = text.splitlines()[0] if text else ""
-    return first.lstrip("# ").strip() if first.startswith("#") else ""
-
-
 def list_sweeps() -> dict[str, str]:
     """Shipped sweep spec name -> first comment line (what it answers and its source)."""
-    return {name: _first_comment(entry.read_text()) for name, entry in _sweep_entries().items()}
+    return described(SWEEP_PACKAGE, SWEEP_FOLDER)
 
 
 def _read_spec_text(name_or_path: str) -> tuple[str, str, Path | None]:
@@ -122,7 +108,7 @@ def _read_spec_text(name_or_path: str) -> tuple[str, str, Path | None]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         _check(path.is_file(), f"sweep spec file {path} does not exist; give a shipped spec name (robustcl configs) or a YAML path")
         return path.read_text(), str(path), path.resolve().parent
-    entries = _sweep_entries()
+    entries = shipped_yaml(SWEEP_PACKAGE, SWEEP_FOLDER)
     _check(name_or_path in entries, f"unknown sweep spec {name_or_path!r}; shipped specs: {', '.join(entries)}")
     return entries[name_or_path].read_text(), f"sweep spec {name_or_path}", None
 
@@ -138,7 +124,7 @@ def load_spec(name_or_path: str) -> Sweep:
         spec = build(SweepSpec, data)
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
-    return Sweep(spec, origin, _first_comment(text), folder)
+    return Sweep(spec, origin, first_comment(text), folder)
 
 
 # ---------------------------------------------------------------------------------------- naming
