@@ -152,12 +152,10 @@ def pretrain(config: ConfigLike | None, out: PathLike | None, overrides: Sequenc
 
 def _refuse_other_config(cfg: Config, config: ConfigLike, overrides: Sequence[str], out: Path) -> None:
     """Resuming with a config: the run continues with its own config.yaml, so `config` must say the same."""
-    from robustcl.config import ConfigError, first_difference
-    from robustcl.runtime import resolve_device, resolve_runtime
+    from robustcl.config import ConfigError
+    from robustcl.runtime import config_change
 
-    other = load_config(config, overrides)  # `auto` as this run resolved it, so only real changes count
-    other = resolve_runtime(other, resolve_device(other.train.device), cfg.to_dict())
-    changed = first_difference(cfg.to_dict(), other.to_dict(), ignore=("name", "train.threads"))
+    changed = config_change(cfg.to_dict(), load_config(config, overrides), ("name", "train.threads"))
     if changed:
         raise ConfigError(f"--resume continues {out} with its own config.yaml and --config {config} differs "
                           f"from it ({changed}); drop --config (pass changes as key=value overrides)")

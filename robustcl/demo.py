@@ -11,13 +11,13 @@ import torch
 import yaml
 
 import robustcl.methods  # noqa: F401 - registers the methods configs are built with
-from robustcl.config import dump_yaml, first_difference, load_config
+from robustcl.config import load_config
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.hardware import cpu_capability
 from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.runs.report import (describe_attack, integrity_lines, plot_eps_curves, plot_loss_terms,
                                   results_table)
-from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.runtime import config_change, resolve_device, resolve_runtime, started_config
 from robustcl.train.finetune import finetune
 from robustcl.train.pretrain import pretrain
 
@@ -41,8 +41,7 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
         run = RunDir(out / cfg.method.name)
         cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), None if overwrite else started_config(run.config))
         if run.config.is_file() and not overwrite:
-            changed = first_difference(yaml.safe_load(run.config.read_text()), yaml.safe_load(dump_yaml(cfg)),
-                                       ignore=("train.threads",))
+            changed = config_change(yaml.safe_load(run.config.read_text()) or {}, cfg)
             if changed:
                 raise RunError(f"{run.root} holds a run with other settings ({changed}); "
                                "pass --overwrite to redo it or choose another --out")

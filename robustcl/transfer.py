@@ -38,8 +38,8 @@ def transfer_run(source_dir: Path | str, dataset: str, size: int | None = None, 
     from robustcl.config import dump_yaml
     from robustcl.evaluation.run_eval import evaluate_run
     from robustcl.export import read_encoder
-    from robustcl.runs import RunDir, RunError, atomic_write_bytes
-    from robustcl.runs.guard import writing
+    from robustcl.runs import RunDir, RunError, atomic_write_bytes, open_run
+    from robustcl.runs.guard import RunLock
     from robustcl.runs.report import write_report
     from robustcl.splits import load_split
     from robustcl.train.finetune import finetune
@@ -55,9 +55,12 @@ def transfer_run(source_dir: Path | str, dataset: str, size: int | None = None, 
     if meta["in_channels"] != target_info.channels:
         raise RunError(f"the encoder of {source.root} takes {meta['in_channels']}-channel images but {dataset} has "
                        f"{target_info.channels}; transfer between datasets with the same number of channels")
-    with writing(target.root, "the transfer run", create=True):  # writable, one writer, no symbolic links
-        target.prepare(dump_yaml(cfg), resume=False, overwrite=overwrite)
+    lock = RunLock(target.root)
+    open_run(target, lock, dump_yaml(cfg), resume=False, overwrite=overwrite, why="the transfer run")
+    try:
         atomic_write_bytes(target.encoder, source.encoder.read_bytes())
+    finally:
+        lock.release()
     finetune(cfg, target, protocols, progress=progress, overwrite=True)
     results = evaluate_run(cfg, target, progress=progress)
     write_report(target, title=f"{source.root.name} -> {dataset}")

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save
 from torch import nn
 
@@ -17,8 +16,9 @@ from robustcl.data import DataError, DatasetInfo, dataset_info
 from robustcl.encoders.load import load_external
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.models import Encoder
-from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
-from robustcl.runs.loggers import check_loggers
+from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text, open_run
+from robustcl.runs.guard import RunLock
+from robustcl.runtime import open_runtime
 from robustcl.runs.report import write_report
 from robustcl.splits import load_split
 from robustcl.train.finetune import finetune
@@ -57,16 +57,27 @@ def default_out(encoder: nn.Module | str | Path, data: str) -> Path:
     return Path("runs") / "encoders" / f"{name}-{data}"
 
 
-def _prepare(run: RunDir, cfg: Config, overwrite: bool) -> None:
-    """Create the results directory; an existing one is replaced only if it is an encoder evaluation and
-    `overwrite` is given (a training run is never touched)."""
+def refuse_other_contents(run: RunDir, overwrite: bool) -> None:
+    """An existing results directory is replaced only if it is an encoder evaluation and `overwrite` is given
+    (a training run is never touched)."""
     if run.root.exists() and any(run.root.iterdir()):
         if not (run.root / DESCRIPTION).is_file():
             raise RunError(f"{run.root} holds something other than an encoder evaluation; choose another --out")
         if not overwrite:
             raise RunError(f"{run.root} already holds an encoder evaluation; pass --overwrite to redo it "
                            "or choose another --out")
-    run.prepare(dump_yaml(cfg), resume=False, overwrite=overwrite)
+
+
+def write_encoder_files(run: RunDir, module: nn.Module, meta: dict[str, Any], data: str) -> None:
+    """encoder.json (what was evaluated) and, for an encoder robustcl can read back, encoder.safetensors."""
+    atomic_write_text(run.root / DESCRIPTION, json.dumps({**meta["source"], "fingerprint": meta["fingerprint"],
+                                                          "data": data}, indent=2) + "\n")
+    if meta["source"]["kind"] == "robustcl":  # an encoder file here lets `robustcl evaluate --run` reuse the directory
+        atomic_write_bytes(run.encoder, Path(meta["source"]["path"]).read_bytes())
+    elif isinstance(module, Encoder):
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+        stored = {k: v for k, v in meta.items() if k not in ("source", "fingerprint")}
+        atomic_write_bytes(run.encoder, save(tensors, metadata={"robustcl": json.dumps(stored)}))
 
 
 def evaluate_encoder(encoder: nn.Module | str | Path, data: str, out: str | Path | None = None, *,
@@ -85,21 +96,17 @@ def evaluate_encoder(encoder: nn.Module | str | Path, data: str, out: str | Path
     unknown = [p for p in protocols or () if p not in ("slf", "alf", "aff")]
     if unknown:
         raise ConfigError(f"unknown protocol {unknown[0]!r}; valid: slf, alf, aff")
-    check_loggers(cfg.train.loggers)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    open_runtime(cfg)  # device, threads, logger libraries: before anything is read or written
     loaded = load_external(encoder, data_info(cfg), mean, std)  # bad input fails before anything is written
     run = RunDir(out if out is not None else default_out(encoder, data))
-    _prepare(run, cfg, overwrite)
+    refuse_other_contents(run, overwrite)
     module, meta = loaded
-    atomic_write_text(run.root / DESCRIPTION, json.dumps({**meta["source"], "fingerprint": meta["fingerprint"],
-                                                          "data": data}, indent=2) + "\n")
-    if meta["source"]["kind"] == "robustcl":  # an encoder file here lets `robustcl evaluate --run` reuse the directory
-        atomic_write_bytes(run.encoder, Path(meta["source"]["path"]).read_bytes())
-    elif isinstance(module, Encoder):
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-        stored = {k: v for k, v in meta.items() if k not in ("source", "fingerprint")}
-        atomic_write_bytes(run.encoder, save(tensors, metadata={"robustcl": json.dumps(stored)}))
+    lock = RunLock(run.root)
+    open_run(run, lock, dump_yaml(cfg), resume=False, overwrite=overwrite, why="the encoder evaluation")
+    try:
+        write_encoder_files(run, module, meta, data)
+    finally:
+        lock.release()
     chosen = tuple(protocols) if protocols else None
     finetune(cfg, run, chosen, progress=progress, overwrite=True, loaded=loaded)
     results = evaluate_run(cfg, run, progress=progress, protocols=chosen, loaded=loaded)

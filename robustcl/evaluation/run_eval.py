@@ -29,9 +29,9 @@ from robustcl.hardware import cpu_model, device_description
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
 from robustcl.methods.factory import autocast_factory
-from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.runtime import open_runtime, started_config
 from robustcl.splits import load_split, train_val_indices
-from robustcl.runs.loggers import check_loggers, open_logger
+from robustcl.runs.loggers import open_logger
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
                "accuracy through the adversarial branch; these are two different models, not one model's trade-off")
@@ -237,16 +237,13 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True, protocols: tup
 
     `loaded`: an (encoder, metadata) pair in memory instead of the run's encoder.safetensors (as in `finetune`);
     its metadata's "fingerprint" identifies it and "source" is stored in the results."""
-    device = resolve_device(cfg.train.device)
-    cfg = resolve_runtime(cfg, device, started_config(run.config))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    runtime = open_runtime(cfg, started_config(run.config))
+    cfg, device = runtime.cfg, runtime.device
     if loaded is None and not run.encoder.is_file():
         if (run.root / "encoder.json").is_file():  # an evaluation of a module: it has no file to read back
             raise RunError(f"{run.root} evaluated an encoder given as a module; evaluate it again with "
                            "`robustcl evaluate --encoder module:callable` (or robustcl.evaluation.evaluate_encoder)")
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first")
-    check_loggers(cfg.train.loggers)
     wanted = protocols or tuple(p for p in ("slf", "alf", "aff") if p in cfg.finetune.protocols or run.head(p).is_file())
     missing = [p for p in wanted if not run.head(p).is_file()]
     if protocols and missing:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from robustcl.runs.atomic import RunError, atomic_write_text, write_failure
-from robustcl.runs.guard import LOCK, is_owned, refuse_foreign, write_marker
+from robustcl.runs.guard import LOCK, RunLock, is_owned, probe_writable, refuse_foreign, refuse_symlinks, write_marker
 
 
 class RunDir:
@@ -125,3 +125,18 @@ class RunDir:
             raise RunError(f"{self.results} does not hold a results mapping; re-create it: robustcl evaluate --run "
                            f"{self.root}")
         return data
+
+
+def open_run(run: RunDir, lock: RunLock, config_yaml: str, resume: bool, overwrite: bool, why: str) -> bool:
+    """Open `run` for writing in one step (on rank 0 of a job, one round trip): probe it writable, take its
+    writer `lock` (making the directory), refuse symbolic links in it, then prepare it (ownership marker,
+    config.yaml; --overwrite clears robustcl's own files). Returns True when a checkpoint is resumed; the
+    caller releases the lock when its writing is done (on an error here it is released already)."""
+    probe_writable(run.root, why)
+    lock.acquire(create=True)
+    try:
+        refuse_symlinks(run.root)
+        return run.prepare(config_yaml, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import yaml
 
 import robustcl.methods  # noqa: F401 - registers the methods the planned configs are built with
-from robustcl.config import Config, ConfigError, dump_yaml, first_difference, from_mapping, load_config
+from robustcl.config import Config, ConfigError, load_config
 from robustcl.runs import RunDir, atomic_write_text
+from robustcl.runtime import config_change
 from robustcl.sweep.spec import Sweep, check_overrides, configurations, load_spec
 
 
@@ -73,18 +74,7 @@ def run_status(planned: PlannedRun, overwrite: bool) -> str:
         return f"conflict: {run.root} exists but is not a robustcl run; choose another --out"
     if overwrite:
         return "new"
-    stored = yaml.safe_load(run.config.read_text()) or {}
-    try:  # through today's schema: settings added since the run was made compare at their defaults
-        stored = yaml.safe_load(dump_yaml(from_mapping(stored)))
-    except ConfigError:
-        pass  # a key the schema no longer has: the raw comparison below names it
-    from robustcl.runtime import resolve_device, resolve_runtime
-
-    try:  # `auto` precision/threads as this run resolved them (a started run keeps its precision)
-        cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), stored)
-    except (RuntimeError, ConfigError):
-        pass  # train.device=cuda without CUDA: pretrain reports it
-    diff = first_difference(stored, yaml.safe_load(dump_yaml(cfg)), ignore=("train.threads",))
+    diff = config_change(yaml.safe_load(run.config.read_text()) or {}, cfg)
     if diff:
         return f"conflict: {run.root} was made with another config ({diff}); pass --overwrite to redo it or choose another --out"
     if _is_finished(run, cfg):

@@ -27,9 +27,9 @@ from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.runs.guard import writing
 from robustcl.methods.factory import autocast_factory
-from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.runtime import Runtime, open_runtime, started_config
 from robustcl.splits import load_split, train_val_indices
-from robustcl.runs.loggers import check_loggers, open_logger
+from robustcl.runs.loggers import open_logger
 from robustcl.train.lp_aff import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
 from robustcl.views import weak_view
 
@@ -220,22 +220,19 @@ def finetune(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None = None,
     """
     if loaded is None and not run.encoder.is_file():
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first (or --resume it)")
-    check_loggers(cfg.train.loggers)
+    runtime = open_runtime(cfg, started_config(run.config))
     fitted = [p for p in (protocols or cfg.finetune.protocols) if run.head(p).is_file()]
     if fitted and not overwrite:
         raise RunError(f"{run.head(fitted[0])} already exists; pass --overwrite to refit "
                        f"{', '.join(fitted)} or choose other --protocol values")
     with writing(run.root, "heads/ and metrics.jsonl"):  # writable, one writer, no symbolic links, before any work
-        return _fit_heads(cfg, run, protocols, progress, loaded)
+        return _fit_heads(runtime, run, protocols, progress, loaded)
 
 
-def _fit_heads(cfg: Config, run: RunDir, protocols: tuple[str, ...] | None, progress: bool,
+def _fit_heads(runtime: Runtime, run: RunDir, protocols: tuple[str, ...] | None, progress: bool,
                loaded: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """`finetune`'s work, once the run is known writable and locked."""
-    device = resolve_device(cfg.train.device)
-    cfg = resolve_runtime(cfg, device, started_config(run.config))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    cfg, device = runtime.cfg, runtime.device
     if loaded is not None:
         encoder, meta = loaded
     else:

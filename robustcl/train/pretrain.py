@@ -26,18 +26,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from robustcl.config import CHANGEABLE_ON_RESUME, Config, dump_yaml, first_difference, load_config, reference_switches
+from robustcl.config import CHANGEABLE_ON_RESUME, Config, dump_yaml, reference_switches
 from robustcl.distributed import Distributed, job_from_env
 from robustcl.export import export_encoder, read_headline_encoder
 from robustcl.methods import Method, SetupEnv
 from robustcl.methods.factory import build_training, encoder_export_fields
 from robustcl.objectives.infonce import default_gather
-from robustcl.runs import RunDir, RunError, atomic_write_text, save_torch_atomic
+from robustcl.runs import RunDir, RunError, atomic_write_text, open_run, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
-from robustcl.runtime import resolve_device, resolve_runtime, started_config
+from robustcl.runtime import config_change, open_runtime, started_config
 from robustcl.splits import load_split, train_val_indices
-from robustcl.runs.loggers import MetricLogger, check_loggers, open_logger
+from robustcl.runs.loggers import MetricLogger, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.train.schedule import reference_learning_rate
 
@@ -78,10 +78,8 @@ class Pretrainer:
         self.cfg, self.run = cfg, run
         self.dist = distributed if distributed is not None else Distributed.current()
         t = cfg.train
-        check_loggers(t.loggers)  # a missing TensorBoard / W&B library fails here, before any write
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.device = self.dist.device(resolve_device(t.device))
+        runtime = open_runtime(cfg)  # threads set; a missing TensorBoard / W&B library fails here, before any write
+        self.device = self.dist.device(runtime.device)
         self.dist.shard(t.batch_size)  # a batch the ranks cannot split evenly fails here, before any write
         data = load_split(cfg, "train")
         train_idx, val_idx = train_val_indices(len(data), cfg.data.val_size, cfg.seed)
@@ -214,7 +212,7 @@ class Pretrainer:
         """Load checkpoints/last.pt (refusing a config that changes phase 1, or another number of ranks)
         and drop later metrics."""
         state = load_checkpoint(self.run.checkpoint, self.device)
-        changed = first_difference(state["config"], self.cfg.to_dict(), ignore=CHANGEABLE_ON_RESUME)
+        changed = config_change(state["config"], self.cfg, CHANGEABLE_ON_RESUME)
         if changed:
             raise RunError(f"cannot resume {self.run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
@@ -363,7 +361,7 @@ def preflight(cfg: Config, run: RunDir, resume: bool) -> None:
     of its files is a symbolic link."""
     if resume and run.config.is_file():
         stored = run.config.read_text(encoding="utf-8")
-        changed = first_difference(load_config(str(run.config)).to_dict(), cfg.to_dict(), ignore=CHANGEABLE_ON_RESUME)
+        changed = config_change(started_config(run.config) or {}, cfg, CHANGEABLE_ON_RESUME)
         if changed:
             raise RunError(f"cannot resume {run.root} with a changed phase-1 setting ({changed}); "
                            "resume without it, or start a new run (--out) or --overwrite")
@@ -395,18 +393,17 @@ def pretrain(cfg: Config, run: RunDir, resume: bool = False, overwrite: bool = F
     data-parallel (`robustcl.distributed`); rank 0 writes the run directory and holds its lock while
     it does. Returns None when the run's phase 1 had already finished (nothing to do).
     """
-    device = resolve_device(cfg.train.device)
-    cfg = resolve_runtime(cfg, device, started_config(run.config) if resume else None)  # stored resolved
+    runtime = open_runtime(cfg, started_config(run.config) if resume else None)  # `auto` as the stored run resolved it
+    cfg, device = runtime.cfg, runtime.device
     with job_from_env(device) as job:
         job.on_main(lambda: preflight(cfg, run, resume))  # fails before any work and any write
         if resume and run.pretrain_done.is_file() and run.encoder.is_file():
             job.on_main(lambda: record_settings(cfg, run))
             return None
         trainer = Pretrainer(cfg, run, job)  # reads the data and builds the model: bad input fails before any write
-        lock = RunLock(run.root)
-        job.on_main(lambda: lock.acquire(create=True))
+        lock = RunLock(run.root)  # probe, lock, prepare: one round trip to rank 0, which holds the lock till the end
+        resuming = job.on_main(lambda: open_run(run, lock, dump_yaml(cfg), resume, overwrite, f"the run directory {run.root}"))
         try:
-            resuming = job.on_main(lambda: run.prepare(dump_yaml(cfg), resume, overwrite))
             trainer.setup_method()
             if resuming:
                 trainer.resume()
