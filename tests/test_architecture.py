@@ -89,3 +89,16 @@ def test_a_circle_inside_a_package_is_refused(copied_tree):
         module.write_text(original)
     assert proc.returncode != 0
     assert "No circle inside a package" in proc.stdout and "robustcl.data" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_every_top_level_module_has_a_layer():
+    """A new module or package under robustcl/ must be placed in the contract, or the layers would not see it."""
+    import configparser
+    import pkgutil
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / ".importlinter")
+    layered = {name.strip() for line in parser["importlinter:contract:layers"]["layers"].splitlines()
+               for name in line.split("|") if name.strip()}
+    modules = {m.name for m in pkgutil.iter_modules([str(ROOT / "robustcl")])}
+    assert modules - layered == set(), "add these to a layer in .importlinter"
