@@ -6,7 +6,6 @@ so the source run's heads and results are never touched.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -67,31 +66,4 @@ def transfer_run(source_dir: Path | str, dataset: str, size: int | None = None, 
     return target, results
 
 
-def cmd_transfer(args: argparse.Namespace) -> int:
-    from robustcl.runs.report import results_table
-
-    target, results = transfer_run(args.run, args.data, args.size, args.root, args.val_size, args.overrides, args.out,
-                                   tuple(args.protocol) if args.protocol else None, args.overwrite,
-                                   progress=not args.quiet)
-    print(results_table([(target.root.name, results)]))
-    print(f"results: {target.results}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `robustcl transfer` to the command line."""
-    p = sub.add_parser("transfer", help="fine-tune and evaluate a run's encoder on another dataset (e.g. STL-10)")
-    p.add_argument("--run", required=True, help="source run directory (its encoder.safetensors is used)")
-    p.add_argument("--data", required=True, help="target dataset name, e.g. stl10 or imagefolder")
-    p.add_argument("--size", type=int, help="resize target images to SIZE x SIZE (32 for a CIFAR encoder)")
-    p.add_argument("--root", help="directory holding the target dataset (data.root)")
-    p.add_argument("--val-size", type=int, default=500, help="held-out training images for epoch selection")
-    p.add_argument("--protocol", nargs="+", choices=["slf", "alf", "aff"], help="protocols (default: the run's)")
-    p.add_argument("--out", help="new run directory (default <run>/transfer-<data>[-<size>px])")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing transfer run in --out")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="further overrides, e.g. finetune.epochs=10")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=cmd_transfer)
-
-
-__all__ = ["register", "transfer_config", "transfer_run"]
+__all__ = ["transfer_config", "transfer_run"]

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from robustcl.bound.estimates import (CriticSettings, _average_ranks_rows, average_ranks, critic_bounds, mmd2_unbiased,
+from robustcl.bound.estimates import (CriticSettings, average_ranks_rows, average_ranks, critic_bounds, mmd2_unbiased,
                                       mmd_permutation_p, spearman, spearman_bootstrap, spearman_exact_p, spearman_p,
                                       spearman_permutation_p)
 from robustcl.objectives.divergences import gaussian_divergence
@@ -163,7 +163,7 @@ def test_monte_carlo_permutation_p_agrees_with_the_exact_one():
 
 def test_vectorised_ranks_match_average_ranks():
     rows = torch.randint(0, 4, (6, 9)).double().numpy()  # many ties
-    assert _average_ranks_rows(rows).tolist() == [average_ranks(list(r)) for r in rows]
+    assert average_ranks_rows(rows).tolist() == [average_ranks(list(r)) for r in rows]
 
 
 def test_bootstrap_interval_of_a_perfectly_monotone_relation_is_at_one():

@@ -296,7 +296,7 @@ def spearman_exact_p(x: Sequence[float], y: Sequence[float], max_n: int = 8) -> 
     return hits / total
 
 
-def _average_ranks_rows(values: np.ndarray) -> np.ndarray:
+def average_ranks_rows(values: np.ndarray) -> np.ndarray:
     """Average ranks (1..n, ties sharing their mean rank) of every row of a 2-D array, vectorised."""
     less = (values[:, None, :] < values[:, :, None]).sum(axis=2)
     equal = (values[:, None, :] == values[:, :, None]).sum(axis=2)
@@ -356,7 +356,7 @@ def spearman_bootstrap(x: Sequence[float], y: Sequence[float], reps: int = 5000,
     rhos = []
     for start in range(0, reps, 500):
         idx = rng.integers(0, len(xs), size=(min(500, reps - start), len(xs)))
-        rhos.append(_pearson_rows(_average_ranks_rows(xs[idx]), _average_ranks_rows(ys[idx])))
+        rhos.append(_pearson_rows(average_ranks_rows(xs[idx]), average_ranks_rows(ys[idx])))
     values = np.concatenate(rhos)
     values = values[np.isfinite(values)]
     if not len(values):
