@@ -17,7 +17,7 @@ from robustcl.hardware import cpu_capability
 from robustcl.runs import RunDir, RunError, atomic_write_text
 from robustcl.runs.report import (describe_attack, integrity_lines, plot_eps_curves, plot_loss_terms,
                                   results_table)
-from robustcl.runtime import config_change, resolve_device, resolve_runtime, started_config
+from robustcl.runtime import config_change, open_runtime, started_config
 from robustcl.train.finetune import finetune
 from robustcl.train.pretrain import pretrain
 
@@ -39,7 +39,7 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
     for preset in DEMO_PRESETS:
         cfg = load_config(preset, list(overrides))
         run = RunDir(out / cfg.method.name)
-        cfg = resolve_runtime(cfg, resolve_device(cfg.train.device), None if overwrite else started_config(run.config))
+        cfg = open_runtime(cfg, None if overwrite else started_config(run.config)).cfg
         if run.config.is_file() and not overwrite:
             changed = config_change(yaml.safe_load(run.config.read_text()) or {}, cfg)
             if changed:
