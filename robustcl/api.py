@@ -217,34 +217,44 @@ def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | N
 
 def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
           seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False,
-          rows: Sequence[PathLike] = (), jobs: int = 1, shard: str | tuple[int, int] | None = None,
-          launcher: str = "local", cluster: str = "slurm", partition: str | None = None, time_min: int | None = None,
-          gpus: int | None = None, cpus: int | None = None, echo: Callable[[str], None] | None = None) -> SweepOutcome:
+          rows: Sequence[PathLike] = (), echo: Callable[[str], None] | None = None, **launch: Any) -> SweepOutcome:
     """Every configuration x seed of a sweep spec through pretrain -> finetune -> evaluate (`robustcl sweep`),
     finished runs skipped and interrupted ones resumed; summary.md/.csv under `out` (`runs/sweeps/<name>`).
-    `rows`: summary.csv files of runs finished elsewhere, joined to the summary. `jobs`, `shard` ("i/n"),
-    `launcher` (local | submitit) and the cluster options say how the runs are executed; `echo` receives the
-    per-run lines (default: stdout with `progress`, else nothing)."""
+    `rows`: summary.csv files of runs finished elsewhere, joined to the summary; `echo` receives the per-run
+    lines (default: stdout with `progress`, else nothing). `launch` says how the runs are executed: `jobs`,
+    `shard` ("i/n" or (i, n)), `launcher` (local | submitit), `cluster`, `partition`, `time_min`, `gpus`,
+    `cpus` (the `robustcl sweep` options of those names)."""
     from robustcl.sweep import Sweep, run_sweep
+
+    return run_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite,
+                     progress=progress, echo=echo or _echo(progress), seeds=seeds, launch=_launch_settings(launch),
+                     rows=tuple(rows))
+
+
+def _launch_settings(launch: dict[str, Any]) -> Any:
+    """LaunchSettings from `sweep`'s launch keywords, validated (a one-line ConfigError)."""
+    from robustcl.config import ConfigError
     from robustcl.sweep.options import LaunchSettings, parse_shard
 
-    launch = LaunchSettings(jobs=jobs, shard=parse_shard(shard) if isinstance(shard, str) else shard,
-                            launcher=launcher, cluster=cluster, partition=partition, time_min=time_min, gpus=gpus,
-                            cpus=cpus)
-    launch.validate()
-    return run_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite,
-                     progress=progress, echo=echo or _echo(progress), seeds=seeds, launch=launch, rows=tuple(rows))
+    known = {"jobs", "shard", "launcher", "cluster", "partition", "time_min", "gpus", "cpus"}
+    unknown = sorted(set(launch) - known)
+    if unknown:
+        raise ConfigError(f"unknown sweep launch option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    shard = launch.get("shard")
+    settings = LaunchSettings(**{**launch, "shard": parse_shard(shard) if isinstance(shard, str) else shard})
+    settings.validate()
+    return settings
 
 
 def sweep_plan(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
-               seeds: Sequence[int] | None = None, overwrite: bool = False,
-               shard: str | tuple[int, int] | None = None) -> str:
-    """The runs a sweep would do, one line each with its status (`robustcl sweep --dry-run`); runs nothing."""
-    from robustcl.sweep import Sweep, format_plan, plan_sweep
-    from robustcl.sweep.options import parse_shard, shard_runs
+               seeds: Sequence[int] | None = None, overwrite: bool = False, **launch: Any) -> str:
+    """The runs a sweep would do, one line each with its status (`robustcl sweep --dry-run`); runs nothing.
+    The launch keywords are `sweep`'s, checked the same way; `shard` narrows the list to that shard."""
+    from robustcl.sweep import Sweep, format_plan, plan_sweep, shard_runs
 
+    settings = _launch_settings(launch)
     plan = plan_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), overwrite, seeds)
-    plan.runs = shard_runs(plan.runs, parse_shard(shard) if isinstance(shard, str) else shard)
+    plan.runs = shard_runs(plan.runs, settings.shard)
     return format_plan(plan)
 
 

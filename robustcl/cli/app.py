@@ -99,7 +99,8 @@ def entry() -> int:
         try:
             return main()
         finally:
-            sys.stdout.flush()  # inside the try, so a closed pipe surfaces here and not at interpreter exit
+            if sys.stdout is not None:  # None when the shell closed it (`robustcl configs >&-`): nothing to flush
+                sys.stdout.flush()  # inside the try, so a closed pipe surfaces here and not at interpreter exit
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

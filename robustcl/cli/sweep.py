@@ -15,7 +15,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     launch = launch_options(args)
     if args.dry_run:
         print(api.sweep_plan(args.spec, args.out, args.overrides, overwrite=args.overwrite, seeds=args.seeds,
-                             shard=launch["shard"]))
+                             **launch))
         return 0
     if args.summarize:
         print(f"summary: {api.sweep_summary(args.spec, args.out, args.overrides, seeds=args.seeds, rows=args.rows)}")

@@ -171,9 +171,11 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from robustcl.data.fetch import main as fetch_main
+    """Obtain a dataset (Debian package, cache or download); a failure is one `robustcl: error:` line."""
+    from robustcl.data.fetch import obtain
 
-    return fetch_main([args.name])
+    obtain(args.name)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -39,38 +39,37 @@ def run_apt(package: str) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def _try_locate(reader: FileReader, download: bool) -> str | None:
-    """Where the dataset resolves (downloading if asked), or None with the reason printed to stderr."""
+def _try_locate(reader: FileReader, download: bool) -> tuple[str | None, str]:
+    """(where the dataset resolves, downloading if asked, or None; why it did not)."""
     try:
-        return str(reader.locate(None, download))
+        return str(reader.locate(None, download)), ""
     except DataError as exc:
-        if download:
-            print(f"download failed: {exc}", file=sys.stderr)
-        return None
+        return None, str(exc)
 
 
 def obtain(name: str, apt_runner: AptRunner = run_apt, root_check: Callable[[], bool] = is_root,
-           has_apt: Callable[[], bool] = apt_available) -> int:
-    """Make dataset `name` resolvable by any available route; return a process exit code."""
+           has_apt: Callable[[], bool] = apt_available) -> str | None:
+    """Make dataset `name` resolvable by any available route; returns where it is (None: generated in memory).
+    When no route works, one DataError line says why and what to do (`robustcl data fetch` prints it)."""
     reader = get_reader(name)
     if not isinstance(reader, FileReader):
         print(f"{name}: generated in memory, nothing to fetch")
-        return 0
-    where = _try_locate(reader, download=False)
+        return None
+    where, _ = _try_locate(reader, download=False)
     if where is None and reader.apt_package and root_check() and has_apt():
         print(f"{name}: installing Debian package {reader.apt_package}", file=sys.stderr)
         if apt_runner(reader.apt_package) == 0:
-            where = _try_locate(reader, download=False)
+            where, _ = _try_locate(reader, download=False)
+    why = ""
     if where is None:
-        where = _try_locate(reader, download=True)
+        where, why = _try_locate(reader, download=True)
     if where is None:
         apt = (f"install Debian's {reader.apt_package} as root (apt-get install -y {reader.apt_package}) "
                "or " if reader.apt_package else "")
-        print(f"could not obtain {name}: {apt}download it into {cache_dir(name)} when the network is "
-              f"reachable (python -m robustcl.data.fetch {name})", file=sys.stderr)
-        return 1
+        raise DataError(f"could not obtain {name}: {apt}download it into {cache_dir(name)} when the network is "
+                        f"reachable (robustcl data fetch {name}); the download said: {why}")
     print(f"{name}: found at {where}")
-    return 0
+    return where
 
 
 def main(argv: Sequence[str] | None = None, apt_runner: AptRunner = run_apt,
@@ -80,7 +79,12 @@ def main(argv: Sequence[str] | None = None, apt_runner: AptRunner = run_apt,
                                      description="Make a dataset available locally (apt or download).")
     parser.add_argument("name", choices=DATASETS)
     args = parser.parse_args(argv)
-    return obtain(args.name, apt_runner, root_check, has_apt)
+    try:
+        obtain(args.name, apt_runner, root_check, has_apt)
+    except DataError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Hostile cases beyond issue 23's list (docs/reliability.md, "Cases of our own"): each is one
+`robustcl: error:` line with exit 2, or the right outcome, never a traceback or a false success."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from robustcl.cli import main
+from robustcl.data import fetch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robustcl: error: "), err
+    return err[0]
+
+
+def test_data_fetch_offline_is_one_line_naming_where_to_put_the_files(capsys, monkeypatch, tmp_path):
+    """It printed two lines without the prefix and exited 1 (`robustcl data fetch cifar10`, no network)."""
+    monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROBUSTCL_CIFAR10_URL", "http://127.0.0.1:9/")  # the discard port: refused at once
+    assert main(["data", "fetch", "cifar10"]) == 2
+    line = one_line_error(capsys)
+    assert "could not obtain cifar10" in line and str(tmp_path / "cache" / "cifar10") in line
+    assert "the download said:" in line
+
+
+def test_python_m_fetch_keeps_its_exit_code_and_message(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROBUSTCL_CIFAR10_URL", "http://127.0.0.1:9/")
+    assert fetch.main(["cifar10"]) == 1
+    assert capsys.readouterr().err.strip().startswith("could not obtain cifar10:")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--jobs", "0"], "--jobs 0 must be >= 1"),
+    (["--slurm-gpus", "1"], "applies to --launcher submitit only"),
+    (["--shard", "2/2"], "need n >= 1 and 0 <= i < n"),
+])
+def test_a_dry_run_checks_the_launch_options_as_the_sweep_would(flags, needle, capsys, tmp_path):
+    """`sweep --jobs 0 --dry-run` listed the runs and exited 0; the real sweep refused it."""
+    assert main(["sweep", "--spec", "fmnist-ladder", "--out", str(tmp_path / "sw"), "--dry-run", *flags]) == 2
+    assert needle in one_line_error(capsys)
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path):
+    """`robustcl configs >&-` ended in AttributeError: 'NoneType' object has no attribute 'flush'."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", "import os, sys; os.close(1); sys.stdout = None\n"
+                           "from robustcl.cli import entry; sys.exit(entry())", "configs"],
+                          env=env, capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
