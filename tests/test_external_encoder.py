@@ -286,3 +286,139 @@ def test_bad_encoder_arguments_are_one_line_errors_and_touch_nothing(smoke_run, 
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, (args, err)
     assert smoke_run.head("slf").read_bytes() == heads and not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------------------- your code
+USER_CODE = '''\
+import sys
+import torch
+from torch import nn
+
+
+def small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def leaves():
+    sys.exit(0)
+
+
+def needs(width):
+    return nn.Linear(width, width)
+
+
+def raises():
+    raise ValueError("the factory broke\\nsecond line")
+
+
+def counted() -> int:
+    raise AssertionError("robustcl called a function annotated as returning int")
+
+
+def gives_a_string():
+    return "not a module"
+
+
+def nan_weights():
+    module = small()
+    with torch.no_grad():
+        module[0].bias[1] = float("nan")
+    return module
+
+
+class Infinite(nn.Module):
+    def forward(self, x):
+        return torch.log(x.flatten(1) - 2)  # finite weights (none), NaN features
+
+
+class Shouted(nn.Module):
+    def __init__(self, volume):
+        super().__init__()
+'''
+
+
+@pytest.fixture()
+def user_code(tmp_path, monkeypatch):
+    """The working directory holds user_encoders.py (above) and modules that misbehave on import."""
+    (tmp_path / "user_encoders.py").write_text(USER_CODE)
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('no GPU here\\nsecond line')\n")
+    (tmp_path / "bad_syntax.py").write_text("def build(:\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("user_encoders", "exits_on_import", "raises_on_import", "bad_syntax"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return tmp_path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("robustcl: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sys:exit", "your encoder sys:exit is a builtin function (sys.exit), not"),
+    ("os:getcwd", "your encoder os:getcwd is a builtin function (os.getcwd), not"),
+    ("os:system", "your encoder os:system needs an argument (command); robustcl calls it with none"),
+    ("builtins:dict", "your encoder builtins:dict is a class that is not an nn.Module"),
+    ("user_encoders:leaves", "your encoder user_encoders:leaves raised when robustcl called user_encoders.leaves(): SystemExit: 0"),
+    ("exits_on_import:build", "your encoder exits_on_import:build raised while importing exits_on_import: SystemExit: 0"),
+    ("raises_on_import:build",
+     "your encoder raises_on_import:build raised while importing raises_on_import: RuntimeError: no GPU here"),
+    ("bad_syntax:build", "your encoder bad_syntax:build raised while importing bad_syntax: SyntaxError: invalid syntax"),
+    ("user_encoders:raises",
+     "your encoder user_encoders:raises raised when robustcl called user_encoders.raises(): ValueError: the factory broke"),
+    ("user_encoders:needs", "your encoder user_encoders:needs needs an argument (width); robustcl calls it with none"),
+    ("user_encoders:Shouted", "your encoder user_encoders:Shouted needs an argument (volume)"),
+    ("user_encoders:counted", "your encoder user_encoders:counted is annotated to return int, not an nn.Module"),
+    ("user_encoders:gives_a_string", "your encoder user_encoders:gives_a_string returned a str, not an nn.Module"),
+    ("user_encoders:missing", "your encoder user_encoders:missing: module user_encoders has no attribute missing"),
+    ("no_such_module:build", "your encoder no_such_module:build: no module named no_such_module"),
+])
+def test_the_users_code_failing_or_not_building_a_module_is_one_line_naming_it(user_code, capsys, spec, message):
+    """Whatever the named code does (exits, raises, needs arguments, is not a factory), the command says so in one
+    line (exit 2) naming the user's code, evaluates nothing, and never calls what is not meant to build a module."""
+    out = user_code / "out"
+    assert main(["evaluate", "--encoder", spec, "--data", "synthetic", "--out", str(out), "--quiet", *FAST]) == 2
+    err = _one_error_line(capsys)
+    assert message in err, err
+    assert not out.exists()
+
+
+def _nan_resnet18(path: Path) -> Path:
+    torch.save({k: v.float() * float("nan") if v.is_floating_point() else v
+                for k, v in torchvision_resnet18_state(1, "cifar").items()}, path)
+    return path
+
+
+def test_non_finite_weights_or_features_are_one_line_errors_for_every_kind_of_encoder(smoke_run, user_code, capsys):
+    """NaN or inf in the weights (a torchvision state dict, a robustcl encoder file, a module) or in the features
+    of the first batch: one line naming the file or code and the first non-finite tensor, nothing evaluated."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(smoke_run.encoder), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(smoke_run.encoder))
+    first = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1 and k != "mean")
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[1] = float("inf")
+    save_file(tensors, str(user_code / "inf.safetensors"), metadata=metadata)
+    cases = [
+        (str(_nan_resnet18(user_code / "nan.pth")), f"{user_code / 'nan.pth'}: tensor conv1.weight holds non-finite"),
+        (str(user_code / "inf.safetensors"), f"{user_code / 'inf.safetensors'}: tensor {first} holds non-finite"),
+        ("user_encoders:nan_weights", "your encoder user_encoders:nan_weights: tensor 0.bias holds non-finite"),
+        ("user_encoders:Infinite", "your encoder user_encoders:Infinite: its features on 2 random images of the dataset's shape are not finite"),
+    ]
+    for spec, message in cases:
+        out = user_code / "out"
+        assert main(["evaluate", "--encoder", spec, "--data", "synthetic", "--out", str(out), "--quiet", *FAST]) == 2
+        err = _one_error_line(capsys)
+        assert message in err, err
+        assert not out.exists()
+    module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        module[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(EncoderError, match=r"torch\.nn\.modules\.container\.Sequential: tensor 0\.weight holds non-finite"):
+        load_external(module, dataset_info("synthetic"))

@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import robustcl
 import robustcl.train.pretrain as pretrain_module
 from robustcl.cli import main
 from robustcl.config import ConfigError
+from robustcl.runs.guard import RunLock
 from robustcl.sweep.flow import run_sweep
 from robustcl.sweep.launch import make_task, run_task, thread_share
 from robustcl.sweep.options import LaunchSettings, parse_shard, shard_runs
@@ -181,3 +188,133 @@ def test_an_unexpected_error_in_a_worker_stops_the_parallel_sweep(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("robustcl: error: fashion-mnist not found in root") and "\n" not in err
     assert not (out / "summary.md").exists()
+
+
+# ------------------------------------------------------------------------------------------ signals
+LONG_SPEC = SPEC.replace("train.max_steps=2,", "train.max_steps=150, train.epochs=100, train.checkpoint_every=2,")
+RUNS = ("g-s0", "g-s1")
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(condition, seconds: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return condition()
+
+
+def _sweep_process(spec: Path, out: Path, folder: Path) -> subprocess.Popen:
+    """`robustcl sweep --jobs 2` in its own process group, its output in folder/stdout and folder/stderr (files:
+    a worker that outlives the sweep would hold a pipe open)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(robustcl.__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "robustcl", "sweep", "--spec", str(spec), "--out", str(out),
+                                 "--jobs", "2", "--quiet"], env=env, stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+
+
+def _stop_mid_training(tmp_path: Path, signum: int) -> tuple[Path, Path, subprocess.Popen]:
+    """Start `sweep --jobs 2` on LONG_SPEC, send `signum` to the sweep process once both runs have a checkpoint,
+    and check that no worker and no live lock outlives it; returns (spec, out, the ended sweep process)."""
+    spec, out = write_spec(tmp_path, LONG_SPEC), tmp_path / "out"
+    proc = _sweep_process(spec, out, tmp_path)
+    workers: list[int] = []
+    try:
+        training = _wait_for(lambda: all((out / n / "checkpoints" / "last.pt").is_file() for n in RUNS), 180, proc)
+        assert training, f"the runs never started training: {(tmp_path / 'stderr').read_text()}"
+        workers = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=60)
+        assert _wait_for(lambda: not any(_alive(pid) for pid in workers), 60), "a worker outlived the sweep"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    for name in RUNS:
+        holder = RunLock(out / name).holder()
+        assert holder is None or not _alive(holder["pid"]), f"{name}'s lock is held by a live process: {holder}"
+        assert not (out / name / "results.json").exists()  # stopped mid-run
+    assert [r.status for r in plan_sweep(str(spec), out).runs] == ["resume", "resume"]
+    return spec, out, proc
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_ends_a_jobs_2_sweep_its_workers_and_their_locks(tmp_path, capsys, signum, status):
+    """SIGTERM (or SIGINT) to `sweep --jobs 2` mid-training: the workers stop and free their runs, the sweep
+    says so in one line with status 128 + the signal; the same command then resumes both runs to the end."""
+    spec, out, proc = _stop_mid_training(tmp_path, signum)
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == status, (proc.returncode, stderr)
+    assert stderr == (f"robustcl: sweep stopped by {signal.Signals(signum).name}; run the same command again to "
+                      "resume its runs\n")
+    if signum == signal.SIGTERM:  # one rerun is enough to show that stopped runs resume
+        assert main(["sweep", "--spec", str(spec), "--out", str(out), "--jobs", "2", "--quiet"]) == 0
+        assert all((out / name / "results.json").is_file() for name in RUNS)
+        capsys.readouterr()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_workers_of_a_killed_sweep_stop_instead_of_hanging(tmp_path):
+    """SIGKILL cannot be handled: the workers notice that their parent is gone, stop their runs and exit."""
+    _stop_mid_training(tmp_path, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is a POSIX signal")
+def test_a_stop_signal_unwinds_the_serial_sweep_and_restores_the_handlers(tmp_path, monkeypatch, capsys):
+    """SIGHUP during a serial sweep's run: the run unwinds (its lock released), one line, status 129."""
+    spec, out = write_spec(tmp_path), tmp_path / "out"
+    held = []
+
+    def hung_up(cfg, run, resume=False, overwrite=False, progress=True):
+        lock = RunLock(run.root)
+        lock.acquire(create=True)
+        try:
+            held.append(lock.path.is_file())
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(30)  # the handler raises in here
+        finally:
+            lock.release()
+
+    def unhandled(signum, frame):  # what the test's process does with a SIGHUP the sweep did not handle
+        raise RuntimeError("the sweep left SIGHUP to its caller")
+
+    monkeypatch.setattr(pretrain_module, "pretrain", hung_up)
+    before = signal.signal(signal.SIGHUP, unhandled)
+    try:
+        assert main(["sweep", "--spec", str(spec), "--out", str(out), "--quiet"]) == 129
+        assert signal.getsignal(signal.SIGHUP) is unhandled  # the sweep's handler is gone
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    captured = capsys.readouterr()
+    assert captured.err == "robustcl: sweep stopped by SIGHUP; run the same command again to resume its runs\n"
+    assert held == [True] and RunLock(out / "g-s0").holder() is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from robustcl.cli.phases import add_common
@@ -23,9 +24,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         outcome = api.sweep(args.spec, args.out, args.overrides, seeds=args.seeds, overwrite=args.overwrite,
                             progress=not args.quiet, rows=args.rows, echo=print, **launch)
-    except KeyboardInterrupt:
-        print("robustcl: sweep interrupted; run the same command again to resume it", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT/SIGHUP (sweep.launch.Stopped: its runs unwound)
+        print(f"robustcl: sweep {exc or 'interrupted'}; run the same command again to resume its runs", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # as a shell reports it: 143 for SIGTERM, 130 for SIGINT
     for name, message in outcome.failed.items():
         print(f"robustcl: run {name} failed: {message}", file=sys.stderr)
     print(f"summary: {outcome.summary}")

@@ -7,8 +7,10 @@ does its own input normalisation, as robustcl's encoders do. Three ways to give 
   .safetensors without robustcl metadata), loaded into robustcl's single-BN ResNet with `mean`/`std`
   (default: the evaluation dataset's channel statistics, what robustcl trains with) in front, and
   L2-normalised features as robustcl's encoders give;
-- a module (`evaluate_encoder(module)`) or "package.module:callable" naming one or a zero-argument
-  factory of one; its features are used as it returns them.
+- a module (`evaluate_encoder(module)`) or "package.module:callable" naming one, an nn.Module subclass or a
+  Python function with no required parameters that builds one (the rule: robustcl/encoders/load.py); its
+  features are used as it returns them.
+Non-finite weights, or non-finite features on a first batch, are an error for every kind.
 The results directory is a run directory (config.yaml, heads/, results.json, report.md, metrics.jsonl)
 plus encoder.json saying what was evaluated; for the first two kinds it also holds encoder.safetensors,
 so `robustcl evaluate --run DIR` can add attacks later without refitting.

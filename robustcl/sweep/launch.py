@@ -5,13 +5,27 @@ Every run goes through robustcl/sweep/run.py's execute_planned_run. In parallel 
 by `run_task` in a fresh worker: it reloads the run's config and calls execute_planned_run, which decides again
 whether the run is done, to resume or new (so a run another worker or shard finished meanwhile is skipped).
 Workers get a share of the CPU threads (`thread_share`, capped by run.thread_cap).
+
+Stopping. While a sweep runs its runs here or in local processes, SIGTERM, SIGINT and SIGHUP raise `Stopped` in
+its main thread (`stop_on_signals`). The serial sweep unwinds its run (the run's lock is released on the way);
+the parallel one stops its workers first (`stop_workers`): each gets SIGTERM, unwinds its run the same way and
+exits; one still alive after STOP_GRACE_S is killed, and its lock is then a dead holder's, which the next
+sweep takes over. A worker also watches its parent (`init_worker`): when the sweep process dies (even by
+SIGKILL) the worker stops its run and exits instead of waiting for tasks forever. Either way the stopped
+runs resume from their last checkpoint when the same command runs again.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from robustcl.config import ConfigError
 from robustcl.sweep.options import LaunchSettings
@@ -20,6 +34,106 @@ from robustcl.sweep.run import TaskResult, execute_planned_run
 
 LOG_FOLDER = "logs"
 SUBMITIT_FOLDER = "submitit"
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+STOP_GRACE_S = 30.0  # how long a stopped worker may take to unwind its run before it is killed
+PARENT_POLL_S = 1.0  # how often a worker checks that the sweep process is still alive
+
+
+# ---------------------------------------------------------------------------------------- stopping
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGINT or SIGHUP) ended the sweep or one of its workers; `signum` says which
+    (a KeyboardInterrupt, so code that cleans up after an interrupt cleans up after it too)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process ended by it (143 for SIGTERM, 130 for SIGINT)."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, the first SIGTERM, SIGINT or SIGHUP raises Stopped in the main thread; later ones are
+    ignored, so they cannot cut the clean-up short (a lock's release). The previous handlers come back after the
+    block. Outside the main thread signals cannot be handled and the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_worker = {"local": False, "busy": False, "stopping": False}  # this process as a local worker (init_worker)
+
+
+def _exit_worker(status: int) -> None:
+    """End this local worker now, as a normal exit would (the exit handlers run: multiprocessing's finalizers give
+    back its semaphores), without going back to the pool's loop, which would wait for tasks from a parent that is
+    stopping or gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    os._exit(status)
+
+
+def _worker_stop(signum: int, frame: object) -> None:
+    """A local worker's stop signal: unwind the run in progress (Stopped; later signals are ignored meanwhile),
+    or exit at once when idle."""
+    if _worker["stopping"]:
+        return
+    if not _worker["busy"]:
+        _exit_worker(128 + signum)
+    _worker["stopping"] = True
+    raise Stopped(signum)
+
+
+def _watch_parent(parent: int) -> None:
+    """A worker's watchdog thread: once the sweep process is gone, stop the worker (as SIGTERM does); if the run
+    does not unwind within STOP_GRACE_S, end the worker anyway (its lock is then a dead holder's)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)  # the main thread runs the handler
+    time.sleep(STOP_GRACE_S)
+    os._exit(128 + signal.SIGTERM)
+
+
+def init_worker(parent: int) -> None:
+    """The initializer of a local worker process: stop signals stop it (`_worker_stop`), and it watches `parent`."""
+    _worker["local"] = True
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _worker_stop)
+    threading.Thread(target=_watch_parent, args=(parent,), name="robustcl-watch-parent", daemon=True).start()
+
+
+def stop_workers(workers: Sequence[Any], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to each worker process, then wait up to `grace` seconds for them to unwind their runs and exit;
+    any still running is killed."""
+    from multiprocessing.connection import wait
+
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + grace
+    remaining = list(workers)
+    while remaining and time.monotonic() < deadline:
+        ended = wait([w.sentinel for w in remaining], timeout=deadline - time.monotonic())
+        remaining = [w for w in remaining if w.sentinel not in ended]
+    for worker in remaining:
+        worker.kill()
 
 
 def available_cpus() -> int:
@@ -58,10 +172,19 @@ def make_task(planned: PlannedRun, overwrite: bool, threads: int | None, log: Pa
 
 def run_task(task: RunTask) -> TaskResult:
     """A worker's entry point (a spawned local process or a submitit job): the task's run, its config loaded
-    in this process, through execute_planned_run with the task's thread cap and log."""
+    in this process, through execute_planned_run with the task's thread cap and log. A local worker stopped
+    by a signal exits once its run has unwound (its lock released): its parent is stopping or gone."""
     planned = PlannedRun(task.label, task.seed, task.config, task.overrides, Path(task.root))
     planned.cfg = load_run_config(planned)
-    return execute_planned_run(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
+    _worker["busy"] = True
+    try:
+        return execute_planned_run(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
+    except Stopped as exc:
+        if not _worker["local"]:
+            raise  # a submitit job: its launcher decides
+        _exit_worker(exc.exit_status)  # the run unwound: its lock is released
+    finally:
+        _worker["busy"] = False
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -72,11 +195,12 @@ def launch_runs(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSet
                 echo: Echo) -> dict[str, str]:
     """Execute `runs` of the plan with the settings' launcher: submitit jobs, local processes (jobs > 1), or one
     after another in this process (the default); returns the runs that failed (name -> message)."""
-    if settings.launcher == "submitit":
+    if settings.launcher == "submitit":  # an interrupt stops the waiting, not the jobs
         return run_submitit(runs, plan, settings, overwrite, echo)
-    if not settings.serial:
-        return run_local_processes(runs, plan, settings, overwrite, echo)
-    return run_serial(runs, overwrite, progress, echo)
+    with stop_on_signals():  # SIGTERM, SIGINT, SIGHUP: Stopped, the runs unwound (locks released), resumable
+        if not settings.serial:
+            return run_local_processes(runs, plan, settings, overwrite, echo)
+        return run_serial(runs, overwrite, progress, echo)
 
 
 def run_serial(runs: Sequence[PlannedRun], overwrite: bool, progress: bool, echo: Echo) -> dict[str, str]:
@@ -113,7 +237,8 @@ def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: L
          f"logs in {plan.out / LOG_FOLDER}")
     tasks = [make_task(r, overwrite, threads, plan.out / LOG_FOLDER / f"{r.name}.log") for r in todo]
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its thread pools
-    pool = ProcessPoolExecutor(max_workers=min(settings.jobs, len(tasks)), mp_context=context)
+    pool = ProcessPoolExecutor(max_workers=min(settings.jobs, len(tasks)), mp_context=context,
+                               initializer=init_worker, initargs=(os.getpid(),))
     pending = {pool.submit(run_task, task): task for task in tasks}
     try:
         done_count = 0
@@ -124,9 +249,8 @@ def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: L
                 result = future.result()  # an unexpected error (bad data, a bug) stops the sweep, as in serial
                 done_count += 1
                 _echo_result(result, f"[{done_count}/{len(tasks)}]", failed, echo)
-    except BaseException:  # an interrupt or an unexpected error stops the sweep at once, as the serial one does
-        for worker in multiprocessing.active_children():  # the pool's workers: their runs resume from checkpoints
-            worker.terminate()
+    except BaseException:  # a stop signal or an unexpected error stops the sweep at once, as the serial one does
+        stop_workers(multiprocessing.active_children())  # the pool's workers: their runs resume from checkpoints
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
@@ -183,5 +307,6 @@ def run_submitit(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSe
     return failed
 
 
-__all__ = ["LOG_FOLDER", "SUBMITIT_FOLDER", "RunTask", "launch_runs", "make_task", "run_local_processes", "run_serial",
-           "run_submitit", "run_task", "runs_to_do", "submitit_executor", "thread_share"]
+__all__ = ["LOG_FOLDER", "STOP_SIGNALS", "SUBMITIT_FOLDER", "RunTask", "Stopped", "init_worker", "launch_runs",
+           "make_task", "run_local_processes", "run_serial", "run_submitit", "run_task", "runs_to_do", "stop_on_signals",
+           "stop_workers", "submitit_executor", "thread_share"]
