@@ -335,14 +335,16 @@ def evaluate_encoder(encoder: Any, data: str, out: PathLike | None = None, *, co
                         mean=mean, std=std, overwrite=overwrite, progress=progress)
 
 
-def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | None = None) -> dict[str, Any]:
+def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | None = None, *,
+                       overwrite: bool = False) -> dict[str, Any]:
     """One BN branch of a run's ResNet encoder as a torchvision-layout state dict (`robustcl export`); returns
-    what was written (path, arch, stem, branch, mean, std)."""
+    what was written (path, arch, stem, branch, mean, std). An existing `out` is replaced only with `overwrite`,
+    and never a file of a run, the encoder read or anything but a regular file (docs/reliability.md)."""
     from robustcl.export import export_torchvision as write_torchvision
     from robustcl.runs import RunError
 
     try:
-        return write_torchvision(Path(run), branch, out)
+        return write_torchvision(Path(run), branch, out, overwrite)
     except ValueError as exc:  # not a ResNet, or not a robustcl encoder file
         raise RunError(str(exc)) from None
 
