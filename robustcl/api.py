@@ -249,12 +249,13 @@ def sweep_plan(spec: str | PathLike | Sweep, out: PathLike | None = None, overri
 
 
 def sweep_summary(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
-                  seeds: Sequence[int] | None = None, rows: Sequence[PathLike] = ()) -> Path:
-    """Write summary.md/.csv of the runs finished so far, and of `rows`' runs (`robustcl sweep --summarize`)."""
+                  seeds: Sequence[int] | None = None, rows: Sequence[PathLike] = (), overwrite: bool = False) -> Path:
+    """Write summary.md/.csv of the runs finished so far, and of `rows`' runs (`robustcl sweep --summarize`);
+    `overwrite` takes over another spec's sweep directory."""
     from robustcl.sweep import Sweep, summarize_sweep
 
     return summarize_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), seeds,
-                           tuple(rows))
+                           tuple(rows), overwrite)
 
 
 def bench(config: str | PathLike | Sequence[str | PathLike], overrides: Sequence[str] = (), *,

@@ -5,21 +5,27 @@ Every run goes through robustcl/sweep/run.py's execute_planned_run. In parallel 
 by `run_task` in a fresh worker: it reloads the run's config and calls execute_planned_run, which decides again
 whether the run is done, to resume or new (so a run another worker or shard finished meanwhile is skipped).
 Workers get a share of the CPU threads (`thread_share`, capped by run.thread_cap).
+
+Each run is held for its whole task (`robustcl.runs.guard.claimed`: pretrain to report): a run that another
+live process holds (a second sweep into the same directory) is left to it, reported as running elsewhere and
+not counted as failed; that sweep writes the summary again when it ends.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from robustcl.config import ConfigError
+from robustcl.runs.guard import claimed
+from robustcl.runs.layout import SweepLayout
 from robustcl.sweep.options import LaunchSettings
 from robustcl.sweep.plan import PlannedRun, SweepPlan, load_run_config
 from robustcl.sweep.run import TaskResult, execute_planned_run
 
-LOG_FOLDER = "logs"
-SUBMITIT_FOLDER = "submitit"
+LOG_FOLDER = SweepLayout.logs.name
+SUBMITIT_FOLDER = SweepLayout.submitit.name
 
 
 def available_cpus() -> int:
@@ -56,12 +62,32 @@ def make_task(planned: PlannedRun, overwrite: bool, threads: int | None, log: Pa
                    str(planned.root), overwrite, threads, None if log is None else str(log))
 
 
+@dataclass(frozen=True)
+class RunningElsewhere(TaskResult):
+    """A run another live process holds (a second sweep into the same directory): left to it, not failed."""
+
+
+def execute_claimed(planned: PlannedRun, overwrite: bool, progress: bool = False, **options: Any) -> TaskResult:
+    """execute_planned_run while this process holds the run (`claimed`); RunningElsewhere when another does."""
+    with claimed(planned.root) as ours:
+        if not ours:
+            return RunningElsewhere(planned.name, False, 0.0)
+        return execute_planned_run(planned, overwrite, progress, **options)
+
+
 def run_task(task: RunTask) -> TaskResult:
     """A worker's entry point (a spawned local process or a submitit job): the task's run, its config loaded
     in this process, through execute_planned_run with the task's thread cap and log."""
     planned = PlannedRun(task.label, task.seed, task.config, task.overrides, Path(task.root))
     planned.cfg = load_run_config(planned)
-    return execute_planned_run(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
+    return execute_claimed(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
+
+
+@dataclass
+class Tally:
+    """How a sweep's runs went: the failed ones (name -> message) and those left to another live process."""
+    failed: dict[str, str] = field(default_factory=dict)
+    elsewhere: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -69,25 +95,28 @@ Echo = Callable[[str], None]
 
 
 def launch_runs(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool, progress: bool,
-                echo: Echo) -> dict[str, str]:
+                echo: Echo) -> tuple[dict[str, str], tuple[str, ...]]:
     """Execute `runs` of the plan with the settings' launcher: submitit jobs, local processes (jobs > 1), or one
-    after another in this process (the default); returns the runs that failed (name -> message)."""
+    after another in this process (the default); returns the runs that failed (name -> message) and the runs
+    left to another live process."""
     if settings.launcher == "submitit":
-        return run_submitit(runs, plan, settings, overwrite, echo)
-    if not settings.serial:
-        return run_local_processes(runs, plan, settings, overwrite, echo)
-    return run_serial(runs, overwrite, progress, echo)
+        tally = run_submitit(runs, plan, settings, overwrite, echo)
+    elif not settings.serial:
+        tally = run_local_processes(runs, plan, settings, overwrite, echo)
+    else:
+        tally = run_serial(runs, overwrite, progress, echo)
+    return tally.failed, tuple(tally.elsewhere)
 
 
-def run_serial(runs: Sequence[PlannedRun], overwrite: bool, progress: bool, echo: Echo) -> dict[str, str]:
-    """Every run in this process, one after another, each saying its status first; returns failed runs."""
-    failed: dict[str, str] = {}
+def run_serial(runs: Sequence[PlannedRun], overwrite: bool, progress: bool, echo: Echo) -> Tally:
+    """Every run in this process, one after another, each saying its status first; returns how they went."""
+    tally = Tally()
     for i, planned in enumerate(runs, 1):
         prefix = f"[{i}/{len(runs)}]"
-        result = execute_planned_run(planned, overwrite, progress,  # says the status before the run starts
-                                     announce=lambda status, head=f"{prefix} {planned.name}": echo(f"{head}: {status}"))
-        _echo_result(result, prefix, failed, echo)
-    return failed
+        result = execute_claimed(planned, overwrite, progress,  # says the status before the run starts
+                                 announce=lambda status, head=f"{prefix} {planned.name}": echo(f"{head}: {status}"))
+        _echo_result(result, prefix, tally, echo)
+    return tally
 
 
 def runs_to_do(runs: Sequence[PlannedRun], echo: Echo) -> list[PlannedRun]:
@@ -99,16 +128,16 @@ def runs_to_do(runs: Sequence[PlannedRun], echo: Echo) -> list[PlannedRun]:
 
 
 def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool,
-                        echo: Echo) -> dict[str, str]:
-    """Up to settings.jobs local worker processes (spawned), each run a task; returns failed runs (name -> message)."""
+                        echo: Echo) -> Tally:
+    """Up to settings.jobs local worker processes (spawned), each run a task; returns how they went."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = thread_share(settings.jobs)
     todo = runs_to_do(runs, echo)
-    failed: dict[str, str] = {}
+    tally = Tally()
     if not todo:
-        return failed
+        return tally
     echo(f"{len(todo)} runs in {min(settings.jobs, len(todo))} processes, {threads} torch threads each; "
          f"logs in {plan.out / LOG_FOLDER}")
     tasks = [make_task(r, overwrite, threads, plan.out / LOG_FOLDER / f"{r.name}.log") for r in todo]
@@ -123,20 +152,23 @@ def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: L
                 pending.pop(future)
                 result = future.result()  # an unexpected error (bad data, a bug) stops the sweep, as in serial
                 done_count += 1
-                _echo_result(result, f"[{done_count}/{len(tasks)}]", failed, echo)
+                _echo_result(result, f"[{done_count}/{len(tasks)}]", tally, echo)
     except BaseException:  # an interrupt or an unexpected error stops the sweep at once, as the serial one does
         for worker in multiprocessing.active_children():  # the pool's workers: their runs resume from checkpoints
             worker.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    return failed
+    return tally
 
 
-def _echo_result(result: TaskResult, prefix: str, failed: dict[str, str], echo: Echo) -> None:
-    """Say how a run went (skipped, finished in N s, or failed: why), recording a failure in `failed`."""
-    if result.error is not None:
-        failed[result.name] = result.error
+def _echo_result(result: TaskResult, prefix: str, tally: Tally, echo: Echo) -> None:
+    """Say how a run went (skipped, running elsewhere, finished in N s, or failed: why), recording it in `tally`."""
+    if isinstance(result, RunningElsewhere):
+        tally.elsewhere.append(result.name)
+        echo(f"{prefix} {result.name}: running in another process (another sweep into this directory?), left to it")
+    elif result.error is not None:
+        tally.failed[result.name] = result.error
         echo(f"{prefix} {result.name}: failed: {result.error}")
     elif result.skipped:
         echo(f"{prefix} {result.name}: done, skipped")
@@ -159,12 +191,12 @@ def submitit_executor(folder: Path, settings: LaunchSettings, name: str) -> Any:
 
 
 def run_submitit(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool,
-                 echo: Echo) -> dict[str, str]:
-    """Submit the not-done runs as one submitit job array, wait for every job; returns failed runs (name -> message)."""
+                 echo: Echo) -> Tally:
+    """Submit the not-done runs as one submitit job array, wait for every job; returns how they went."""
     todo = runs_to_do(runs, echo)
-    failed: dict[str, str] = {}
+    tally = Tally()
     if not todo:
-        return failed
+        return tally
     folder = plan.out / SUBMITIT_FOLDER
     executor = submitit_executor(folder, settings, f"robustcl-{plan.sweep.spec.name}")
     tasks = [make_task(r, overwrite, settings.cpus, None) for r in todo]
@@ -176,12 +208,13 @@ def run_submitit(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSe
             result = job.result()
         except Exception as exc:  # the job died (a bug, bad data, the time limit): report it, wait for the others
             message = str(exc).strip().splitlines()
-            failed[task.name] = f"job {job.job_id} failed: {message[-1] if message else type(exc).__name__}; log {job.paths.stderr}"
-            echo(f"[{k}/{len(jobs)}] {task.name}: {failed[task.name]}")
+            tally.failed[task.name] = (f"job {job.job_id} failed: {message[-1] if message else type(exc).__name__}; "
+                                       f"log {job.paths.stderr}")
+            echo(f"[{k}/{len(jobs)}] {task.name}: {tally.failed[task.name]}")
             continue
-        _echo_result(result, f"[{k}/{len(jobs)}]", failed, echo)
-    return failed
+        _echo_result(result, f"[{k}/{len(jobs)}]", tally, echo)
+    return tally
 
 
-__all__ = ["LOG_FOLDER", "SUBMITIT_FOLDER", "RunTask", "launch_runs", "make_task", "run_local_processes", "run_serial",
+__all__ = ["LOG_FOLDER", "SUBMITIT_FOLDER", "RunTask", "RunningElsewhere", "Tally", "execute_claimed", "launch_runs", "make_task", "run_local_processes", "run_serial",
            "run_submitit", "run_task", "runs_to_do", "submitit_executor", "thread_share"]

@@ -6,6 +6,9 @@ new, or conflict (the directory holds another config or something else).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +18,7 @@ import yaml
 import robustcl.methods  # noqa: F401 - registers the methods the planned configs are built with
 from robustcl.config import Config, ConfigError, load_config
 from robustcl.runs import RunDir, atomic_write_text
+from robustcl.runs.layout import SweepLayout
 from robustcl.runtime import config_change
 from robustcl.sweep.spec import Sweep, check_overrides, configurations, load_spec
 
@@ -127,6 +131,17 @@ def format_plan(plan: SweepPlan) -> str:
     return "\n".join(lines)
 
 
+def sweep_identity(sweep: Sweep) -> dict[str, str]:
+    """What a sweep directory's marker names (robustcl.runs.policy.claim_sweep_dir): the spec's name, where it
+    came from (a file's absolute path, or the shipped spec) and a fingerprint of its content without the seeds
+    (--seeds or a spec given more seeds is the same sweep)."""
+    origin = Path(sweep.origin)
+    content = {k: v for k, v in dataclasses.asdict(sweep.spec).items() if k != "seeds"}
+    fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"name": sweep.spec.name, "spec": str(origin.resolve()) if origin.is_file() else sweep.origin,
+            "fingerprint": fingerprint}
+
+
 def write_sweep_yaml(plan: SweepPlan) -> Path:
     """sweep.yaml: the resolved list of runs (directory, configuration, seed, config, overrides)."""
     data = {
@@ -135,7 +150,7 @@ def write_sweep_yaml(plan: SweepPlan) -> Path:
         "runs": [{"name": r.name, "configuration": r.label, "seed": r.seed, "config": r.config,
                   "overrides": list(r.overrides)} for r in plan.runs],
     }
-    path = plan.out / "sweep.yaml"
+    path = SweepLayout(plan.out).plan
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return path
 
