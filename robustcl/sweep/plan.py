@@ -69,11 +69,20 @@ def _is_finished(run: RunDir, cfg: Config) -> bool:
     return bool(results) and set(cfg.finetune.protocols) <= set(results.get("protocols", {}))
 
 
+def _being_started(run: RunDir) -> bool:
+    """True when the directory holds only what `open_run` writes before config.yaml (lock, marker, their temp files
+    and config.yaml's): a run another process is starting."""
+    first = (run.lock.name, run.marker.name, run.config.name)
+    return all(p.name in first[:2] or p.name.startswith(tuple(f".{n}." for n in first)) for p in run.root.iterdir())
+
+
 def run_status(planned: PlannedRun, overwrite: bool) -> str:
     """done | resume | new, or 'conflict: ...' when the directory holds something else."""
     run, cfg = planned.run, planned.cfg
     if not run.root.exists() or not any(run.root.iterdir()):
         return "new"
+    if _being_started(run):
+        return "new"  # by another process: its lock and marker (or their temp files), no config.yaml yet
     if not run.config.is_file():
         return f"conflict: {run.root} exists but is not a robustcl run; choose another --out"
     if overwrite:
