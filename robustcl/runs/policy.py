@@ -139,9 +139,11 @@ def claim_sweep_dir(root: Path | str, identity: dict[str, Any], overwrite: bool)
             return  # already this spec's, as it is now
         marker = {"format": SWEEP_FORMAT, **identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "host": socket.gethostname()}
-        if found is not None or _create(SweepLayout(root).marker, json.dumps(marker, indent=2) + "\n"):
-            if found is not None:
-                atomic_write_text(SweepLayout(root).marker, json.dumps(marker, indent=2) + "\n")
+        text = json.dumps(marker, indent=2) + "\n"
+        if found is not None:  # this spec's (edited, copied elsewhere, made before the marker) or --overwrite
+            atomic_write_text(SweepLayout(root).marker, text)
+            return
+        if _create(SweepLayout(root).marker, text):  # a new sweep directory, unless another sweep claimed it meanwhile
             return
     raise RunError(f"{root}'s {SWEEP_MARKER} keeps changing (another sweep claiming it?); run the command again")
 
