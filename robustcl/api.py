@@ -259,12 +259,13 @@ def sweep_plan(spec: str | PathLike | Sweep, out: PathLike | None = None, overri
 
 
 def sweep_summary(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
-                  seeds: Sequence[int] | None = None, rows: Sequence[PathLike] = ()) -> Path:
-    """Write summary.md/.csv of the runs finished so far, and of `rows`' runs (`robustcl sweep --summarize`)."""
+                  seeds: Sequence[int] | None = None, rows: Sequence[PathLike] = (), overwrite: bool = False) -> Path:
+    """Write summary.md/.csv of the runs finished so far, and of `rows`' runs (`robustcl sweep --summarize`);
+    `overwrite` takes over another spec's sweep directory."""
     from robustcl.sweep import Sweep, summarize_sweep
 
     return summarize_sweep(spec if isinstance(spec, Sweep) else os.fspath(spec), out, tuple(overrides), seeds,
-                           tuple(rows))
+                           tuple(rows), overwrite)
 
 
 def bench(config: str | PathLike | Sequence[str | PathLike], overrides: Sequence[str] = (), *,
@@ -345,14 +346,16 @@ def evaluate_encoder(encoder: Any, data: str, out: PathLike | None = None, *, co
                         mean=mean, std=std, overwrite=overwrite, progress=progress)
 
 
-def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | None = None) -> dict[str, Any]:
+def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | None = None, *,
+                       overwrite: bool = False) -> dict[str, Any]:
     """One BN branch of a run's ResNet encoder as a torchvision-layout state dict (`robustcl export`); returns
-    what was written (path, arch, stem, branch, mean, std)."""
+    what was written (path, arch, stem, branch, mean, std). An existing `out` is replaced only with `overwrite`,
+    and never a file of a run, the encoder read or anything but a regular file (docs/reliability.md)."""
     from robustcl.export import export_torchvision as write_torchvision
     from robustcl.runs import RunError
 
     try:
-        return write_torchvision(Path(run), branch, out)
+        return write_torchvision(Path(run), branch, out, overwrite)
     except ValueError as exc:  # not a ResNet, or not a robustcl encoder file
         raise RunError(str(exc)) from None
 

@@ -148,21 +148,27 @@ def load_encoder(path: Path | str, branch: Branch | str = "headline") -> FixedBr
     return FixedBranchEncoder(encoder, resolve_branch(branch, meta)).eval()
 
 
-def export_torchvision(source: Path | str, branch: str = "headline", path: Path | str | None = None) -> dict[str, Any]:
+def export_torchvision(source: Path | str, branch: str = "headline", path: Path | str | None = None,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Write one BN branch of a robustcl ResNet encoder as a torchvision-layout state dict (torch.save, atomic).
 
     `source` is a run directory or encoder.safetensors; `branch` may be "headline"; `path` defaults to
-    resnet-<branch>.pth beside the encoder. Returns what was written: path, arch, stem, branch and the
-    input normalisation the weights expect (a state dict cannot hold it).
+    resnet-<branch>.pth beside the encoder. The output follows robustcl.runs.policy.claim_output_file: an
+    existing file is replaced only with `overwrite`, and never a file of a run or sweep directory, the encoder
+    read, or anything but a regular file. Returns what was written: path, arch, stem, branch and the input
+    normalisation the weights expect (a state dict cannot hold it).
     """
     from robustcl.models.torchvision_layout import to_torchvision
+    from robustcl.runs.policy import claim_output_file
 
     encoder, meta = read_encoder(source)
     if meta["arch"] not in ("resnet18", "resnet50"):
         raise ValueError(f"{source} holds a {meta['arch']} encoder; only ResNet-18/50 encoders have a torchvision layout")
     chosen = resolve_branch(branch, meta)  # a single-BN encoder has one set of statistics
     source = Path(source)
-    out = Path(path) if path is not None else (source if source.is_dir() else source.parent) / f"resnet-{chosen}.pth"
+    read = source / "encoder.safetensors" if source.is_dir() else source
+    out = Path(path) if path is not None else read.parent / f"resnet-{chosen}.pth"
+    claim_output_file(out, overwrite, "--out", inputs=[read])
     save_torch_atomic(to_torchvision(encoder.backbone, chosen), out)
     return {"path": str(out), "arch": meta["arch"], "stem": meta.get("stem") or "cifar", "branch": chosen,
             "mean": meta["mean"], "std": meta["std"]}

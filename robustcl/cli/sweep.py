@@ -19,7 +19,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              **launch))
         return 0
     if args.summarize:
-        print(f"summary: {api.sweep_summary(args.spec, args.out, args.overrides, seeds=args.seeds, rows=args.rows)}")
+        summary = api.sweep_summary(args.spec, args.out, args.overrides, seeds=args.seeds, rows=args.rows,
+                                    overwrite=args.overwrite)
+        print(f"summary: {summary}")
         return 0
     try:
         outcome = api.sweep(args.spec, args.out, args.overrides, seeds=args.seeds, overwrite=args.overwrite,

@@ -70,13 +70,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phase-timing", default="auto",
                    help="auto (profiler on CPU, synced on CUDA), profiler or synced")
     p.add_argument("--json", metavar="PATH|-", help="write the report as JSON (atomically) to PATH, or stdout with -")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the bench; print the table (stderr when the JSON goes to stdout) and write the JSON report."""
     from robustcl import api
     from robustcl.bench import format_table
+    from robustcl.runs import atomic_write_text
+    from robustcl.runs.policy import claim_output_file
 
+    if args.json and args.json != "-":  # refused before the measurement, not after it
+        claim_output_file(args.json, args.overwrite, "--json")
     report = api.bench(args.config, args.overrides, batch_sizes=args.batch_size, precisions=args.precision,
                        channels_last=args.channels_last, compile=args.compile, compile_backend=args.compile_backend,
                        steps=args.steps, warmup=args.warmup, profile_steps=args.profile_steps, threads=args.threads,
@@ -87,8 +92,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(json.dumps(report, indent=2))
     elif args.json:
-        from robustcl.runs import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"report: {args.json}", file=table_out)
     return 0
@@ -136,7 +139,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from robustcl import api
 
-    done = api.export_torchvision(args.run, args.branch, args.out)
+    done = api.export_torchvision(args.run, args.branch, args.out, overwrite=args.overwrite)
     print(f"{done['path']}: {done['arch']} ({done['stem']} stem), {done['branch']} BN branch, torchvision key names, "
           f"no fc (load with strict=False or after model.fc = nn.Identity()); normalise inputs with "
           f"mean={done['mean']} std={done['std']} (not stored in the file)")
@@ -240,7 +243,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
                    help="BN branch to export (default: the one the method is reported through)")
     p.add_argument("--format", default="torchvision", choices=EXPORT_FORMATS,
                    help="torchvision: conv1/bn1/layerI.J.*/downsample.* names, saved with torch.save")
-    p.add_argument("--out", help="output file (default resnet-<branch>.pth beside the encoder)")
+    p.add_argument("--out", help="output file (default resnet-<branch>.pth beside the encoder); never a run's own file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(fn=cmd_export)
 
 

@@ -1,10 +1,17 @@
-"""Atomic file writes and the run-directory error: a kill or a full disk never leaves a half-written file."""
+"""Atomic file writes and the run-directory error: a kill or a full disk never leaves a half-written file.
+
+Every file robustcl writes goes through `atomic_write_bytes`: a temporary file beside the target, made as
+`open()` would make it (its mode follows the umask; a replaced file keeps its mode), fsynced, then renamed
+over the target. The target must be a regular file or nothing: a symbolic link, a device, a FIFO, a socket
+or a directory there is refused in one line (a rename would replace it, and a link would not be followed).
+"""
 from __future__ import annotations
 
 import errno
 import io
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +34,62 @@ def write_failure(path: Path, exc: OSError) -> RunError:
                     f"{hint}, then run the command again")
 
 
+KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+         (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def file_kind(path: Path | str) -> str | None:
+    """What `path` is when it is something other than a regular file ("a character device", "a symbolic link
+    (to /dev/stdout)", ...); None for a regular file or nothing at all."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None  # absent (or an unusable parent: the write itself says why)
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    return next((kind for test, kind in KINDS if test(mode)), "not a regular file")
+
+
+def refuse_irregular(path: Path | str, fix: str = "choose another path (or remove it)") -> None:
+    """RunError when `path` exists and is not a regular file: robustcl never writes through or replaces one."""
+    kind = file_kind(path)
+    if kind is not None:
+        raise RunError(f"{path} is {kind}, not a regular file; robustcl writes only regular files and never replaces "
+                       f"anything else: {fix}")
+
+
+def _temporary(path: Path) -> tuple[int, Path]:
+    """A new temp file beside `path`, created as open() creates a file: mode 0666 less the umask, or the mode of
+    the regular file it will replace."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # a replaced file keeps its mode, as with open()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path` (a failure is a RunError
-    and leaves the previous file as it was)."""
+    and leaves the previous file as it was); `path` must be a regular file or absent (`refuse_irregular`)."""
     path = Path(path)
     tmp = None
     try:
+        refuse_irregular(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temporary(path)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

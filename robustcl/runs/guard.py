@@ -1,17 +1,21 @@
 """What keeps a run directory safe to write: writability probed first, an ownership marker, a writer lock,
-no symbolic links, run names kept inside the runs directory.
+no symbolic links or devices among its files, run names kept inside the runs directory.
 
 - `probe_writable` fails in one line before any work when a directory cannot be written (read-only
   mount, a regular file in the path, a full file system).
 - `MARKER` (robustcl-run.json) is written into every run robustcl makes; `--overwrite` replaces only
-  a directory that carries it (or an older run holding nothing but robustcl's own files).
+  a directory that carries it (or an older run holding nothing but robustcl's own files: the entries
+  `robustcl.runs.layout.RunLayout` declares).
 - `RunLock` (robustcl-run.lock: pid, host, process start time) is held while a process writes into a
   run, so a second writer (say `--resume` while the run is still training) is refused; the lock of
   a process that died is detected (same host, pid gone or reused) and taken over.
+- `claimed` holds a run for a whole sweep task (pretrain to report) without a file: a second sweep sees
+  the run as running elsewhere instead of failing on its lock between two phases.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -21,19 +25,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from robustcl.runs.atomic import RunError, atomic_write_text
+from robustcl.runs.atomic import RunError, atomic_write_text, file_kind
+from robustcl.runs.layout import LOCK, MARKER, SWEEP_MARKER, TRANSFER_PREFIX, RunLayout
 
-MARKER = "robustcl-run.json"
-LOCK = "robustcl-run.lock"
 MARKER_FORMAT = "robustcl.run/1"
 MIN_FREE_BYTES = 64 * 1024  # below this the file system is full: not even a config and a log line fit
-
-# Entries robustcl writes at the top of a run directory (an older run without the marker holds only these).
-RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "encoder.safetensors", "heads", "results.json",
-                         "report.md", "plots", "pretrain.done", "eval_state", "eps_curve.csv", "steps_curve.csv",
-                         "bound.json", "bound.md", MARKER, LOCK})
-# Folders inside a run whose entries are robustcl's files too (checked for symbolic links).
-RUN_FOLDERS = ("checkpoints", "heads", "plots", "eval_state")
 
 
 def probe_writable(path: Path | str, why: str) -> None:
@@ -61,11 +57,11 @@ def probe_writable(path: Path | str, why: str) -> None:
 
 def is_owned(root: Path) -> bool:
     """True when robustcl made this directory: it carries the marker, or (older runs) a config.yaml and
-    nothing but robustcl's own entries."""
+    nothing but robustcl's own entries (`RunLayout`'s, and transfer runs made inside it)."""
     if (root / MARKER).is_file():
         return True
     names = {p.name for p in root.iterdir() if LOCK not in p.name}
-    return "config.yaml" in names and names <= RUN_ENTRIES | {n for n in names if n.startswith("transfer-")}
+    return "config.yaml" in names and all(n in RunLayout.top_names() or n.startswith(TRANSFER_PREFIX) for n in names)
 
 
 def foreign_entries(root: Path, limit: int = 6) -> str:
@@ -76,11 +72,15 @@ def foreign_entries(root: Path, limit: int = 6) -> str:
 
 
 def refuse_foreign(root: Path) -> None:
-    """RunError when `root` holds files but robustcl did not make it: it never writes into or --overwrites such a
-    directory (naming what it found)."""
-    if root.is_dir() and any(LOCK not in p.name for p in root.iterdir()) and not is_owned(root):
-        raise RunError(f"{root} was not made by robustcl (no {MARKER}; it holds {foreign_entries(root)}); robustcl "
-                       "will not write into it or --overwrite it: choose another --out")
+    """RunError when `root` holds files but robustcl did not make it a run: it never writes into or --overwrites
+    such a directory (naming what it found; a sweep directory is said to be one)."""
+    if not root.is_dir() or not any(LOCK not in p.name for p in root.iterdir()) or is_owned(root):
+        return
+    if (root / SWEEP_MARKER).is_file():
+        raise RunError(f"{root} is a sweep directory ({SWEEP_MARKER}), not a run; robustcl will not write a run into "
+                       "it or --overwrite it: choose another --out (a sweep's runs are its sub-directories)")
+    raise RunError(f"{root} was not made by robustcl (no {MARKER}; it holds {foreign_entries(root)}); robustcl "
+                   "will not write into it or --overwrite it: choose another --out")
 
 
 def write_marker(root: Path) -> None:
@@ -90,17 +90,37 @@ def write_marker(root: Path) -> None:
         atomic_write_text(root / MARKER, json.dumps(marker) + "\n")
 
 
-def refuse_symlinks(root: Path) -> None:
-    """RunError when a file or folder robustcl writes inside the run is a symbolic link (it would write
-    through it, outside the run)."""
-    entries = [root / name for name in sorted(RUN_ENTRIES)]
-    for folder in RUN_FOLDERS:
-        if (root / folder).is_dir() and not (root / folder).is_symlink():
-            entries += sorted((root / folder).iterdir())
-    for path in entries:
-        if path.is_symlink():
-            raise RunError(f"{path} is a symbolic link (to {os.readlink(path)}); robustcl writes only regular files "
-                           "inside a run: replace it by a regular file or folder (or remove it)")
+def _unsafe(path: Path, folder: bool | None) -> str | None:
+    """Why robustcl may not write at `path` inside a run (`folder`: whether a folder belongs there; None: either),
+    or None."""
+    kind = file_kind(path)
+    if kind is None or (kind == "a directory" and folder is not False):
+        return None
+    if kind == "a directory":
+        return f"{path} is a folder where robustcl writes a file; move it away (or remove it)"
+    if path.is_symlink():
+        return (f"{path} is {kind}; robustcl writes only regular files inside a run: replace it by a regular file or "
+                "folder (or remove it)")
+    return f"{path} is {kind}, not a regular file; robustcl writes only regular files inside a run: remove it (or move it away)"
+
+
+def refuse_unsafe_files(root: Path) -> None:
+    """RunError when a file or folder robustcl writes inside the run (`RunLayout`'s entries, and the files in its
+    folders) is a symbolic link (it would write through it, outside the run) or anything but a regular file or
+    folder (a device, a FIFO, a socket)."""
+    paths: dict[Path, bool | None] = {}
+    for entry in RunLayout.FILES:
+        top = root / entry.top
+        paths[top] = entry.folder or entry.top != entry.name
+        if (entry.top != entry.name or entry.folder and entry.library is None) and top.is_dir() and not top.is_symlink():
+            paths.update((path, None) for path in sorted(top.iterdir()))  # a logger library's folder is its own
+    for path, folder in paths.items():
+        why = _unsafe(path, folder)
+        if why:
+            raise RunError(why)
+
+
+refuse_symlinks = refuse_unsafe_files  # the name its callers know
 
 
 def run_dir_for(name: str, runs: Path | str = "runs") -> Path:
@@ -260,3 +280,33 @@ def writing(root: Path | str, why: str, create: bool = False) -> Iterator[RunLoc
         yield lock
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def claimed(root: Path | str) -> Iterator[bool]:
+    """Hold `root` (made if absent) for the body with an exclusive advisory lock on the directory itself: yields
+    True when this process holds it, False when another live process does (a sweep running the same run).
+
+    The kernel drops the lock when its holder dies, so no stale claim is left; where the file system cannot
+    lock a directory (some network mounts), or `root` cannot be made, it yields True and the run's own
+    lock (`RunLock`) is the only guard, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield True
+        return
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield True  # the run's own checks say why it cannot be written
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            yield exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
 from robustcl.runs.atomic import RunError, atomic_write_text
+from robustcl.runs.layout import RunLayout
 from robustcl.runs.rundir import RunDir
 
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger name -> the package it needs
 STEP_KEYS = ("step", "epoch")  # a record's x axis: the first of these it has
 LABEL_KEYS = ("phase", "protocol")
-WANDB_STATE = "wandb-run.json"
-TENSORBOARD_DIR = "tensorboard"
+WANDB_STATE = RunLayout.wandb_state.name
+TENSORBOARD_DIR = RunLayout.tensorboard.name
 
 
 class Sink(Protocol):

@@ -1,37 +1,34 @@
 """A run is a directory; everything a report or a resume needs lives in it, written atomically.
 
-Layout: config.yaml, metrics.jsonl, checkpoints/last.pt, encoder.safetensors, heads/<protocol>.pt,
-results.json, report.md, plots/*.png.
+Layout (declared once, `robustcl.runs.layout.RunLayout`): config.yaml, metrics.jsonl, checkpoints/last.pt,
+encoder.safetensors, heads/<protocol>.pt, results.json, per_image.npz, report.md, plots/*.png, ...
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from robustcl.runs.atomic import RunError, atomic_write_text, write_failure
-from robustcl.runs.guard import LOCK, RunLock, is_owned, probe_writable, refuse_foreign, refuse_symlinks, write_marker
+from robustcl.runs.atomic import RunError, atomic_write_text, file_kind, refuse_irregular, write_failure
+from robustcl.runs.guard import (LOCK, RunLock, is_owned, probe_writable, refuse_foreign, refuse_unsafe_files,
+                                 write_marker)
+from robustcl.runs.layout import RunLayout
 
 
-class RunDir:
-    """Paths and I/O for one run directory."""
+class RunDir(RunLayout):
+    """Paths (`RunLayout`: `run.results`, `run.head("slf")`, ...) and I/O for one run directory."""
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-
-    config = property(lambda self: self.root / "config.yaml")
-    metrics = property(lambda self: self.root / "metrics.jsonl")
-    checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
-    encoder = property(lambda self: self.root / "encoder.safetensors")
-    results = property(lambda self: self.root / "results.json")
-    report = property(lambda self: self.root / "report.md")
-    plots = property(lambda self: self.root / "plots")
-    pretrain_done = property(lambda self: self.root / "pretrain.done")
-
-    def head(self, protocol: str) -> Path:
-        return self.root / "heads" / f"{protocol}.pt"
+    def clear(self) -> None:
+        """Remove robustcl's own files that a new run starts without (`RunFile.cleared`); anything the user
+        added stays, and so do config.yaml, the marker and W&B's offline files."""
+        for entry in self.FILES:
+            if entry.cleared and entry.folder:
+                shutil.rmtree(self.root / entry.name, ignore_errors=True)
+            elif entry.cleared:
+                (self.root / entry.name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, config_yaml: str, resume: bool, overwrite: bool) -> bool:
@@ -58,13 +55,7 @@ class RunDir:
             raise RunError(f"run directory {self.root} already holds a run; pass --resume to continue it, "
                            f"--overwrite to replace it, or choose another --out")
         if entries and overwrite:  # robustcl's own files only; anything the user added stays
-            for path in (self.checkpoint, self.metrics, self.results, self.report, self.encoder, self.pretrain_done,
-                         self.root / "eps_curve.csv", self.root / "steps_curve.csv", self.root / "bound.json",
-                         self.root / "bound.md"):
-                path.unlink(missing_ok=True)
-            (self.root / "wandb-run.json").unlink(missing_ok=True)  # a new W&B run (its offline files stay)
-            for folder in (self.root / "heads", self.plots, self.root / "eval_state", self.root / "tensorboard"):
-                shutil.rmtree(folder, ignore_errors=True)
+            self.clear()
         self.root.mkdir(parents=True, exist_ok=True)
         write_marker(self.root)
         atomic_write_text(self.config, config_yaml)
@@ -74,13 +65,16 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed, so a kill loses at most this line); never through a
         symbolic link."""
-        try:
-            fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:  # not through a link, never blocked by a FIFO; the mode as open() gives it
+            fd = os.open(self.metrics, flags, 0o666)
         except OSError as exc:
-            if self.metrics.is_symlink():
-                raise RunError(f"{self.metrics} is a symbolic link; robustcl writes only regular files inside a run: "
-                               "replace it by a regular file (or remove it)") from None
+            if file_kind(self.metrics) is not None:
+                refuse_irregular(self.metrics, "replace it by a regular file (or remove it)")
             raise write_failure(self.metrics, exc) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device opened without blocking: never written to
+            os.close(fd)
+            refuse_irregular(self.metrics, "replace it by a regular file (or remove it)")
         try:
             with os.fdopen(fd, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -135,7 +129,7 @@ def open_run(run: RunDir, lock: RunLock, config_yaml: str, resume: bool, overwri
     probe_writable(run.root, why)
     lock.acquire(create=True)
     try:
-        refuse_symlinks(run.root)
+        refuse_unsafe_files(run.root)
         return run.prepare(config_yaml, resume, overwrite)
     except BaseException:
         lock.release()

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from robustcl.runs import RunError
+from robustcl.runs.policy import claim_sweep_dir
 from robustcl.sweep.launch import launch_runs
 from robustcl.sweep.options import LaunchSettings, shard_runs
-from robustcl.sweep.plan import SweepPlan, plan_sweep, write_sweep_yaml
+from robustcl.sweep.plan import SweepPlan, plan_sweep, sweep_identity, write_sweep_yaml
 from robustcl.sweep.rows import MergedRows, merge_rows
 from robustcl.sweep.spec import Sweep
 from robustcl.sweep.summary import write_summary
@@ -17,10 +18,12 @@ from robustcl.sweep.summary import write_summary
 
 @dataclass
 class SweepOutcome:
-    """What a sweep produced: the summary, the plan, and runs that failed (name -> message)."""
+    """What a sweep produced: the summary, the plan, runs that failed (name -> message) and runs another live
+    process (a second sweep into the same directory) was running, left to it."""
     summary: Path
     plan: SweepPlan
     failed: dict[str, str]
+    elsewhere: tuple[str, ...] = ()
 
 
 def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequence[str] = (),
@@ -31,7 +34,9 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
 
     By default runs go one after another in this process; `launch` may spread them over local processes
     (jobs > 1) or submitit jobs (robustcl/sweep/launch.py); each run goes through run.execute_planned_run.
-    The summary covers every finished run of the sweep.
+    The summary covers every finished run of the sweep. The directory must be this spec's (or new):
+    robustcl.runs.policy.claim_sweep_dir refuses another spec's without `overwrite` and a file robustcl did
+    not write. A run another live sweep is running is left to it (`elsewhere`), not failed.
     """
     launch = launch or LaunchSettings()
     launch.validate()
@@ -41,10 +46,10 @@ def run_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Seque
     blocked = [r.status for r in mine if r.status.startswith("conflict")]
     if blocked:
         raise RunError(blocked[0])
-    plan.out.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(plan.out, sweep_identity(plan.sweep), overwrite)
     write_sweep_yaml(plan)
-    failed = launch_runs(mine, plan, launch, overwrite, progress, echo)
-    return SweepOutcome(write_summary(plan, failed, _merged(plan, rows)), plan, failed)
+    failed, elsewhere = launch_runs(mine, plan, launch, overwrite, progress, echo)
+    return SweepOutcome(write_summary(plan, failed, _merged(plan, rows), elsewhere), plan, failed, elsewhere)
 
 
 def _merged(plan: SweepPlan, rows: Sequence[Path | str]) -> MergedRows | None:
@@ -53,10 +58,11 @@ def _merged(plan: SweepPlan, rows: Sequence[Path | str]) -> MergedRows | None:
 
 
 def summarize_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequence[str] = (),
-                    seeds: Sequence[int] | None = None, rows: Sequence[Path | str] = ()) -> Path:
-    """Write the summary of the runs finished so far (and of `rows`' runs) without running anything."""
+                    seeds: Sequence[int] | None = None, rows: Sequence[Path | str] = (), overwrite: bool = False) -> Path:
+    """Write the summary of the runs finished so far (and of `rows`' runs) without running anything (into this
+    spec's sweep directory; `overwrite` takes over another spec's, as `run_sweep`)."""
     plan = plan_sweep(spec, out, overrides, seeds=seeds)
     merged = _merged(plan, rows)
-    plan.out.mkdir(parents=True, exist_ok=True)
+    claim_sweep_dir(plan.out, sweep_identity(plan.sweep), overwrite)
     return write_summary(plan, None, merged)
 

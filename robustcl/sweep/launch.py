@@ -13,6 +13,10 @@ exits; one still alive after STOP_GRACE_S is killed, and its lock is then a dead
 sweep takes over. A worker also watches its parent (`init_worker`): when the sweep process dies (even by
 SIGKILL) the worker stops its run and exits instead of waiting for tasks forever. Either way the stopped
 runs resume from their last checkpoint when the same command runs again.
+
+Each run is held for its whole task (`robustcl.runs.guard.claimed`: pretrain to report): a run that another
+live process holds (a second sweep into the same directory) is left to it, reported as running elsewhere and
+not counted as failed; that sweep writes the summary again when it ends.
 """
 from __future__ import annotations
 
@@ -23,17 +27,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from robustcl.config import ConfigError
+from robustcl.runs.guard import claimed
+from robustcl.runs.layout import SweepLayout
 from robustcl.sweep.options import LaunchSettings
 from robustcl.sweep.plan import PlannedRun, SweepPlan, load_run_config
 from robustcl.sweep.run import TaskResult, execute_planned_run
 
-LOG_FOLDER = "logs"
-SUBMITIT_FOLDER = "submitit"
+LOG_FOLDER = SweepLayout.logs.name
+SUBMITIT_FOLDER = SweepLayout.submitit.name
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 STOP_GRACE_S = 30.0  # how long a stopped worker may take to unwind its run before it is killed
 PARENT_POLL_S = 1.0  # how often a worker checks that the sweep process is still alive
@@ -170,6 +176,19 @@ def make_task(planned: PlannedRun, overwrite: bool, threads: int | None, log: Pa
                    str(planned.root), overwrite, threads, None if log is None else str(log))
 
 
+@dataclass(frozen=True)
+class RunningElsewhere(TaskResult):
+    """A run another live process holds (a second sweep into the same directory): left to it, not failed."""
+
+
+def execute_claimed(planned: PlannedRun, overwrite: bool, progress: bool = False, **options: Any) -> TaskResult:
+    """execute_planned_run while this process holds the run (`claimed`); RunningElsewhere when another does."""
+    with claimed(planned.root) as ours:
+        if not ours:
+            return RunningElsewhere(planned.name, False, 0.0)
+        return execute_planned_run(planned, overwrite, progress, **options)
+
+
 def run_task(task: RunTask) -> TaskResult:
     """A worker's entry point (a spawned local process or a submitit job): the task's run, its config loaded
     in this process, through execute_planned_run with the task's thread cap and log. A local worker stopped
@@ -178,7 +197,7 @@ def run_task(task: RunTask) -> TaskResult:
     planned.cfg = load_run_config(planned)
     _worker["busy"] = True
     try:
-        return execute_planned_run(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
+        return execute_claimed(planned, task.overwrite, progress=False, threads=task.threads, log=task.log)
     except Stopped as exc:
         if not _worker["local"]:
             raise  # a submitit job: its launcher decides
@@ -187,31 +206,42 @@ def run_task(task: RunTask) -> TaskResult:
         _worker["busy"] = False
 
 
+@dataclass
+class Tally:
+    """How a sweep's runs went: the failed ones (name -> message) and those left to another live process."""
+    failed: dict[str, str] = field(default_factory=dict)
+    elsewhere: list[str] = field(default_factory=list)
+
+
 # ----------------------------------------------------------------------------------------- launchers
 Echo = Callable[[str], None]
 
 
 def launch_runs(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool, progress: bool,
-                echo: Echo) -> dict[str, str]:
+                echo: Echo) -> tuple[dict[str, str], tuple[str, ...]]:
     """Execute `runs` of the plan with the settings' launcher: submitit jobs, local processes (jobs > 1), or one
-    after another in this process (the default); returns the runs that failed (name -> message)."""
+    after another in this process (the default); returns the runs that failed (name -> message) and the runs
+    left to another live process."""
     if settings.launcher == "submitit":  # an interrupt stops the waiting, not the jobs
-        return run_submitit(runs, plan, settings, overwrite, echo)
-    with stop_on_signals():  # SIGTERM, SIGINT, SIGHUP: Stopped, the runs unwound (locks released), resumable
-        if not settings.serial:
-            return run_local_processes(runs, plan, settings, overwrite, echo)
-        return run_serial(runs, overwrite, progress, echo)
+        tally = run_submitit(runs, plan, settings, overwrite, echo)
+    else:
+        with stop_on_signals():  # SIGTERM, SIGINT, SIGHUP: Stopped, the runs unwound (locks released), resumable
+            if not settings.serial:
+                tally = run_local_processes(runs, plan, settings, overwrite, echo)
+            else:
+                tally = run_serial(runs, overwrite, progress, echo)
+    return tally.failed, tuple(tally.elsewhere)
 
 
-def run_serial(runs: Sequence[PlannedRun], overwrite: bool, progress: bool, echo: Echo) -> dict[str, str]:
-    """Every run in this process, one after another, each saying its status first; returns failed runs."""
-    failed: dict[str, str] = {}
+def run_serial(runs: Sequence[PlannedRun], overwrite: bool, progress: bool, echo: Echo) -> Tally:
+    """Every run in this process, one after another, each saying its status first; returns how they went."""
+    tally = Tally()
     for i, planned in enumerate(runs, 1):
         prefix = f"[{i}/{len(runs)}]"
-        result = execute_planned_run(planned, overwrite, progress,  # says the status before the run starts
-                                     announce=lambda status, head=f"{prefix} {planned.name}": echo(f"{head}: {status}"))
-        _echo_result(result, prefix, failed, echo)
-    return failed
+        result = execute_claimed(planned, overwrite, progress,  # says the status before the run starts
+                                 announce=lambda status, head=f"{prefix} {planned.name}": echo(f"{head}: {status}"))
+        _echo_result(result, prefix, tally, echo)
+    return tally
 
 
 def runs_to_do(runs: Sequence[PlannedRun], echo: Echo) -> list[PlannedRun]:
@@ -223,16 +253,16 @@ def runs_to_do(runs: Sequence[PlannedRun], echo: Echo) -> list[PlannedRun]:
 
 
 def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool,
-                        echo: Echo) -> dict[str, str]:
-    """Up to settings.jobs local worker processes (spawned), each run a task; returns failed runs (name -> message)."""
+                        echo: Echo) -> Tally:
+    """Up to settings.jobs local worker processes (spawned), each run a task; returns how they went."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = thread_share(settings.jobs)
     todo = runs_to_do(runs, echo)
-    failed: dict[str, str] = {}
+    tally = Tally()
     if not todo:
-        return failed
+        return tally
     echo(f"{len(todo)} runs in {min(settings.jobs, len(todo))} processes, {threads} torch threads each; "
          f"logs in {plan.out / LOG_FOLDER}")
     tasks = [make_task(r, overwrite, threads, plan.out / LOG_FOLDER / f"{r.name}.log") for r in todo]
@@ -248,19 +278,22 @@ def run_local_processes(runs: Sequence[PlannedRun], plan: SweepPlan, settings: L
                 pending.pop(future)
                 result = future.result()  # an unexpected error (bad data, a bug) stops the sweep, as in serial
                 done_count += 1
-                _echo_result(result, f"[{done_count}/{len(tasks)}]", failed, echo)
+                _echo_result(result, f"[{done_count}/{len(tasks)}]", tally, echo)
     except BaseException:  # a stop signal or an unexpected error stops the sweep at once, as the serial one does
         stop_workers(multiprocessing.active_children())  # the pool's workers: their runs resume from checkpoints
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    return failed
+    return tally
 
 
-def _echo_result(result: TaskResult, prefix: str, failed: dict[str, str], echo: Echo) -> None:
-    """Say how a run went (skipped, finished in N s, or failed: why), recording a failure in `failed`."""
-    if result.error is not None:
-        failed[result.name] = result.error
+def _echo_result(result: TaskResult, prefix: str, tally: Tally, echo: Echo) -> None:
+    """Say how a run went (skipped, running elsewhere, finished in N s, or failed: why), recording it in `tally`."""
+    if isinstance(result, RunningElsewhere):
+        tally.elsewhere.append(result.name)
+        echo(f"{prefix} {result.name}: running in another process (another sweep into this directory?), left to it")
+    elif result.error is not None:
+        tally.failed[result.name] = result.error
         echo(f"{prefix} {result.name}: failed: {result.error}")
     elif result.skipped:
         echo(f"{prefix} {result.name}: done, skipped")
@@ -283,12 +316,12 @@ def submitit_executor(folder: Path, settings: LaunchSettings, name: str) -> Any:
 
 
 def run_submitit(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSettings, overwrite: bool,
-                 echo: Echo) -> dict[str, str]:
-    """Submit the not-done runs as one submitit job array, wait for every job; returns failed runs (name -> message)."""
+                 echo: Echo) -> Tally:
+    """Submit the not-done runs as one submitit job array, wait for every job; returns how they went."""
     todo = runs_to_do(runs, echo)
-    failed: dict[str, str] = {}
+    tally = Tally()
     if not todo:
-        return failed
+        return tally
     folder = plan.out / SUBMITIT_FOLDER
     executor = submitit_executor(folder, settings, f"robustcl-{plan.sweep.spec.name}")
     tasks = [make_task(r, overwrite, settings.cpus, None) for r in todo]
@@ -300,13 +333,15 @@ def run_submitit(runs: Sequence[PlannedRun], plan: SweepPlan, settings: LaunchSe
             result = job.result()
         except Exception as exc:  # the job died (a bug, bad data, the time limit): report it, wait for the others
             message = str(exc).strip().splitlines()
-            failed[task.name] = f"job {job.job_id} failed: {message[-1] if message else type(exc).__name__}; log {job.paths.stderr}"
-            echo(f"[{k}/{len(jobs)}] {task.name}: {failed[task.name]}")
+            tally.failed[task.name] = (f"job {job.job_id} failed: {message[-1] if message else type(exc).__name__}; "
+                                       f"log {job.paths.stderr}")
+            echo(f"[{k}/{len(jobs)}] {task.name}: {tally.failed[task.name]}")
             continue
-        _echo_result(result, f"[{k}/{len(jobs)}]", failed, echo)
-    return failed
+        _echo_result(result, f"[{k}/{len(jobs)}]", tally, echo)
+    return tally
 
 
-__all__ = ["LOG_FOLDER", "STOP_SIGNALS", "SUBMITIT_FOLDER", "RunTask", "Stopped", "init_worker", "launch_runs",
-           "make_task", "run_local_processes", "run_serial", "run_submitit", "run_task", "runs_to_do", "stop_on_signals",
-           "stop_workers", "submitit_executor", "thread_share"]
+__all__ = ["LOG_FOLDER", "STOP_SIGNALS", "SUBMITIT_FOLDER", "RunTask", "RunningElsewhere", "Stopped", "Tally",
+           "execute_claimed", "init_worker", "launch_runs", "make_task", "run_local_processes", "run_serial",
+           "run_submitit", "run_task", "runs_to_do", "stop_on_signals", "stop_workers", "submitit_executor",
+           "thread_share"]

@@ -6,6 +6,9 @@ new, or conflict (the directory holds another config or something else).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +18,7 @@ import yaml
 import robustcl.methods  # noqa: F401 - registers the methods the planned configs are built with
 from robustcl.config import Config, ConfigError, load_config
 from robustcl.runs import RunDir, atomic_write_text
+from robustcl.runs.layout import SweepLayout
 from robustcl.runtime import config_change
 from robustcl.sweep.spec import Sweep, check_overrides, configurations, load_spec
 
@@ -65,11 +69,20 @@ def _is_finished(run: RunDir, cfg: Config) -> bool:
     return bool(results) and set(cfg.finetune.protocols) <= set(results.get("protocols", {}))
 
 
+def _being_started(run: RunDir) -> bool:
+    """True when the directory holds only what `open_run` writes before config.yaml (lock, marker, their temp files
+    and config.yaml's): a run another process is starting."""
+    first = (run.lock.name, run.marker.name, run.config.name)
+    return all(p.name in first[:2] or p.name.startswith(tuple(f".{n}." for n in first)) for p in run.root.iterdir())
+
+
 def run_status(planned: PlannedRun, overwrite: bool) -> str:
     """done | resume | new, or 'conflict: ...' when the directory holds something else."""
     run, cfg = planned.run, planned.cfg
     if not run.root.exists() or not any(run.root.iterdir()):
         return "new"
+    if _being_started(run):
+        return "new"  # by another process: its lock and marker (or their temp files), no config.yaml yet
     if not run.config.is_file():
         return f"conflict: {run.root} exists but is not a robustcl run; choose another --out"
     if overwrite:
@@ -127,6 +140,17 @@ def format_plan(plan: SweepPlan) -> str:
     return "\n".join(lines)
 
 
+def sweep_identity(sweep: Sweep) -> dict[str, str]:
+    """What a sweep directory's marker names (robustcl.runs.policy.claim_sweep_dir): the spec's name, where it
+    came from (a file's absolute path, or the shipped spec) and a fingerprint of its content without the seeds
+    (--seeds or a spec given more seeds is the same sweep)."""
+    origin = Path(sweep.origin)
+    content = {k: v for k, v in dataclasses.asdict(sweep.spec).items() if k != "seeds"}
+    fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"name": sweep.spec.name, "spec": str(origin.resolve()) if origin.is_file() else sweep.origin,
+            "fingerprint": fingerprint}
+
+
 def write_sweep_yaml(plan: SweepPlan) -> Path:
     """sweep.yaml: the resolved list of runs (directory, configuration, seed, config, overrides)."""
     data = {
@@ -135,7 +159,7 @@ def write_sweep_yaml(plan: SweepPlan) -> Path:
         "runs": [{"name": r.name, "configuration": r.label, "seed": r.seed, "config": r.config,
                   "overrides": list(r.overrides)} for r in plan.runs],
     }
-    path = plan.out / "sweep.yaml"
+    path = SweepLayout(plan.out).plan
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return path
 

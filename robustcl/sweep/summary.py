@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from robustcl.runs import atomic_write_bytes, atomic_write_text
+from robustcl.runs.layout import SweepLayout
 from robustcl.stats import Interval, t_interval
 from robustcl.sweep.plan import PlannedRun, SweepPlan, finished_results
 from robustcl.sweep.rows import MergedRows
@@ -189,21 +190,22 @@ def _rows_lines(merged: MergedRows | None) -> list[str]:
     return lines
 
 
-def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged: MergedRows | None = None) -> Path:
+def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged: MergedRows | None = None,
+                  elsewhere: Sequence[str] = ()) -> Path:
     """summary.md, summary.csv (raw per-seed rows), summary_stats.csv, summary_differences.csv (with a baseline)
-    and clean_vs_robust.png in the sweep directory; returns summary.md. `merged`: runs from other summary.csv
-    files (robustcl/sweep/rows.py) for runs this directory lacks."""
+    and clean_vs_robust.png in the sweep directory (`SweepLayout`; the caller has claimed it); returns summary.md.
+    `merged`: runs from other summary.csv files (robustcl/sweep/rows.py) for runs this directory lacks;
+    `elsewhere`: runs another live process was running (said so while they have no results)."""
+    files = SweepLayout(plan.out)
     entries = finished_results(plan)
     if merged is not None:
         order = {r.name: i for i, r in enumerate(plan.runs)}
         entries = sorted([*entries, *merged.entries], key=lambda e: order[e[0].name])
     rows = aggregate(entries)
-    atomic_write_text(plan.out / "summary.csv", raw_csv(entries))
-    atomic_write_text(plan.out / "summary_stats.csv", summary_csv(rows))
-    plotted = plot_clean_vs_robust(entries, plan.out / "clean_vs_robust.png")
+    atomic_write_text(files.summary_csv, raw_csv(entries))
+    atomic_write_text(files.stats_csv, summary_csv(rows))
+    plotted = plot_clean_vs_robust(entries, files.plot)
     spec = plan.sweep.spec
-    finished = {p.name for p, _ in entries}
-    missing = [r.name for r in plan.runs if r.name not in finished]
     lines = [f"# Sweep {spec.name}", "", plan.sweep.description, "",
              f"Spec: {plan.sweep.origin}; {len(entries)} of {len(plan.runs)} runs finished; seeds {list(spec.seeds)}. "
              "Each cell is the mean ± sample standard deviation (n-1) over seeds, in percent; `seeds` is n; the 95% CI "
@@ -216,18 +218,29 @@ def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged:
         diffs = paired_differences(entries, spec.baseline) if spec.baseline else []
         for label, base in comparisons(spec):
             diffs += paired_differences([e for e in entries if e[0].label in (label, base)], base)
-        atomic_write_text(plan.out / "summary_differences.csv", differences_csv(diffs, spec.baseline))
+        atomic_write_text(files.differences_csv, differences_csv(diffs, spec.baseline))
         lines += [*differences_markdown(diffs, spec.baseline), ""]
     lines += ["Configurations:", *_configuration_lines(plan), ""]
     if spec.overrides or plan.overrides:
         lines += [f"Overrides for every run: {' '.join((*spec.overrides, *plan.overrides))}", ""]
-    if missing:
-        lines += [f"Runs without results: {', '.join(missing)}", ""]
-    if failed:
-        lines += [*(f"- `{name}` failed: {message}" for name, message in failed.items()), ""]
+    lines += _unfinished_lines(plan, {p.name for p, _ in entries}, failed or {}, elsewhere)
     if plotted:
         lines += ["![clean vs robust accuracy](clean_vs_robust.png)", ""]
     lines += ["Run directories: " + ", ".join(f"`{r.name}`" for r in plan.runs), ""]
-    path = plan.out / "summary.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    atomic_write_text(files.summary, "\n".join(lines))
+    return files.summary
+
+
+def _unfinished_lines(plan: SweepPlan, finished: set[str], failed: dict[str, str], elsewhere: Sequence[str]) -> list[str]:
+    """The runs without results (those another process is running said apart) and the runs that failed."""
+    running = [name for name in elsewhere if name not in finished]
+    missing = [r.name for r in plan.runs if r.name not in finished and r.name not in running]
+    lines = []
+    if missing:
+        lines += [f"Runs without results: {', '.join(missing)}", ""]
+    if running:
+        lines += [(f"Running in another process when this summary was written (that sweep writes the summary again "
+                   f"when it ends): {', '.join(running)}"), ""]
+    if failed:
+        lines += [*(f"- `{name}` failed: {message}" for name, message in failed.items()), ""]
+    return lines
