@@ -149,7 +149,7 @@ def _declared_return(found: Any) -> Any:
 
 def check_callable(spec: str, found: Any, where: str) -> None:
     """EncoderError unless `found` may be called to build the encoder (the rule above); calls nothing."""
-    refuse = f"robustcl does not call it: give an nn.Module, an nn.Module subclass or a Python function that returns one"
+    refuse = "robustcl does not call it: give an nn.Module, an nn.Module subclass or a Python function that returns one"
     if not callable(found):
         raise EncoderError(f"your encoder {spec} is a {type(found).__name__}, not an nn.Module or a function that builds one")
     if isinstance(found, type) and not issubclass(found, nn.Module):
