@@ -8,13 +8,29 @@ from __future__ import annotations
 import os
 import pwd
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from robustcl.cli import main
+from robustcl.config import ConfigError, load_config
 
 QUIET = ["--quiet", "train.threads=1"]
+BILLION_LAUGHS = """\
+name: bomb
+seeds: [0]
+grid:
+  base: smoke
+  axes:
+    train.lr: &a [0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1]
+    train.momentum: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+    train.weight_decay: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+    train.min_lr: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+    train.epochs: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+    train.batch_size: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+"""
+SPEC = "name: ok\nseeds: [0]\nruns:\n  - {name: a, config: smoke}\n"
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -30,6 +46,112 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """The one error line of a command that must exit 2."""
     assert main(argv) == 2
     return one_line_error(capsys)
+
+
+def _spec(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# --------------------------------------------------------------- 10. what is read and expanded is bounded
+def _deep_config(depth: int) -> str:
+    return "extends: smoke\ndata:\n  options: " + "{a: " * depth + "1" + "}" * depth + "\n"
+
+
+@pytest.mark.parametrize("what", ["config", "spec", "override"])
+def test_yaml_nested_500_deep_is_one_line(tmp_path, capsys, what):
+    if what == "config":
+        (tmp_path / "deep.yaml").write_text(_deep_config(500))
+        argv = ["pretrain", "--config", str(tmp_path / "deep.yaml"), "--out", str(tmp_path / "r"), *QUIET]
+    elif what == "spec":
+        argv = ["sweep", "--spec", _spec(tmp_path, SPEC + "baseline: " + "[" * 500 + "]" * 500 + "\n"), "--dry-run"]
+    else:
+        argv = ["pretrain", "--config", "smoke", "--out", str(tmp_path / "r"), *QUIET,
+                "data.options.size=" + "[" * 500 + "]" * 500]
+    assert "nests deeper than 32 levels" in refused(argv, capsys)
+
+
+def test_nesting_up_to_the_cap_still_loads():
+    from robustcl.config.inputs import MAX_DEPTH, load_yaml
+
+    assert MAX_DEPTH == 32
+    nested: list = []
+    for _ in range(30):
+        nested = [nested]
+    assert load_yaml("a: " + "[" * 31 + "]" * 31, "test") == {"a": nested}
+    with pytest.raises(ConfigError, match="test nests deeper than 32 levels"):
+        load_yaml("a: " + "[" * 32 + "]" * 32, "test")
+
+
+def test_a_yaml_alias_bomb_in_a_sweep_grid_is_one_line_and_quick(tmp_path, capsys):
+    spec = _spec(tmp_path, BILLION_LAUGHS)
+    started = time.monotonic()
+    line = refused(["sweep", "--spec", spec, "--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert "expands to more than 100000 values (YAML aliases repeat what they point to)" in line
+    assert "batch_size" not in line and time.monotonic() - started < 30
+
+
+def test_an_alias_bomb_in_a_config_and_a_recursive_alias_are_one_line(tmp_path, capsys):
+    bomb = "extends: smoke\ndata:\n  options:\n" + "".join(
+        f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '0'}]\n" for i in range(9))
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    line = refused(["pretrain", "--config", str(tmp_path / "bomb.yaml"), "--out", str(tmp_path / "r"), *QUIET], capsys)
+    assert "expands to more than 100000 values" in line
+    (tmp_path / "loop.yaml").write_text("extends: smoke\ndata:\n  options:\n    a: &a [1, *a]\n")
+    line = refused(["pretrain", "--config", str(tmp_path / "loop.yaml"), "--out", str(tmp_path / "r"), *QUIET], capsys)
+    assert "refers to itself through an alias" in line
+
+
+def test_aliases_that_expand_a_little_still_work(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: smoke\ntrain: &t {lr: 0.25}\nfinetune: {lr: 0.25}\n")
+    assert load_config(str(tmp_path / "a.yaml")).train.lr == 0.25
+
+
+def test_a_grid_of_ten_billion_runs_is_refused_before_it_is_expanded(tmp_path, capsys):
+    axes = "".join(f"    train.k{i}: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n" for i in range(10))
+    spec = _spec(tmp_path, "name: g\nseeds: [0, 1]\ngrid:\n  base: smoke\n  axes:\n" + axes)
+    started = time.monotonic()
+    line = refused(["sweep", "--spec", spec, "--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert "20000000000 runs (10000000000 configurations x 2 seeds) are more than 10000" in line
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("what", ["rows", "config", "spec"])
+def test_dev_zero_and_a_fifo_are_refused_not_read(tmp_path, capsys, what):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for source in ("/dev/zero", str(fifo)):
+        if what == "rows":
+            argv = ["sweep", "--spec", _spec(tmp_path, SPEC), "--out", str(tmp_path / "o"), "--summarize", "--rows",
+                    source]
+        elif what == "config":
+            argv = ["pretrain", "--config", source, "--out", str(tmp_path / "r"), *QUIET]
+        else:
+            argv = ["sweep", "--spec", source, "--dry-run"]
+        line = refused(argv, capsys)
+        assert f"{source} is not a regular file (a device, pipe or directory); give" in line, line
+
+
+def test_files_above_the_size_cap_are_refused(tmp_path, capsys, monkeypatch):
+    big = tmp_path / "big.yaml"
+    big.write_text("extends: smoke\n" + "# padding\n" * 110_000)  # 1.1 MB: a config is a few KB
+    line = refused(["pretrain", "--config", str(big), "--out", str(tmp_path / "r"), *QUIET], capsys)
+    assert f"config file {big} is larger than 1 MiB" in line
+    import robustcl.config.inputs as inputs
+
+    monkeypatch.setattr(inputs, "MAX_ROWS_BYTES", 1000)  # the real cap, 64 MiB, is too big to write in a test
+    rows = tmp_path / "rows.csv"
+    rows.write_text("x" * 1001)
+    line = refused(["sweep", "--spec", _spec(tmp_path, SPEC), "--out", str(tmp_path / "o"), "--summarize", "--rows",
+                    str(rows)], capsys)
+    assert f"--rows file {rows} is larger than" in line
+
+
+def test_a_yaml_integer_past_pythons_digit_limit_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("extends: smoke\nseed: " + "9" * 5000 + "\n")
+    line = refused(["pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r"), *QUIET], capsys)
+    assert "an integer of 5000 digits" in line
 
 
 # ------------------------------------------------------------------------- 11. no home directory

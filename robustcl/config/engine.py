@@ -16,10 +16,8 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line naming the key and the fix."""
-
+from robustcl.config.errors import ConfigError
+from robustcl.config.inputs import load_yaml
 
 CODE_ONLY: dict[str, bool] = {"config": False}  # field metadata: settable in code, not a config key
 
@@ -172,9 +170,10 @@ def build(cls: type, mapping: Any, prefix: str = "") -> Any:
 
 # ------------------------------------------------------------------------------------------- YAML
 def parse_yaml(text: str, origin: str) -> dict[str, Any]:
-    """A YAML document that must be a mapping (empty: {}); ConfigError naming `origin` otherwise."""
+    """A YAML document that must be a mapping (empty: {}), read by the bounded loader (`inputs.load_yaml`);
+    ConfigError naming `origin` otherwise."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text, origin) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -205,7 +204,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=0.1")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw, f"the value of override {key.strip()}")
     except yaml.YAMLError:
         value = raw
     node = data
