@@ -17,6 +17,7 @@ from robustcl.cli import main
 from robustcl.config import ConfigError, load_config
 
 QUIET = ["--quiet", "train.threads=1"]
+BIG = str(2 ** 70)
 BILLION_LAUGHS = """\
 name: bomb
 seeds: [0]
@@ -52,6 +53,75 @@ def _spec(tmp_path: Path, text: str) -> str:
     path = tmp_path / "spec.yaml"
     path.write_text(text)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished smoke run (pretrain, SLF/ALF heads, results) for `evaluate`."""
+    out = tmp_path_factory.mktemp("bounds") / "run"
+    assert main(["run", "--config", "smoke", "--out", str(out), *QUIET]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------ 9. numbers out of range
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=1e400", r"train.lr='1e400' must be a finite number"),
+    ("train.lr=.inf", r"train.lr=inf must be a finite number"),
+    ("train.lr=-.inf", r"train.lr=-inf must be a finite number"),
+    ("train.lr=.nan", r"train.lr=nan must be a finite number"),
+    (f"train.lr={10 ** 400}", r"train.lr=1000000000\.\.\. \(401 digits\) must be a finite number"),
+    ("eval.eps_curve=[0.1, 1e400]", r"eval.eps_curve\[1\]='1e400' must be a finite number"),
+    ("method.attack.eps=-1e400", r"method.attack.eps='-1e400' must be a finite number"),
+    (f"seed={2 ** 63 - 1}", r"seed=9223372036854775807 must be an integer in \[0, 4294967295\]"),
+    (f"seed={BIG}", r"seed=1180591620\.\.\. \(22 digits\) must be an integer in \[0, 4294967295\]"),
+    ("seed=-1", r"seed=-1 must be an integer in \[0, 4294967295\]"),
+    (f"eval.subset_seed={2 ** 32}", r"eval.subset_seed=4294967296 must be an integer in \[0, 4294967295\]"),
+    (f"train.epochs={BIG}", r"train.epochs=1180591620\.\.\. \(22 digits\) must be an integer in "
+                            r"\[-9007199254740992, 9007199254740992\]"),
+    (f"model.widths=[4, {BIG}]", r"model.widths\[1\]=.* must be an integer in"),
+])
+def test_a_number_out_of_range_is_refused_where_it_enters_the_config(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_the_widest_numbers_still_accepted_are_the_documented_ones():
+    cfg = load_config("smoke", ["seed=4294967295", "eval.subset_seed=0", "train.lr=1e300",
+                                "train.epochs=9007199254740992"])
+    assert (cfg.seed, cfg.eval.subset_seed, cfg.train.lr, cfg.train.epochs) == (2 ** 32 - 1, 0, 1e300, 2 ** 53)
+
+
+def test_pretrain_with_an_overflowing_value_is_one_line_before_any_work(tmp_path, capsys):
+    line = refused(["pretrain", "--config", "smoke", "--out", str(tmp_path / "r"), *QUIET, "train.lr=1e400"], capsys)
+    assert line == ("robustcl: error: config value train.lr='1e400' must be a finite number (inf, nan and values "
+                    "beyond ±1.8e308 are refused); give a finite value")
+    argv = ["pretrain", "--config", "smoke", "--out", str(tmp_path / "r"), *QUIET, f"seed={2 ** 63 - 1}"]
+    line = refused(argv, capsys)
+    assert "seed=9223372036854775807 must be an integer in [0, 4294967295]" in line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eps", "1e400"], "eval.eps_curve[0]='1e400' must be a finite number"),
+    (["--seed", BIG], "seed=1180591620... (22 digits) must be an integer in [0, 4294967295]"),
+    (["--seed", str(2 ** 63 - 1)], "seed=9223372036854775807 must be an integer in [0, 4294967295]"),
+])
+def test_evaluate_seed_and_eps_go_through_the_same_check(finished, capsys, flags, message):
+    assert message in refused(["evaluate", "--run", str(finished), *flags, "--quiet"], capsys)
+
+
+@pytest.mark.parametrize("text, flags, message", [
+    (f"name: s\nseeds: [{BIG}]\nruns:\n  - {{name: a, config: smoke}}\n", [],
+     "config value seeds[0]=1180591620... (22 digits) must be an integer in [0, 4294967295]"),
+    (SPEC, ["--seeds", "0", BIG],
+     "config value --seeds[1]=1180591620... (22 digits) must be an integer in [0, 4294967295]"),
+    (SPEC, ["--seeds", "-3"], "config value --seeds[0]=-3 must be an integer in [0, 4294967295]"),
+    ("name: g\nseeds: [0]\ngrid:\n  base: smoke\n  axes:\n    train.lr: [0.1, 1e400]\n", [],
+     "config value train.lr='1e400' must be a finite number"),
+])
+def test_sweep_seeds_and_grid_values_go_through_the_same_check_dry_run_included(tmp_path, capsys, text, flags, message):
+    spec = _spec(tmp_path, text)
+    assert message in refused(["sweep", "--spec", spec, "--out", str(tmp_path / "o"), "--dry-run", *flags], capsys)
 
 
 # --------------------------------------------------------------- 10. what is read and expanded is bounded

@@ -8,14 +8,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from robustcl.config import ConfigError, build, described, first_comment, inputs, load_yaml, shipped_yaml
+from robustcl.config import (SEED, ConfigError, build, convert_field, described, first_comment, inputs, load_yaml,
+                             shipped_yaml)
 
 SWEEP_PACKAGE = "robustcl.presets"
 SWEEP_FOLDER = "sweeps"
@@ -75,7 +77,7 @@ class GridSpec:
 class SweepSpec:
     """The YAML schema of a sweep spec."""
     name: str = ""
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = field(default=(0,), metadata=SEED)  # each in config.SEED_RANGE, as a run's seed
     overrides: tuple[str, ...] = ()
     runs: tuple[RunEntry, ...] = ()
     grid: GridSpec | None = None
@@ -88,6 +90,17 @@ class SweepSpec:
                f"sweep seeds {list(self.seeds)!r} must be a non-empty list of distinct integers")
         _check(bool(self.runs) or self.grid is not None, "sweep spec needs `runs`, `grid` or both")
         check_overrides(self.overrides, "sweep overrides")
+
+
+def seed_list(seeds: Sequence[Any]) -> tuple[int, ...]:
+    """Seeds given outside the spec (`--seeds`, api's seeds=) as the spec's seeds: through the config's one range
+    check (config.convert_field), as the spec's own `seeds` are."""
+    def as_int(seed: Any) -> Any:
+        try:
+            return int(seed) if isinstance(seed, str) else operator.index(seed)  # numpy integers too
+        except (TypeError, ValueError):
+            return seed  # convert_field names it
+    return convert_field(SweepSpec, "seeds", [as_int(s) for s in seeds], "--seeds")
 
 
 @dataclass
