@@ -16,7 +16,7 @@ from typing import Any
 
 from robustcl.config import ConfigError, inputs
 from robustcl.sweep.plan import PlannedRun, SweepPlan, finished_results
-from robustcl.sweep.stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry, shared_test_set
+from robustcl.sweep.stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry, check_raw_row, shared_test_set
 
 AGREEMENT_TOLERANCE = 1e-12  # a rerun of the same config and seed on the same CPU kind reproduces every digit
 
@@ -54,7 +54,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _add_row(runs: dict[str, RowRun], row: dict[str, str], source: Path) -> None:
-    """Add one raw row to its run's rebuilt results (ValueError/KeyError/AttributeError on a malformed row)."""
+    """Add one raw row to its run's rebuilt results (ValueError/KeyError/AttributeError on a malformed row, and on a
+    value outside what summary.csv holds: stats.check_raw_row)."""
+    check_raw_row(row)
     name = row["run"]
     run = runs.get(name)
     if run is None:
