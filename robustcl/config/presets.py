@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from robustcl.config import inputs
 from robustcl.config.engine import ConfigError, apply_overrides, merge, parse_yaml
+from robustcl.config.inputs import MAX_CONFIG_BYTES, read_bounded
 from robustcl.config.schema import Config, from_mapping
 
 PRESET_PACKAGE = "robustcl.presets"
@@ -50,7 +50,7 @@ def _read_file(path: Path) -> tuple[str, str]:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; give a preset name (robustcl configs) or a YAML path")
     try:
-        return inputs.read_bounded(path, "config file", inputs.MAX_CONFIG_BYTES).decode("utf-8"), str(path)
+        return read_bounded(path, "config file", MAX_CONFIG_BYTES).decode("utf-8"), str(path)
     except (UnicodeDecodeError, OSError) as exc:
         why = "is not a text file (a checkpoint or another binary file?)" if isinstance(exc, UnicodeDecodeError) \
             else f"cannot be read ({exc.strerror or exc})"
