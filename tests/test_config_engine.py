@@ -65,11 +65,12 @@ def test_the_package_exports_the_public_names_of_its_parts_and_no_private_one():
     import robustcl.config as config
 
     public = ("AffConfig AttackConfig CHANGEABLE_ON_RESUME CODE_ONLY Config ConfigError DataConfig DiagnosticsConfig "
-              "EvalAttack EvalConfig FinetuneConfig LINF_RANGE ModelConfig PRESET_PACKAGE PostprocessConfig "
-              "REFERENCE_SWITCHES_OFF ReferenceConfig SCHEDULE_PACKAGE StrongViewConfig SyntheticConfig TrainConfig "
-              "ViewsConfig WeakViewConfig apply_override apply_overrides build check config_fields convert described "
-              "dump_yaml first_comment first_difference from_mapping list_presets list_schedules load_config merge parse_float parse_yaml "
-              "plain preset_chain reference_switches schedule_overrides shipped_yaml").split()
+              "EvalAttack EvalConfig FinetuneConfig INT_RANGE IntRange LINF_RANGE ModelConfig PRESET_PACKAGE "
+              "PostprocessConfig REFERENCE_SWITCHES_OFF ReferenceConfig SCHEDULE_PACKAGE SEED SEED_RANGE "
+              "StrongViewConfig SyntheticConfig TrainConfig ViewsConfig WeakViewConfig apply_override apply_overrides "
+              "build check check_number config_fields convert convert_field described dump_yaml first_comment "
+              "first_difference from_mapping list_presets list_schedules load_config load_yaml merge parse_float "
+              "parse_yaml plain preset_chain read_bounded reference_switches schedule_overrides shipped_yaml").split()
     assert sorted(config.__all__) == sorted(public)
     assert [name for name in public if not hasattr(config, name)] == []
     assert not [name for name in config.__all__ if name.startswith("_")]

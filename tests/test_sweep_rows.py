@@ -225,3 +225,78 @@ def test_a_rerun_on_other_test_images_disagrees_with_its_row(full, tmp_path):
     assert "**Disagrees with its row** (the directory's run is used): better-s2: evaluated on random subset of 2000 " \
            "of 10000 test images (subset seed 7) in the run directory" in summary
     assert "every accuracy equal: base-s2." in summary
+
+
+# -------------------------------------------------- issue 23: values a summary.csv cannot hold are refused
+ROW_FIX = "; pass the summary.csv a sweep wrote, unedited (join files with --rows A B, not by concatenating)"
+
+
+def _refused_rows(spec: Path, tmp_path: Path, bad: Path, capsys) -> str:
+    """The one error line of `sweep --summarize --rows bad` (exit 2, no summary written)."""
+    from robustcl.cli import main
+
+    assert main(["sweep", "--spec", str(spec), "--out", str(tmp_path / "p"), "--summarize", "--rows", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p" / "summary.md").exists()
+    return err.strip()
+
+
+def _first_line_of(path: Path, label: str) -> int:
+    with open(path, newline="") as fh:
+        return 2 + next(i for i, r in enumerate(csv.DictReader(fh)) if r["configuration"] == label)
+
+
+@pytest.mark.parametrize("column, value, want", [
+    ("clean_acc", "7.5", "an accuracy (a fraction in [0, 1])"),
+    ("robust_acc", "-3", "an accuracy (a fraction in [0, 1])"),
+    ("robust_acc", "inf", "an accuracy (a fraction in [0, 1])"),
+    ("robust_acc", "nan", "an accuracy (a fraction in [0, 1])"),
+    ("clean_acc", "1e400", "an accuracy (a fraction in [0, 1])"),
+    ("headline_on_same_images", "2", "an accuracy (a fraction in [0, 1])"),
+    ("n_eval", "0", "a count of test images (a positive integer)"),
+    ("n_eval", "-5", "a count of test images (a positive integer)"),
+    ("n_eval", "1.5", "a count of test images (a positive integer)"),
+    ("seed", str(2 ** 70), "a seed (an integer in [0, 4294967295])"),
+])
+def test_numbers_a_summary_cannot_hold_are_refused_naming_file_line_and_column(full, tmp_path, capsys, column, value,
+                                                                                 want):
+    """clean_acc=7.5 and robust_acc=-3 once published "750.00 / -300.00 %" and a "+720.31 points" difference."""
+    spec, out = full
+    bad = _rewrite(out / "summary.csv", tmp_path / "bad.csv", lambda rows, cols: (
+        [{**r, column: value} if r["configuration"] == "better" else r for r in rows], cols))
+    line = _first_line_of(bad, "better")
+    assert _refused_rows(spec, tmp_path, bad, capsys) == (
+        f"robustcl: error: {bad} line {line} is not a valid summary.csv row (column {column} holds {value!r}, "
+        f"not {want}){ROW_FIX}")
+
+
+@pytest.mark.parametrize("column, value", [
+    ("method", "=cmd|' /C calc'!A0"),
+    ("method", "@SUM(A1:A9)"),
+    ("attack", "pgd20|linf"),
+    ("eval_subset", "all 10000\x00 test images"),
+    ("integrity_failed", "\x1b[31mnone"),
+    ("branch", "<img src=x onerror=alert(1)>"),
+    ("protocol", "slf\u202e"),
+    ("eval_subset", "two\nlines"),
+    ("run", "base-s0|x"),
+])
+def test_free_text_that_could_act_in_a_spreadsheet_or_break_a_summary_is_refused(full, tmp_path, capsys, column, value):
+    spec, out = full
+    bad = _rewrite(out / "summary.csv", tmp_path / "bad.csv", lambda rows, cols: (
+        [{**r, column: value} if r["configuration"] == "better" else r for r in rows], cols))
+    line = _first_line_of(bad, "better")
+    assert _refused_rows(spec, tmp_path, bad, capsys).startswith(
+        f"robustcl: error: {bad} line {line} is not a valid summary.csv row (column {column} holds {value!r}, not "
+        "text without control characters, | ` < > or a leading = + - @")
+
+
+def test_text_robustcl_writes_still_reads_back(full, tmp_path):
+    """Names with + and = inside (dynacl++, grid names such as lr=0.1,weight=2) and the subset wording pass."""
+    spec, out = full
+    edited = _rewrite(out / "summary.csv", tmp_path / "ok.csv", lambda rows, cols: (
+        [{**r, "method": "dynacl++", "eval_subset": "the first 200 of the 2000 evaluated: random subset of 2000 of "
+          "10000 test images (subset seed 0)"} for r in rows], cols))
+    runs = runs_from_rows(read_rows(edited), edited)
+    assert {r.results["method"] for r in runs} == {"dynacl++"}

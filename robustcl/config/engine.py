@@ -3,12 +3,15 @@
 It knows no section of robustcl's config (those are `robustcl.config.schema`): `build(cls, mapping)`
 converts a parsed YAML mapping into any dataclass, following its type hints, and fails with a
 one-line `ConfigError` naming the offending key (unknown key, wrong type, impossible value).
+Every number passes one range check, `check_number`: a float must be finite, an integer must lie in
+its field's declared `IntRange` (metadata BOUNDS; SEED for seeds) or else in INT_RANGE.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from fractions import Fraction
@@ -16,12 +19,29 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line naming the key and the fix."""
-
+from robustcl.config.errors import ConfigError
+from robustcl.config.inputs import load_yaml
 
 CODE_ONLY: dict[str, bool] = {"config": False}  # field metadata: settable in code, not a config key
+
+
+@dataclasses.dataclass(frozen=True)
+class IntRange:
+    """The integers a config key takes (inclusive), and why those."""
+    lo: int
+    hi: int
+    why: str = ""
+
+
+# Any integer key: every count robustcl takes is far below; beyond 2**53 a float (JSON, a learning-rate
+# schedule) no longer holds the integer exactly.
+INT_RANGE = IntRange(-(2 ** 53), 2 ** 53)
+# A seed: numpy's SeedSequence and default_rng take no negative seed, torch's manual_seed nothing past 2**64 - 1,
+# and robustcl derives seeds as seed * 1_000_003 + step (diagnostics), seed * 100_003 + epoch (views) and seed +
+# offsets: [0, 2**32 - 1] (numpy's classic seed range) keeps every derived seed below 2**63.
+SEED_RANGE = IntRange(0, 2 ** 32 - 1, "a seed numpy and torch both take, with room for robustcl's derived seeds")
+BOUNDS = "bounds"  # field metadata key: the IntRange of an integer field (or of each integer of a tuple field)
+SEED: dict[str, Any] = {BOUNDS: SEED_RANGE}  # field metadata of a seed
 
 
 def check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -46,30 +66,68 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+def shown(value: Any) -> str:
+    """A value as an error message shows it: repr, with long integers and strings shortened."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 20:
+        digits = str(abs(value))
+        return f"{'-' if value < 0 else ''}{digits[:10]}... ({len(digits)} digits)"
+    if isinstance(value, str) and len(value) > 60:
+        return f"{value[:40]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def check_number(number: float | int, key: str, raw: Any = None, bounds: IntRange | None = None) -> Any:
+    """The one numeric-range check of every config number: a float must be finite (no key takes inf or nan),
+    an integer must lie in `bounds` (its field's, else INT_RANGE). `raw` is the value as written, for the message."""
+    raw = number if raw is None else raw
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise ConfigError(f"config value {key}={shown(raw)} must be a finite number (inf, nan and values "
+                              "beyond ±1.8e308 are refused); give a finite value")
+        return number
+    bounds = bounds or INT_RANGE
+    if not bounds.lo <= number <= bounds.hi:
+        why = f" ({bounds.why})" if bounds.why else ""
+        raise ConfigError(f"config value {key}={shown(raw)} must be an integer in [{bounds.lo}, {bounds.hi}]{why}")
+    return number
+
+
 def parse_float(value: Any, key: str) -> float:
-    """Accept numbers and fraction strings such as '8/255'."""
+    """Accept numbers and fraction strings such as '8/255'; finite ones only."""
     if isinstance(value, bool):
         raise ConfigError(f"config key {key} must be a number, got {value!r}")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(Fraction(value.replace(" ", "")))
+        number = _to_float(lambda: float(value))
+    elif isinstance(value, str):
+        text = value.replace(" ", "")
+        try:  # float() for decimals: Fraction("1e999999999") would build a billion-digit integer first
+            number = _to_float(lambda: float(Fraction(text)) if "/" in text else float(text))
         except (ValueError, ZeroDivisionError):
             pass
-    raise ConfigError(f"config key {key} must be a number (or a fraction like 8/255), got {value!r}")
+    if number is None:
+        raise ConfigError(f"config key {key} must be a number (or a fraction like 8/255), got {shown(value)}")
+    return check_number(number, key, value)
 
 
-def _convert_union(args: tuple[Any, ...], value: Any, key: str) -> Any:
+def _to_float(make: Callable[[], float]) -> float:
+    """make(), or inf where the number is beyond a float's range (1e400, 10**400)."""
+    try:
+        return make()
+    except OverflowError:
+        return math.inf
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, key: str, bounds: IntRange | None) -> Any:
     """An `X | Y | None` value: None when allowed, else the first member type that accepts it."""
     if value is None and type(None) in args:
         return None
     inner = [a for a in args if a is not type(None)]
     if len(inner) == 1:
-        return convert(inner[0], value, key)
+        return convert(inner[0], value, key, bounds)
     for option in inner:  # e.g. `int | Literal["auto"]`: the first type that accepts the value
         try:
-            return convert(option, value, key)
+            return convert(option, value, key, bounds)
         except ConfigError:
             pass
     names = [" or ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else a.__name__
@@ -87,19 +145,19 @@ def _convert_literal(args: tuple[Any, ...], value: Any, key: str) -> Any:
     return value
 
 
-def _convert_tuple(args: tuple[Any, ...], value: Any, key: str) -> tuple[Any, ...]:
+def _convert_tuple(args: tuple[Any, ...], value: Any, key: str, bounds: IntRange | None) -> tuple[Any, ...]:
     """A YAML list as `tuple[X, ...]` (any length) or `tuple[X, Y]` (that many values)."""
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"config key {key} must be a list, got {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(convert(args[0], v, f"{key}[{i}]", bounds) for i, v in enumerate(value))
     if len(value) != len(args):
         raise ConfigError(f"config key {key} must be a list of {len(args)} values, got {value!r}")
-    return tuple(convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    return tuple(convert(a, v, f"{key}[{i}]", bounds) for i, (a, v) in enumerate(zip(args, value)))
 
 
-def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
-    """A float (fractions allowed), bool, int, str or Any value, type-checked."""
+def _convert_scalar(tp: Any, value: Any, key: str, bounds: IntRange | None = None) -> Any:
+    """A float (fractions allowed, finite), bool, int (in `bounds`), str or Any value, type-checked."""
     if tp is float:
         return parse_float(value, key)
     if tp is bool:
@@ -108,8 +166,8 @@ def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key} must be an integer, got {value!r}")
-        return value
+            raise ConfigError(f"config key {key} must be an integer, got {shown(value)}")
+        return check_number(value, key, bounds=bounds)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key {key} must be a string, got {value!r}")
@@ -119,11 +177,12 @@ def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
-def convert(tp: Any, value: Any, key: str) -> Any:
-    """A parsed YAML value converted to type hint `tp` (unions, Literal, dict, tuple, dataclass, scalars)."""
+def convert(tp: Any, value: Any, key: str, bounds: IntRange | None = None) -> Any:
+    """A parsed YAML value converted to type hint `tp` (unions, Literal, dict, tuple, dataclass, scalars); its
+    integers checked against `bounds` (default INT_RANGE), its floats finite."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return _convert_union(args, value, key)
+        return _convert_union(args, value, key, bounds)
     if origin is Literal:
         return _convert_literal(args, value, key)
     if origin is dict:
@@ -131,10 +190,17 @@ def convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key} must be a mapping of names to values, got {value!r}")
         return dict(value)
     if origin is tuple:
-        return _convert_tuple(args, value, key)
+        return _convert_tuple(args, value, key, bounds)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
-    return _convert_scalar(tp, value, key)
+    return _convert_scalar(tp, value, key, bounds)
+
+
+def convert_field(cls: type, name: str, value: Any, key: str) -> Any:
+    """`value` converted for field `name` of dataclass `cls`, with the field's declared bounds; `key` names it in
+    errors. What `build` does for each key, and what a value that enters elsewhere (`sweep --seeds`) goes through."""
+    field = next(f for f in config_fields(cls) if f.name == name)
+    return convert(typing.get_type_hints(cls)[name], value, key, field.metadata.get(BOUNDS))
 
 
 def _validator(obj: Any) -> Callable[[], None] | None:
@@ -154,7 +220,8 @@ def build(cls: type, mapping: Any, prefix: str = "") -> Any:
     if not isinstance(mapping, dict):
         raise ConfigError(f"config section {prefix or '<root>'} must be a mapping, got {mapping!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in config_fields(cls)]
+    fields = {f.name: f for f in config_fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in mapping.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -162,7 +229,7 @@ def build(cls: type, mapping: Any, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
             raise ConfigError(f"unknown config key {full}{hint}")
-        kwargs[key] = convert(hints[key], value, full)
+        kwargs[key] = convert(hints[key], value, full, fields[key].metadata.get(BOUNDS))
     obj = cls(**kwargs)
     validate = _validator(obj)
     if validate is not None:
@@ -172,9 +239,10 @@ def build(cls: type, mapping: Any, prefix: str = "") -> Any:
 
 # ------------------------------------------------------------------------------------------- YAML
 def parse_yaml(text: str, origin: str) -> dict[str, Any]:
-    """A YAML document that must be a mapping (empty: {}); ConfigError naming `origin` otherwise."""
+    """A YAML document that must be a mapping (empty: {}), read by the bounded loader (`inputs.load_yaml`);
+    ConfigError naming `origin` otherwise."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text, origin) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -205,7 +273,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=0.1")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw, f"the value of override {key.strip()}")
     except yaml.YAMLError:
         value = raw
     node = data

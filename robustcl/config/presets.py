@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from robustcl.config.engine import ConfigError, apply_overrides, merge, parse_yaml
+from robustcl.config.inputs import MAX_CONFIG_BYTES, read_bounded
 from robustcl.config.schema import Config, from_mapping
 
 PRESET_PACKAGE = "robustcl.presets"
@@ -44,11 +45,12 @@ def list_presets() -> dict[str, str]:
 
 
 def _read_file(path: Path) -> tuple[str, str]:
-    """(text, origin) of a YAML config file; ConfigError when it is missing, binary or unreadable."""
-    if not path.is_file():
+    """(text, origin) of a YAML config file, read by the bounded reader; ConfigError when it is missing, not a
+    regular file, too large, binary or unreadable."""
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist; give a preset name (robustcl configs) or a YAML path")
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        return read_bounded(path, "config file", MAX_CONFIG_BYTES).decode("utf-8"), str(path)
     except (UnicodeDecodeError, OSError) as exc:
         why = "is not a text file (a checkpoint or another binary file?)" if isinstance(exc, UnicodeDecodeError) \
             else f"cannot be read ({exc.strerror or exc})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from robustcl.config.engine import CODE_ONLY, ConfigError, build, plain
+from robustcl.config.engine import CODE_ONLY, SEED, ConfigError, build, plain
 from robustcl.config.engine import check as _check
 from robustcl.config.registry import method_config_class
 
@@ -373,7 +373,7 @@ class EvalConfig:
     # random order), null: all; PGD and the curves always use every evaluated image
     checks_limit: int | None = None
     autoattack_limit: int | None = None  # AutoAttack on the first N of the evaluated images, as checks_limit
-    subset_seed: int = 0               # picks that subset: fixed across training seeds, so runs are paired
+    subset_seed: int = field(default=0, metadata=SEED)  # picks that subset: fixed across training seeds (paired runs)
     batch_size: int = 500              # images per forward/attack batch
     # fp32 by default even where bf16 is native: attacks in low precision can under-report robustness.
     # auto follows the device like train.precision.
@@ -495,7 +495,7 @@ def reference_switches(cfg: "Config") -> ReferenceConfig:
 class Config:
     """A run's whole configuration (what its config.yaml stores)."""
     name: str = "custom"              # the run's name: its default directory is runs/<name>
-    seed: int = 0                     # seeds the initial weights, the train/validation split, views and attacks
+    seed: int = field(default=0, metadata=SEED)  # seeds the initial weights, the train/validation split, views, attacks
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

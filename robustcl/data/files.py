@@ -1,8 +1,9 @@
 """Finding dataset files (explicit root, user cache, system locations), downloading with md5, safe untar.
 
 Resolution order: an explicit `root` (no fall-through when it lacks the files), then the user cache
-`$ROBUSTCL_DATA/<name>` (default `~/.cache/robustcl/<name>`), then the reader's system directories,
-then a download into the cache when `download=True`.
+`$ROBUSTCL_DATA/<name>` (default `~/.cache/robustcl/<name>`; without a home directory
+`<temp dir>/robustcl-cache-<uid>/<name>`), then the reader's system directories, then a download into
+the cache when `download=True`. A leading ~ is expanded in one place, `user_path`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -31,10 +33,55 @@ _MEMO_SIZE = 4
 _MEMO: "OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
 
 
+def home_dir() -> Path | None:
+    """The user's home directory, or None where there is none: HOME unset and no passwd entry for the user (as under
+    `docker --user 12345`), where Path.home() raises RuntimeError."""
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError, OSError):
+        return None
+
+
+def user_path(path: str | os.PathLike[str], what: str) -> Path:
+    """`path` with a leading ~ expanded: the one place robustcl expands ~ (data.root, $ROBUSTCL_DATA, the image
+    folder's root); a one-line DataError naming `what` where there is no home to expand it to."""
+    path = Path(path)
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise DataError(f"{what} {path} starts with ~ but this process has no home directory (HOME is unset and "
+                        "the user has no passwd entry, as under docker --user); give an absolute path") from None
+
+
 def cache_root() -> Path:
-    """The user data cache: `$ROBUSTCL_DATA` if set and non-empty, else `~/.cache/robustcl`."""
+    """The user data cache: `$ROBUSTCL_DATA` if set and non-empty, else `~/.cache/robustcl`, else (no home
+    directory) `<temp dir>/robustcl-cache-<uid>`, this user's own (fallback_cache)."""
     env = os.environ.get(CACHE_ENV, "")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "robustcl"
+    if env:
+        return user_path(env, CACHE_ENV)
+    home = home_dir()
+    return home / ".cache" / "robustcl" if home is not None else fallback_cache()
+
+
+def fallback_cache() -> Path:
+    """The data cache of a process without a home: made mode 0700 under the temp dir, and refused when it is a link,
+    another user's, or writable by others (a shared /tmp: someone else could plant dataset files there)."""
+    root = Path(tempfile.gettempdir()) / f"robustcl-cache-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DataError(f"no home directory, and no data cache could be made at {root} ({exc.strerror or exc}); "
+                        f"set {CACHE_ENV} to a directory of yours") from None
+    st = os.lstat(root)
+    problem = ("is not a directory" if not stat.S_ISDIR(st.st_mode)
+               else "belongs to another user" if st.st_uid != os.getuid()
+               else "is writable by other users" if st.st_mode & 0o022 else None)
+    if problem:
+        raise DataError(f"the data cache {root} (used because this process has no home directory) {problem}; "
+                        f"remove it, or set {CACHE_ENV} to a directory of yours")
+    return root
 
 
 def cache_dir(name: str) -> Path:
@@ -211,7 +258,7 @@ class FileReader(ABC):
                split: str | None = None) -> Path:
         """Directory holding the files for `split`, following the module's resolution order."""
         if root is not None:
-            directory = Path(root).expanduser()
+            directory = user_path(root, "data.root")
             if self.files(directory, split) is None:
                 raise DataError(f"{self.name} not found in root {directory}; put the files there or "
                                 f"omit root to search {cache_dir(self.name)} and system locations "

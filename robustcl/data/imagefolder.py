@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import ArrayDataset, DataError, DatasetInfo
-from .files import file_signature, memoised
+from .files import file_signature, memoised, user_path
 
 NAME = "imagefolder"
 EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -142,7 +142,7 @@ class ImageFolderReader:
             raise DataError(ROOT_NEEDED)
         if download:
             raise DataError("imagefolder reads local folders only and has no download; set data.download=false")
-        directory = Path(root).expanduser()
+        directory = user_path(root, "data.root")
         if not directory.is_dir():
             raise DataError(f"imagefolder: root {directory} is not a directory; {ROOT_NEEDED}")
         classes = _check_same_classes(directory)

@@ -20,7 +20,7 @@ from robustcl.config import Config, ConfigError, load_config
 from robustcl.runs import RunDir, atomic_write_text
 from robustcl.runs.layout import SweepLayout
 from robustcl.runtime import config_change
-from robustcl.sweep.spec import Sweep, check_overrides, configurations, load_spec
+from robustcl.sweep.spec import Sweep, check_overrides, configurations, load_spec, seed_list
 
 
 @dataclass
@@ -113,7 +113,7 @@ def plan_sweep(spec: str | Sweep, out: Path | str | None = None, overrides: Sequ
     """
     sweep = load_spec(spec) if isinstance(spec, str) else spec
     if seeds:
-        sweep.spec.seeds = tuple(int(s) for s in seeds)
+        sweep.spec.seeds = seed_list(seeds)  # the config's range check, as the spec's own seeds
         sweep.spec.validate()
     check_overrides(overrides, "sweep command-line overrides")
     root = Path(out) if out is not None else Path("runs") / "sweeps" / sweep.spec.name

@@ -8,14 +8,15 @@ only (docs/statistics.md). A run present in the sweep directory wins over a row,
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustcl.config import ConfigError
+from robustcl.config import ConfigError, inputs
 from robustcl.sweep.plan import PlannedRun, SweepPlan, finished_results
-from robustcl.sweep.stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry, shared_test_set
+from robustcl.sweep.stats import NOT_RECORDED, OPTIONAL_COLUMNS, RAW_COLUMNS, Entry, check_raw_row, shared_test_set
 
 AGREEMENT_TOLERANCE = 1e-12  # a rerun of the same config and seed on the same CPU kind reproduces every digit
 
@@ -35,15 +36,16 @@ def _number(text: str) -> int | str:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a summary.csv; ConfigError naming the file when it is not one."""
+    """The rows of a summary.csv, read by the bounded reader (a regular file of at most MAX_ROWS_BYTES); ConfigError
+    naming the file when it is not one."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in RAW_COLUMNS if c not in (reader.fieldnames or []) and c not in OPTIONAL_COLUMNS]
-            if missing:
-                raise ConfigError(f"{path} is not a sweep's summary.csv (no column {missing[0]}); pass the summary.csv "
-                                  "a sweep directory holds")
-            return list(reader)
+        text = inputs.read_bounded(path, "--rows file", inputs.MAX_ROWS_BYTES).decode("utf-8")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in RAW_COLUMNS if c not in (reader.fieldnames or []) and c not in OPTIONAL_COLUMNS]
+        if missing:
+            raise ConfigError(f"{path} is not a sweep's summary.csv (no column {missing[0]}); pass the summary.csv "
+                              "a sweep directory holds")
+        return list(reader)
     except OSError as exc:
         raise ConfigError(f"cannot read --rows {path}: {exc.strerror}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -52,7 +54,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _add_row(runs: dict[str, RowRun], row: dict[str, str], source: Path) -> None:
-    """Add one raw row to its run's rebuilt results (ValueError/KeyError/AttributeError on a malformed row)."""
+    """Add one raw row to its run's rebuilt results (ValueError/KeyError/AttributeError on a malformed row, and on a
+    value outside what summary.csv holds: stats.check_raw_row)."""
+    check_raw_row(row)
     name = row["run"]
     run = runs.get(name)
     if run is None:

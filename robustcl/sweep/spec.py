@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from robustcl.config import ConfigError, build, described, first_comment, shipped_yaml
+from robustcl.config import (SEED, ConfigError, build, convert_field, described, first_comment, inputs, load_yaml,
+                             shipped_yaml)
 
 SWEEP_PACKAGE = "robustcl.presets"
 SWEEP_FOLDER = "sweeps"
+MAX_RUNS = 10_000  # runs (configurations x seeds) in one sweep: each trains a model; a grid is counted before expanded
 NAME_RE = re.compile(r"^[A-Za-z0-9_+=][A-Za-z0-9._=+,-]*$")
 UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._=+,-]")
 
@@ -73,7 +77,7 @@ class GridSpec:
 class SweepSpec:
     """The YAML schema of a sweep spec."""
     name: str = ""
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = field(default=(0,), metadata=SEED)  # each in config.SEED_RANGE, as a run's seed
     overrides: tuple[str, ...] = ()
     runs: tuple[RunEntry, ...] = ()
     grid: GridSpec | None = None
@@ -86,6 +90,17 @@ class SweepSpec:
                f"sweep seeds {list(self.seeds)!r} must be a non-empty list of distinct integers")
         _check(bool(self.runs) or self.grid is not None, "sweep spec needs `runs`, `grid` or both")
         check_overrides(self.overrides, "sweep overrides")
+
+
+def seed_list(seeds: Sequence[Any]) -> tuple[int, ...]:
+    """Seeds given outside the spec (`--seeds`, api's seeds=) as the spec's seeds: through the config's one range
+    check (config.convert_field), as the spec's own `seeds` are."""
+    def as_int(seed: Any) -> Any:
+        try:
+            return int(seed) if isinstance(seed, str) else operator.index(seed)  # numpy integers too
+        except (TypeError, ValueError):
+            return seed  # convert_field names it
+    return convert_field(SweepSpec, "seeds", [as_int(s) for s in seeds], "--seeds")
 
 
 @dataclass
@@ -103,11 +118,16 @@ def list_sweeps() -> dict[str, str]:
 
 
 def _read_spec_text(name_or_path: str) -> tuple[str, str, Path | None]:
-    """(text, origin, folder) of a shipped spec name or a YAML path."""
+    """(text, origin, folder) of a shipped spec name or a YAML path (read by the bounded reader)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        _check(path.is_file(), f"sweep spec file {path} does not exist; give a shipped spec name (robustcl configs) or a YAML path")
-        return path.read_text(), str(path), path.resolve().parent
+        _check(path.exists(),
+               f"sweep spec file {path} does not exist; give a shipped spec name (robustcl configs) or a YAML path")
+        try:
+            text = inputs.read_bounded(path, "sweep spec file", inputs.MAX_CONFIG_BYTES).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"sweep spec file {path} is not a text file; give a YAML sweep spec") from None
+        return text, str(path), path.resolve().parent
     entries = shipped_yaml(SWEEP_PACKAGE, SWEEP_FOLDER)
     _check(name_or_path in entries, f"unknown sweep spec {name_or_path!r}; shipped specs: {', '.join(entries)}")
     return entries[name_or_path].read_text(), f"sweep spec {name_or_path}", None
@@ -117,7 +137,7 @@ def load_spec(name_or_path: str) -> Sweep:
     """Parse and validate a sweep spec; errors are one line naming the bad key."""
     text, origin, folder = _read_spec_text(name_or_path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text, origin) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
@@ -168,8 +188,18 @@ def grid_runs(grid: GridSpec) -> list[RunEntry]:
     return out
 
 
+def check_size(sweep: Sweep) -> None:
+    """At most MAX_RUNS runs (configurations x seeds), counted before the grid is expanded."""
+    spec = sweep.spec
+    count = len(spec.runs) + (math.prod(len(v) for v in spec.grid.axes.values()) if spec.grid else 0)
+    runs = count * len(spec.seeds)
+    _check(runs <= MAX_RUNS, f"{sweep.origin}: {runs} runs ({count} configurations x {len(spec.seeds)} seeds) are "
+                             f"more than {MAX_RUNS}; split the sweep, or give its grid fewer values or fewer seeds")
+
+
 def configurations(sweep: Sweep) -> list[RunEntry]:
     """Every configuration of the spec in order: explicit runs, then the grid; names must be unique."""
+    check_size(sweep)
     entries = list(sweep.spec.runs) + (grid_runs(sweep.spec.grid) if sweep.spec.grid else [])
     seen: set[str] = set()
     for entry in entries:

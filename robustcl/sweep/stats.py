@@ -10,12 +10,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from robustcl.config import INT_RANGE, SEED_RANGE
 from robustcl.evaluation.per_image import PerImage, read_per_image
 from robustcl.stats import Interval, paired_bootstrap, paired_t_interval
 
@@ -37,6 +40,16 @@ OPTIONAL_COLUMNS = ("headline_on_same_images", "integrity_failed")  # summaries 
 NOT_RECORDED = "not recorded"
 SUBSET_SEED = re.compile(r" \(seed -?\d+\)")  # results.json's eval_subset names the seed of a random subset
 
+# What a summary.csv read back (`sweep --rows`) may hold, column by column: check_raw_row. Free text (configuration,
+# run, method, protocol, branch, attack, eval_subset, integrity_failed) is refused, not escaped, where it could act:
+# control characters (NUL, escape sequences, line breaks in one-line summaries), Unicode format and separator
+# characters (bidirectional overrides), `|` (summary.md's tables), backticks, < and > (markdown code spans, HTML) and
+# a leading = + - @ (a spreadsheet formula; configuration and run excepted: they must name one of the sweep's own
+# runs, whose names the spec's rules allow). robustcl never writes any of them there.
+ACCURACY_COLUMNS = ("clean_acc", "robust_acc", "headline_on_same_images")  # the last: empty unless AutoAttack's
+UNSAFE_TEXT = re.compile(r"[|`<>]")
+FORMULA_START = ("=", "+", "-", "@")
+
 
 # ----------------------------------------------------------------------------------- raw rows
 def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
@@ -53,6 +66,51 @@ def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
                              "n_eval": n_eval, "eval_subset": subset, "headline_on_same_images": same,
                              "integrity_failed": integrity_cell(integrity_failures(r))})
     return rows
+
+
+def _cell(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"{text[:30]!r}... ({len(text)} characters)"
+
+
+def _unsafe_text(text: str, formula: bool) -> bool:
+    return (bool(UNSAFE_TEXT.search(text)) or (formula and text.startswith(FORMULA_START))
+            or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text))
+
+
+def _check_cell(column: str, text: str) -> None:
+    """ValueError naming the column when a raw row's cell is outside what summary.csv holds there."""
+    if column == "seed":
+        ok = text.isascii() and text.isdigit() and len(text) <= 20 and int(text) <= SEED_RANGE.hi
+        want = f"a seed (an integer in [0, {SEED_RANGE.hi}])"
+    elif column == "n_eval":
+        ok = text == "" or (text.isascii() and text.isdigit() and len(text) <= 20 and 1 <= int(text) <= INT_RANGE.hi)
+        want = "a count of test images (a positive integer)"
+    elif column in ACCURACY_COLUMNS:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        ok = (column == "headline_on_same_images" and text == "") or 0.0 <= number <= 1.0  # nan and inf fail
+        want = "an accuracy (a fraction in [0, 1])"
+    else:
+        ok = not _unsafe_text(text, formula=column not in ("configuration", "run"))
+        want = ("text without control characters, | ` < > or a leading = + - @ (they would break summary.md or run "
+                "as spreadsheet formulas)")
+    if not ok:
+        raise ValueError(f"column {column} holds {_cell(text)}, not {want}")
+
+
+def check_raw_row(row: dict[str, str | None]) -> None:
+    """A summary.csv row read back must hold what raw_rows writes: finite accuracies in [0, 1], a positive n_eval,
+    a seed in the config's seed range, and text that can neither break a summary nor act in a spreadsheet
+    (ValueError naming the column otherwise)."""
+    for column in RAW_COLUMNS:
+        if column not in row and column in OPTIONAL_COLUMNS:
+            continue  # a summary.csv older than the column
+        text = row.get(column)
+        if text is None:
+            raise ValueError(f"column {column} is missing (a truncated row?)")
+        _check_cell(column, text)
 
 
 def integrity_failures(protocol: dict[str, Any]) -> list[str] | None:
@@ -279,6 +337,7 @@ def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
     return buffer.getvalue()
 
 
-__all__ = ["DIFF_COLUMNS", "Difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS", "SUBSET_SEED", "Entry",
-           "attack_images", "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures",
-           "paired_differences", "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]
+__all__ = ["ACCURACY_COLUMNS", "DIFF_COLUMNS", "Difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS",
+           "SUBSET_SEED", "FORMULA_START", "UNSAFE_TEXT", "Entry", "attack_images", "check_raw_row",
+           "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures", "paired_differences",
+           "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]
