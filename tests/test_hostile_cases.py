@@ -57,3 +57,33 @@ def test_a_closed_stdout_is_no_traceback(tmp_path):
                           env=env, capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_thread_count_torch_cannot_take_is_a_config_error(capsys, tmp_path):
+    """`train.threads=100000` crashed the process with SIGSEGV inside torch.set_num_threads (exit 139)."""
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "r"), "--quiet",
+                 "train.threads=100000"]) == 2
+    assert "train.threads=100000 must be in 1..1024" in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(capsys, tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: `lr: 0.1` then `lr: 0.3` trained with 0.3."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("extends: smoke\ntrain:\n  lr: 0.1\n  lr: 0.3\n")
+    assert main(["configs", "--show", str(path)]) == 2
+    assert "gives the key 'lr' twice (lines 3 and 4)" in one_line_error(capsys)
+
+
+def test_a_fifo_in_place_of_metrics_jsonl_is_refused_not_waited_on(tmp_path):
+    """Opening a FIFO for appending blocks until a reader comes: `finetune` hung forever on one."""
+    run = tmp_path / "r"
+    assert main(["pretrain", "--config", "smoke", "--out", str(run), "--quiet", "train.threads=1"]) == 0
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "robustcl", "finetune", "--run", str(run), "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "metrics.jsonl is a FIFO" in lines[0]

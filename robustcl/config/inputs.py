@@ -91,6 +91,22 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
+def refuse_repeated_keys(node: yaml.Node, origin: str) -> None:
+    """A mapping that gives one key twice is refused (PyYAML would keep the last value and drop the first
+    without a word), naming the key and both lines."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.value == "<<":  # merge keys may repeat
+            continue
+        line = key.start_mark.line + 1
+        if key.value in seen:
+            raise ConfigError(f"{origin} gives the key {key.value!r} twice (lines {seen[key.value]} and {line}); "
+                              "YAML would keep only the last: keep one")
+        seen[key.value] = line
+
+
 def _expanded(node: yaml.Node, depth: int, known: dict[int, tuple[int, int]], open_: set[int],
               origin: str) -> tuple[int, int]:
     """(values, levels) of `node` with every alias expanded, memoised per node (linear in the document)."""
@@ -101,6 +117,7 @@ def _expanded(node: yaml.Node, depth: int, known: dict[int, tuple[int, int]], op
         raise ConfigError(_too_deep(origin))
     if id(node) not in known:
         open_.add(id(node))
+        refuse_repeated_keys(node, origin)
         count, levels = 1, 1
         for child in _children(node):
             values, below = _expanded(child, depth + 1, known, open_, origin)

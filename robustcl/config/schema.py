@@ -220,6 +220,9 @@ class AttackConfig:
                f"applies to {where}.mode=free only; drop it")
 
 
+# torch's thread pool: 100,000 threads crashed the process (SIGSEGV, torch 2.13); no machine this runs on has 1,024 cores
+MAX_THREADS = 1024
+
 @dataclass
 class TrainConfig:
     """Phase 1: SGD with linear warm-up and cosine decay, precision, device, threads, logging and checkpoints."""
@@ -259,8 +262,8 @@ class TrainConfig:
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
-        _check(not isinstance(self.threads, int) or self.threads >= 1, "train.threads", self.threads,
-               "must be >= 1, auto (the cores this process may use) or null (torch's default)")
+        _check(not isinstance(self.threads, int) or 1 <= self.threads <= MAX_THREADS, "train.threads", self.threads,
+               f"must be in 1..{MAX_THREADS}, auto (the cores this process may use) or null (torch's default)")
         _check(len(set(self.loggers)) == len(self.loggers), "train.loggers", self.loggers, "must not repeat a logger")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
