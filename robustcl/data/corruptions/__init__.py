@@ -22,6 +22,7 @@ import numpy as np
 from ..base import DataError
 from . import ops
 from .filters import luminance
+from .official import OFFICIAL, OfficialSet, fetch_official, find_official, official_set, read_official
 from .spatter import spatter
 
 # The benchmark's 15 (CIFAR-10-C's order) and the 4 extra ones of the same release, by their file names.
@@ -75,5 +76,6 @@ def corrupt(images: np.ndarray, name: str, severity: int, rngs: Sequence[np.rand
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-__all__ = ["ALL", "EXTRA", "IMPLEMENTATION_VERSION", "MIN_SIZE", "OPS", "SEVERITIES", "STANDARD", "check_images",
-           "corrupt", "image_rngs"]
+__all__ = ["ALL", "EXTRA", "IMPLEMENTATION_VERSION", "MIN_SIZE", "OFFICIAL", "OPS", "OfficialSet", "SEVERITIES",
+           "STANDARD", "check_images", "corrupt", "fetch_official", "find_official", "image_rngs", "official_set",
+           "read_official"]
