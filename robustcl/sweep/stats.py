@@ -28,12 +28,13 @@ BOOTSTRAP_SEED = 0
 FLAG_TOLERANCE = 1e-9  # per-image flags must reproduce results.json's accuracy (else they are stale)
 
 RAW_COLUMNS = ["configuration", "seed", "run", "method", "protocol", "branch", "attack", "clean_acc", "robust_acc",
-               "n_eval", "eval_subset", "headline_on_same_images", "integrity_failed"]
+               "n_eval", "eval_subset", "headline_on_same_images", "integrity_failed", "corruption_acc"]
 # headline_on_same_images: for an AutoAttack row on a subset, the headline PGD's accuracy on those same images
 # (AutoAttack on the first 200 must be read against PGD on the same 200, not on all of them); else empty.
 # integrity_failed: the protocol's failed integrity checks ("; "-joined: the run is SUSPECT), empty when all passed,
 # NOT_RECORDED when results.json has none. Summaries written before the column existed lack it: not recorded.
-OPTIONAL_COLUMNS = ("headline_on_same_images", "integrity_failed")  # summaries older than a column lack it
+# corruption_acc: the protocol's common-corruption accuracy (results.json's corruptions.mean), empty when not measured
+OPTIONAL_COLUMNS = ("headline_on_same_images", "integrity_failed", "corruption_acc")  # older summaries lack them
 NOT_RECORDED = "not recorded"
 SUBSET_SEED = re.compile(r" \(seed -?\d+\)")  # results.json's eval_subset names the seed of a random subset
 
@@ -51,7 +52,8 @@ def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
                              "method": results.get("method", ""), "protocol": protocol, "branch": r["branch"],
                              "attack": attack, "clean_acc": r["clean_acc"], "robust_acc": acc,
                              "n_eval": n_eval, "eval_subset": subset, "headline_on_same_images": same,
-                             "integrity_failed": integrity_cell(integrity_failures(r))})
+                             "integrity_failed": integrity_cell(integrity_failures(r)),
+                             "corruption_acc": (r.get("corruptions") or {}).get("mean", "")})
     return rows
 
 
