@@ -305,3 +305,30 @@ def test_npz_cache_reader_ignores_a_damaged_file(tmp_path):
     np.savez(buffer, index=np.arange(2), images=np.zeros((2, 3, 32, 32), np.uint8))
     path.write_bytes(buffer.getvalue())
     assert len(read_cache(path, (1, 28, 28))[0]) == 0  # another shape: not this dataset's
+
+
+def test_the_official_tar_is_downloaded_md5_checked_and_extracted_into_the_cache(tmp_path, monkeypatch,
+                                                                                  data_http_server):
+    """fetch_official on a loopback server: a small tar in the published layout (its md5 put in place of
+    Zenodo's, which only the real 2.9 GB tar has); a tar with another md5 is refused."""
+    import dataclasses
+    import tarfile
+
+    from robustcl.data.corruptions import OFFICIAL, fetch_official
+    from robustcl.data.files import md5_file
+
+    www, url = data_http_server
+    labels = np.array([3, 8])
+    write_official(tmp_path / "src" / "CIFAR-10-C", 2, labels)
+    with tarfile.open(www / "CIFAR-10-C.tar", "w") as tar:
+        tar.add(tmp_path / "src" / "CIFAR-10-C", arcname="CIFAR-10-C")
+    monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROBUSTCL_CIFAR_C_URL", url)
+    monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(CIFAR10_C, tarball_md5="0" * 32))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        fetch_official("cifar10")
+    monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(CIFAR10_C, tarball_md5=md5_file(www / "CIFAR-10-C.tar")))
+    folder = fetch_official("cifar10")
+    assert folder == tmp_path / "cache" / "cifar10" / "CIFAR-10-C"
+    assert find_official("cifar10", ("fog", "snow"), None) == folder
+    assert read_official(folder, "snow", 3, np.array([1]), labels[[1]], 2).shape == (1, 3, 32, 32)

@@ -107,6 +107,22 @@ def fetch_official(dataset: str) -> Path:
     return target / spec.folder
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files whose md5 matched in this process
+
+
+def _check_md5(file: Path, expected: str, release: str) -> None:
+    """DataError unless `file` has md5 `expected` (each file hashed once per process while unchanged)."""
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    got = md5_file(file)
+    if got != expected:
+        raise DataError(f"checksum mismatch for {file}: expected {expected} ({release} as published), got {got}; "
+                        "delete it and download the set again")
+    _VERIFIED.add(key)
+
+
 def _open(path: Path) -> np.ndarray:
     """A .npy file memory-mapped; DataError (one line, naming the file) when it is cut short or not a .npy."""
     try:
@@ -125,10 +141,8 @@ def read_official(directory: Path, name: str, severity: int, index: np.ndarray, 
     path, labels_path = directory / f"{name}.npy", directory / "labels.npy"
     if verify and spec is not None:
         for key, file in ((name, path), ("labels", labels_path)):
-            expected = spec.file_md5.get(key)
-            if expected is not None and md5_file(file) != expected:
-                raise DataError(f"checksum mismatch for {file}: expected {expected} ({spec.name} as published), "
-                                f"got {md5_file(file)}; delete it and download the set again")
+            if key in spec.file_md5 and file.is_file():
+                _check_md5(file, spec.file_md5[key], spec.name)
     images, labels = _open(path), _open(labels_path)
     expected = (SEVERITY_COUNT * n_test, *SHAPE)
     if images.dtype != np.uint8 or tuple(images.shape) != expected:
