@@ -332,3 +332,27 @@ def test_the_official_tar_is_downloaded_md5_checked_and_extracted_into_the_cache
     assert folder == tmp_path / "cache" / "cifar10" / "CIFAR-10-C"
     assert find_official("cifar10", ("fog", "snow"), None) == folder
     assert read_official(folder, "snow", 3, np.array([1]), labels[[1]], 2).shape == (1, 3, 32, 32)
+
+
+def test_paired_differences_carry_the_ca_difference_over_seeds():
+    from robustcl.sweep.stats import DIFF_COLUMNS, differences_csv, differences_markdown, paired_differences
+
+    class Planned:
+        def __init__(self, label: str, seed: int) -> None:
+            self.label, self.seed, self.name = label, seed, f"{label}-seed{seed}"
+
+    def entry(label: str, seed: int, ca: float | None) -> tuple:
+        protocol = {"branch": "adversarial", "clean_acc": 0.8, "robust": {"pgd20-linf-0.1": 0.4}}
+        if ca is not None:
+            protocol["corruptions"] = corruption_result(ca)
+        return Planned(label, seed), {"method": "m", "from_rows": "rows.csv", "protocols": {"slf": protocol}}
+
+    entries = [entry("base", s, 0.5) for s in (0, 1, 2)] + [entry("new", s, v) for s, v in ((0, 0.6), (1, 0.65), (2, 0.7))]
+    (diff,) = paired_differences(entries, "base")
+    assert diff.corruption_t.estimate == pytest.approx(0.15) and diff.corruption_t.lo > 0
+    assert "Δ CA, t (seeds)" in "\n".join(differences_markdown([diff], "base"))
+    assert DIFF_COLUMNS[-3:] == ["corruption_t_estimate", "corruption_t_lo", "corruption_t_hi"]
+    assert differences_csv([diff], "base").splitlines()[1].split(",")[-3] == repr(diff.corruption_t.estimate)
+    without = [entry("base", s, None) for s in (0, 1)] + [entry("new", s, 0.6) for s in (0, 1)]
+    (diff,) = paired_differences(without, "base")
+    assert diff.corruption_t is None and "Δ CA" not in "\n".join(differences_markdown([diff], "base"))

@@ -125,6 +125,7 @@ class Difference:
     robust_bootstrap: Interval | None
     bootstrap_note: str = ""
     baseline: str = ""
+    corruption_t: Interval | None = None  # the common-corruption accuracy's (CA) difference over seeds, when measured
 
     @property
     def primary(self) -> Interval:
@@ -203,8 +204,19 @@ def paired_differences(entries: Sequence[Entry], baseline: str) -> list[Differen
                 else:
                     clean_b, robust_b, note = None, None, "per-image flags are stored for the headline PGD only"
                 out.append(Difference(label, protocol, attack, tuple(a[0].seed for a, _ in usable), clean_t, robust_t,
-                                      clean_b, robust_b, note, baseline))
+                                      clean_b, robust_b, note, baseline, corruption_difference(usable, protocol)))
     return out
+
+
+def corruption_difference(pairs: Sequence[tuple[Entry, Entry]], protocol: str) -> Interval | None:
+    """The paired t-interval over seeds of the CA difference, when every run of both sides measured it."""
+    def ca(entry: Entry) -> float | None:
+        return (entry[1]["protocols"][protocol].get("corruptions") or {}).get("mean")
+
+    values = [(ca(a), ca(b)) for a, b in pairs]
+    if not values or any(v is None or w is None for v, w in values):
+        return None
+    return paired_t_interval([v for v, _ in values], [w for _, w in values])  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -246,11 +258,14 @@ def differences_markdown(diffs: Sequence[Difference], baseline: str) -> list[str
              "Δ robust, t (seeds) | Δ robust, bootstrap (images) | reading (robust) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
+    with_ca = any(d.corruption_t is not None for d in diffs)  # the Δ CA column only when some pair measured it
+    if with_ca:
+        lines[-2:] = [lines[-2] + " Δ CA, t (seeds) |", lines[-1] + "---|"]
     for d in diffs:
         lines.append(f"| {d.configuration} | {d.baseline or baseline} | {d.protocol.upper()} | {d.attack} | {len(d.seeds)} | "
                      f"{points(d.clean_t)} | "
                      f"{points(d.clean_bootstrap)} | {points(d.robust_t)} | {points(d.robust_bootstrap)} | "
-                     f"{reading(d.primary)} |")
+                     f"{reading(d.primary)} |" + (f" {points(d.corruption_t)} |" if with_ca else ""))
         if d.bootstrap_note and d.robust_bootstrap is None and d.bootstrap_note not in notes:
             notes.append(d.bootstrap_note)
     if notes:
@@ -260,7 +275,8 @@ def differences_markdown(diffs: Sequence[Difference], baseline: str) -> list[str
 
 DIFF_COLUMNS = ["configuration", "baseline", "protocol", "attack", "n_seeds", "seeds",
                 *(f"{k}_{m}_{part}" for k in ("clean", "robust") for m in ("t", "bootstrap")
-                  for part in ("estimate", "lo", "hi")), "primary", "reading", "bootstrap_note"]
+                  for part in ("estimate", "lo", "hi")), "primary", "reading", "bootstrap_note",
+                *(f"corruption_t_{part}" for part in ("estimate", "lo", "hi"))]
 
 
 def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
@@ -277,10 +293,10 @@ def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
     for d in diffs:
         writer.writerow([d.configuration, d.baseline or baseline, d.protocol, d.attack, len(d.seeds), " ".join(map(str, d.seeds)),
                          *parts(d.clean_t), *parts(d.clean_bootstrap), *parts(d.robust_t), *parts(d.robust_bootstrap),
-                         d.primary.method, reading(d.primary), d.bootstrap_note])
+                         d.primary.method, reading(d.primary), d.bootstrap_note, *parts(d.corruption_t)])
     return buffer.getvalue()
 
 
-__all__ = ["DIFF_COLUMNS", "Difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS", "SUBSET_SEED", "Entry",
+__all__ = ["DIFF_COLUMNS", "Difference", "corruption_difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS", "SUBSET_SEED", "Entry",
            "attack_images", "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures",
            "paired_differences", "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]
