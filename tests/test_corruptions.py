@@ -124,7 +124,9 @@ def test_the_official_reader_round_trips_the_published_layout(tmp_path):
         got = read_official(folder, "fog", severity, np.array([1, 0]), labels[[1, 0]], 2)
         want = arrays["fog"][[(severity - 1) * 2 + 1, (severity - 1) * 2]].transpose(0, 3, 1, 2)
         assert got.shape == (2, 3, 32, 32) and got.dtype == np.uint8 and (got == want).all()
-    assert find_official("cifar10", ("fog", "frost"), tmp_path) is None  # frost.npy missing: not this folder
+    with pytest.raises(DataError, match="lacks frost.npy"):  # a partial -C folder is not silently replaced
+        find_official("cifar10", ("fog", "frost"), tmp_path)
+    assert find_official("cifar10", ("fog",), tmp_path / "elsewhere") is None  # no -C set: generate
 
 
 def test_a_truncated_or_wrong_shaped_or_mislabelled_official_file_is_a_one_line_error_naming_it(tmp_path):

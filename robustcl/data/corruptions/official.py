@@ -79,14 +79,19 @@ def _complete(directory: Path, names: tuple[str, ...]) -> bool:
 
 
 def find_official(dataset: str, names: tuple[str, ...], root: str | os.PathLike[str] | None) -> Path | None:
-    """The folder that holds `names` and labels.npy of dataset's -C set, None when there is none. A tar in
-    the cache (or in root) without its folder is extracted beside it first."""
+    """The folder that holds `names` and labels.npy of dataset's -C set, None when there is none (then the
+    corruptions are generated). A tar in the cache (or in root) without its folder is extracted beside it
+    first; a -C folder that lacks a requested file is a DataError, not a silent switch to generated images."""
     spec = OFFICIAL[dataset]
     places = [Path(root).expanduser() / spec.folder, Path(root).expanduser()] if root is not None else []
     places.append(cache_dir(dataset) / spec.folder)
     for place in places:
         if _complete(place, names):
             return place
+        if (place / "labels.npy").is_file():  # a -C folder without some requested file: say so, do not generate
+            missing = [f"{n}.npy" for n in names if not (place / f"{n}.npy").is_file()]
+            raise DataError(f"{spec.name} folder {place} lacks {', '.join(missing)}; restore it (extract "
+                            f"{spec.tarball} again) or ask only for the corruptions it has")
     for base in ([Path(root).expanduser()] if root is not None else []) + [cache_dir(dataset)]:
         if (base / spec.tarball).is_file() and not (base / spec.folder).exists():
             safe_extract(base / spec.tarball, base)
