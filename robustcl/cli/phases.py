@@ -63,6 +63,12 @@ def print_results(name: str, results: dict, out: object) -> None:
     from robustcl.runs.report import results_table
 
     print(results_table([(name, results)]))
+    for protocol, r in results.get("protocols", {}).items():
+        c = r.get("corruptions")
+        if c:
+            print(f"{protocol.upper()} common corruptions: {'CA' if c.get('standard') else 'mean'} "
+                  f"{100 * c['mean']:.2f}% over {len(c['names'])} corruption(s) x severities {c['severities']} "
+                  f"({c['n']} images; clean on them {100 * c['clean_on_same_images']:.2f}%)")
     print(f"results: {Path(str(out)) / 'results.json'}\nreport: {Path(str(out)) / 'report.md'}")
 
 
@@ -101,9 +107,13 @@ def evaluate_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"eval.eps_curve=[{', '.join(args.eps)}]")
     if args.steps:
         out.append(f"eval.steps_curve=[{', '.join(str(s) for s in args.steps)}]")
+    if getattr(args, "corruptions", None):
+        out.append(f"eval.corruptions=[{', '.join(args.corruptions)}]")
+    if getattr(args, "severities", None):
+        out.append(f"eval.corruption_severities=[{', '.join(str(s) for s in args.severities)}]")
     for flag, key in (("limit", "eval.limit"), ("batch_size", "eval.batch_size"), ("seed", "seed"),
-                      ("restarts", "eval.restarts")):
-        value = getattr(args, flag)
+                      ("restarts", "eval.restarts"), ("corruptions_limit", "eval.corruptions_limit")):
+        value = getattr(args, flag, None)
         if value is not None:
             out.append(f"{key}={value}")
     if args.mixed_reading:
@@ -175,6 +185,14 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="evaluation batch size (eval.batch_size)")
     p.add_argument("--seed", type=int, help="seed of the attacks' random starts (the run's seed by default)")
     p.add_argument("--restarts", type=int, help="PGD/CW/L2 random restarts, worst case per image (eval.restarts)")
+    p.add_argument("--corruptions", nargs="+", metavar="NAME|all",
+                   help="common-corruption accuracy (CA): all (the benchmark's 15 CIFAR-10-C corruptions) or names, "
+                        "e.g. fog snow speckle_noise (eval.corruptions; docs/corruptions.md)")
+    p.add_argument("--severities", nargs="+", type=int, metavar="S",
+                   help="corruption severities 1..5 (eval.corruption_severities; default all five)")
+    p.add_argument("--corruptions-limit", type=int, metavar="N",
+                   help="corrupted images per corruption and severity: a seeded subset of the evaluated images "
+                        "(eval.corruptions_limit)")
     p.add_argument("--mixed-reading", action="store_true",
                    help="also report the reference protocol's mixed reading (clean via benign BN, robust via "
                         "adversarial BN), labelled as such")

@@ -356,6 +356,13 @@ class FinetuneConfig:
 
 
 EvalAttack = Literal["pgd", "cw", "pgd-l2", "autoattack"]
+# eval.corruptions (docs/corruptions.md): CIFAR-10-C's 15 benchmark corruptions ("all") and the 4 extra ones of
+# the same release; robustcl.data.corruptions holds the same two lists (tests/test_corruptions.py keeps them equal)
+STANDARD_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+                        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+                        "jpeg_compression")
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+DEFAULT_CORRUPTIONS_LIMIT = 1000  # docs/corruptions.md "What it costs" measured the evaluation that set it
 
 
 @dataclass
@@ -381,8 +388,21 @@ class EvalConfig:
     # fp32 by default even where bf16 is native: attacks in low precision can under-report robustness.
     # auto follows the device like train.precision.
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # common corruptions (docs/corruptions.md): a list of names, or all (the benchmark's 15); empty: off.
+    # The mean over them and the severities is the benchmark's corruption accuracy (CA)
+    corruptions: tuple[str, ...] | Literal["all"] = ()
+    corruption_severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # severities 1..5 evaluated
+    # corrupted images per corruption and severity: a seeded random subset of the evaluated images, null: all
+    corruptions_limit: int | None = DEFAULT_CORRUPTIONS_LIMIT
+
+    def corruption_names(self) -> tuple[str, ...]:
+        """eval.corruptions with "all" read as the 15 standard corruptions, in CIFAR-10-C's order."""
+        names = (self.corruptions,) if isinstance(self.corruptions, str) else self.corruptions
+        out = [n for name in names for n in (STANDARD_CORRUPTIONS if name == "all" else (name,))]
+        return tuple(dict.fromkeys(out))
 
     def validate(self) -> None:
+        self.validate_corruptions()
         self.attack.validate("eval.attack")
         self.l2.validate("eval.l2")
         _check("pgd" in self.attacks, "eval.attacks", self.attacks, "must include pgd (the curve and checks use it)")
@@ -398,6 +418,21 @@ class EvalConfig:
             value = getattr(self, key)
             _check(value is None or value >= 20, f"eval.{key}", value, "must be >= 20 or null (all evaluated images)")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+
+    def validate_corruptions(self) -> None:
+        """One-line ConfigErrors for an unknown corruption name, a severity outside 1..5, a limit below 1."""
+        names = (self.corruptions,) if isinstance(self.corruptions, str) else self.corruptions
+        valid = ("all", *STANDARD_CORRUPTIONS, *EXTRA_CORRUPTIONS)
+        unknown = [n for n in names if n not in valid]
+        _check(not unknown, "eval.corruptions", self.corruptions,
+               f"names unknown corruption(s) {', '.join(map(str, unknown))}; valid: {', '.join(valid)}")
+        severities = self.corruption_severities
+        _check(bool(severities) and all(isinstance(s, int) and 1 <= s <= 5 for s in severities),
+               "eval.corruption_severities", severities, "must be severities in 1..5 (e.g. [1, 2, 3, 4, 5])")
+        _check(len(set(severities)) == len(severities), "eval.corruption_severities", severities,
+               "must not repeat a severity")
+        _check(self.corruptions_limit is None or self.corruptions_limit >= 1, "eval.corruptions_limit",
+               self.corruptions_limit, "must be >= 1 or null (all evaluated images)")
 
 
 @dataclass

@@ -15,6 +15,8 @@ import torch
 
 from robustcl.config import Config, reference_switches
 from robustcl.evaluation.autoattack import autoattack_accuracy, state_key
+from robustcl.evaluation.corrupted_sets import CorruptedSets, corrupted_sets
+from robustcl.evaluation.corruptions import corruption_record, generation_record
 from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_square_vs_whitebox,
                                            run_integrity_checks, square_survivors, timed_check)
 from robustcl.evaluation.per_image import PerImage, as_numpy, read_per_image, write_per_image
@@ -117,8 +119,9 @@ def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: st
 
 def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
                    autocast, run: RunDir, protocol: str, flags: dict[str, torch.Tensor] | None = None,
-                   fingerprint: str | None = None) -> dict[str, Any]:
-    """Clean accuracy, every configured attack, the eps and steps curves and the integrity checks of one model.
+                   fingerprint: str | None = None, corrupted: CorruptedSets | None = None) -> dict[str, Any]:
+    """Clean accuracy, every configured attack, the eps and steps curves, the integrity checks and (given
+    `corrupted`) the common-corruption accuracy of one model.
 
     `flags`, when given, receives the per-image correctness: "clean" and "robust" (the headline PGD);
     `fingerprint` identifies an encoder held in memory (AutoAttack's resumable state).
@@ -127,6 +130,10 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
     record, clean_flags, robust_flags = attacked_accuracy(model, images, labels, cfg, autocast, seconds)
     if flags is not None:
         flags.update(clean=clean_flags, robust=robust_flags)
+    if corrupted is not None:
+        t0 = time.perf_counter()
+        record["corruptions"] = corruption_record(model, corrupted, clean_flags, cfg, autocast)
+        seconds["corruptions"] = time.perf_counter() - t0
     aa_count = add_autoattack(record, model, images, labels, robust_flags, cfg, run, protocol, fingerprint)
     add_curves(record, model, images, labels, cfg, autocast, seconds)
     record["integrity"] = integrity_record(model, images, labels, clean_flags, robust_flags, record, num_classes, cfg,
@@ -269,9 +276,10 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     per_protocol: dict[str, Any] = {}
     per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
     fingerprint = meta["fingerprint"] if loaded is not None else None
+    corrupted = corrupted_sets(cfg, images, labels, index)
     for protocol in chosen:
         per_protocol[protocol], num_classes = evaluate_protocol(run, protocol, encoder, meta, images, labels, cfg,
-                                                                device, autocast, per_image, fingerprint)
+                                                                device, autocast, per_image, fingerprint, corrupted)
     attack_record = {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
                      "random_start": a.random_start, "restarts": e.restarts, "loss": "cross-entropy",
                      "precision": e.precision}
@@ -283,6 +291,8 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
             per_protocol = {p: per_protocol[p] for p in ("slf", "alf", "aff") if p in per_protocol}
             per_image = _merge_earlier_flags(run, per_image, per_protocol)
     results = results_record(cfg, meta, per_protocol, attack_record, len(images), subset, device)
+    if corrupted is not None:
+        results["corruption_sets"] = generation_record(corrupted)
     if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
         results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
                                                          num_classes, device, autocast, progress)
@@ -302,7 +312,7 @@ def run_encoder(cfg: Config, run: RunDir) -> tuple[Encoder, dict[str, Any]]:
 
 def evaluate_protocol(run: RunDir, protocol: str, encoder: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor,
                       labels: torch.Tensor, cfg: Config, device: torch.device, autocast, per_image: PerImage,
-                      fingerprint: str | None) -> tuple[dict[str, Any], int]:
+                      fingerprint: str | None, corrupted: CorruptedSets | None = None) -> tuple[dict[str, Any], int]:
     """One protocol's fitted model evaluated (its per-image flags into `per_image`); returns its record and
     the number of classes of its head."""
     e = cfg.eval
@@ -310,7 +320,8 @@ def evaluate_protocol(run: RunDir, protocol: str, encoder: torch.nn.Module, meta
     model, saved = protocol_model(run, protocol, encoder, device)
     num_classes = model.head.out_features
     flags: dict[str, torch.Tensor] = {}
-    record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags, fingerprint)
+    record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags, fingerprint,
+                            corrupted)
     per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
     out = {"protocol": protocol, "branch": saved["branch"], **record,
            "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
@@ -344,6 +355,7 @@ def results_record(cfg: Config, meta: dict[str, Any], per_protocol: dict[str, An
         "method": meta["method"], "dataset": meta["dataset"],
         "protocol": headline["protocol"], "branch": headline["branch"],
         "clean_acc": headline["clean_acc"], "robust": headline["robust"],
+        **({"corruption_acc": headline["corruptions"]["mean"]} if "corruptions" in headline else {}),
         "n_eval": int(n_eval), "eval_subset": subset,
         "attack": attack_record,
         "branch_note": "clean and robust accuracy are read through the same BN branch",

@@ -147,6 +147,7 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
     extra = autoattack_lines(run.root.name, results)
     if extra:
         text += ["## AutoAttack", "", *extra, ""]
+    text += corruption_section([(run.root.name, results)], run.plots / "corruptions.png")
     mixed = mixed_reading_lines(run.root.name, results)
     if mixed:
         text += ["## Mixed-branch reading (reference protocol; not a headline number)", "", *mixed, ""]
@@ -159,6 +160,65 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
         text += [(run.root / "bound.md").read_text(encoding="utf-8"), ""]
     atomic_write_text(run.report, "\n".join(text))
     return run.report
+
+
+def corruption_table(record: dict[str, Any]) -> list[str]:
+    """Markdown: accuracy (%) per corruption (rows) and severity (columns), each row's mean, and CS-1..CS-5."""
+    severities = [str(s) for s in record["severities"]]
+    lines = ["| corruption | " + " | ".join(f"severity {s}" for s in severities) + " | mean |",
+             "|---|" + "---|" * (len(severities) + 1)]
+    for name, cells in record["per"].items():
+        values = [cells[s] for s in severities]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in values)
+                     + f" | {100 * sum(values) / len(values):.2f} |")
+    lines.append("| **mean (CS-k; CA)** | " + " | ".join(f"**{100 * record['per_severity'][s]:.2f}**" for s in severities)
+                 + f" | **{100 * record['mean']:.2f}** |")
+    return lines
+
+
+def corruption_headline(label: str, protocol: str, record: dict[str, Any], branch: str) -> str:
+    """One line: a protocol's corruption accuracy against its clean accuracy on the same images."""
+    what = ("CA (the benchmark's 15 corruptions x severities 1-5)" if record.get("standard")
+            else f"mean over {len(record['names'])} corruption(s) x severities {record['severities']} "
+                 "(not the benchmark's CA: another set of corruptions or severities)")
+    return (f"- {label} {protocol.upper()} ({branch} branch): {what} **{100 * record['mean']:.2f}%** on "
+            f"{record['n']} images per cell; clean accuracy on the same images {100 * record['clean_on_same_images']:.2f}%; "
+            f"source: {record['source']}")
+
+
+def plot_corruptions(entries: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """Accuracy against severity (0: clean on the same images), a panel per model: each corruption thin, the mean bold."""
+    fig, axes = plt.subplots(1, len(entries), figsize=(4.2 * len(entries), 3.4), squeeze=False)
+    for ax, (label, record) in zip(axes[0], entries):
+        severities = [0, *record["severities"]]
+        for name, cells in record["per"].items():
+            ys = [record["clean_on_same_images"], *(cells[str(s)] for s in record["severities"])]
+            ax.plot(severities, [100 * y for y in ys], lw=0.8, alpha=0.6, label=name)
+        mean = [record["clean_on_same_images"], *(record["per_severity"][str(s)] for s in record["severities"])]
+        ax.plot(severities, [100 * y for y in mean], color="black", lw=2.2, marker="o", label="mean")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("severity (0: clean)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+
+
+def corruption_section(runs: Sequence[tuple[str, dict[str, Any]]], plot: Path) -> list[str]:
+    """report.md's "Common corruptions" section for the runs' protocols that measured them (else nothing)."""
+    found = [(label, protocol, r) for label, results in runs for protocol, r in results.get("protocols", {}).items()
+             if r.get("corruptions")]
+    if not found:
+        return []
+    plot_corruptions([(f"{label} {p.upper()} ({r['branch']})", r["corruptions"]) for label, p, r in found], plot)
+    lines = ["## Common corruptions", "",
+             "Accuracy (%) on corrupted test images (Hendrycks & Dietterich 2019; docs/corruptions.md), through the "
+             "same BN branch and head as the clean and robust numbers. CS-k: the mean over the corruptions at "
+             "severity k; CA: the mean over every corruption and severity.", ""]
+    for label, protocol, r in found:
+        lines += [corruption_headline(label, protocol, r["corruptions"], r["branch"]), "",
+                  *corruption_table(r["corruptions"]), ""]
+    return lines + [f"![accuracy vs corruption severity](plots/{plot.name})", ""]
 
 
 def autoattack_lines(label: str, results: dict[str, Any]) -> list[str]:

@@ -68,6 +68,8 @@ def _add_row(runs: dict[str, RowRun], row: dict[str, str], source: Path) -> None
             row["attack"] in protocol["robust"] and protocol["robust"][row["attack"]] != float(row["robust_acc"])):
         raise ValueError(f"run {name} {row['protocol']} {row['attack']} appears twice with different accuracies")
     protocol["robust"][row["attack"]] = float(row["robust_acc"])
+    if row.get("corruption_acc"):  # the common-corruption accuracy, when the run measured it
+        protocol["corruptions"] = {"mean": float(row["corruption_acc"])}
     failed = row.get("integrity_failed", NOT_RECORDED)
     if failed != NOT_RECORDED:
         protocol["integrity"] = {"failed": [c for c in failed.split("; ") if c]}

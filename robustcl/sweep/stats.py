@@ -31,12 +31,13 @@ BOOTSTRAP_SEED = 0
 FLAG_TOLERANCE = 1e-9  # per-image flags must reproduce results.json's accuracy (else they are stale)
 
 RAW_COLUMNS = ["configuration", "seed", "run", "method", "protocol", "branch", "attack", "clean_acc", "robust_acc",
-               "n_eval", "eval_subset", "headline_on_same_images", "integrity_failed"]
+               "n_eval", "eval_subset", "headline_on_same_images", "integrity_failed", "corruption_acc"]
 # headline_on_same_images: for an AutoAttack row on a subset, the headline PGD's accuracy on those same images
 # (AutoAttack on the first 200 must be read against PGD on the same 200, not on all of them); else empty.
 # integrity_failed: the protocol's failed integrity checks ("; "-joined: the run is SUSPECT), empty when all passed,
 # NOT_RECORDED when results.json has none. Summaries written before the column existed lack it: not recorded.
-OPTIONAL_COLUMNS = ("headline_on_same_images", "integrity_failed")  # summaries older than a column lack it
+# corruption_acc: the protocol's common-corruption accuracy (results.json's corruptions.mean), empty when not measured
+OPTIONAL_COLUMNS = ("headline_on_same_images", "integrity_failed", "corruption_acc")  # older summaries lack them
 NOT_RECORDED = "not recorded"
 SUBSET_SEED = re.compile(r" \(seed -?\d+\)")  # results.json's eval_subset names the seed of a random subset
 
@@ -46,7 +47,7 @@ SUBSET_SEED = re.compile(r" \(seed -?\d+\)")  # results.json's eval_subset names
 # characters (bidirectional overrides), `|` (summary.md's tables), backticks, < and > (markdown code spans, HTML) and
 # a leading = + - @ (a spreadsheet formula; configuration and run excepted: they must name one of the sweep's own
 # runs, whose names the spec's rules allow). robustcl never writes any of them there.
-ACCURACY_COLUMNS = ("clean_acc", "robust_acc", "headline_on_same_images")  # the last: empty unless AutoAttack's
+ACCURACY_COLUMNS = ("clean_acc", "robust_acc", "headline_on_same_images", "corruption_acc")  # the last two may be empty
 UNSAFE_TEXT = re.compile(r"[|`<>]")
 FORMULA_START = ("=", "+", "-", "@")
 
@@ -64,7 +65,8 @@ def raw_rows(entries: Sequence[Entry]) -> list[dict[str, Any]]:
                              "method": results.get("method", ""), "protocol": protocol, "branch": r["branch"],
                              "attack": attack, "clean_acc": r["clean_acc"], "robust_acc": acc,
                              "n_eval": n_eval, "eval_subset": subset, "headline_on_same_images": same,
-                             "integrity_failed": integrity_cell(integrity_failures(r))})
+                             "integrity_failed": integrity_cell(integrity_failures(r)),
+                             "corruption_acc": (r.get("corruptions") or {}).get("mean", "")})
     return rows
 
 
@@ -90,7 +92,7 @@ def _check_cell(column: str, text: str) -> None:
             number = float(text)
         except ValueError:
             number = math.nan
-        ok = (column == "headline_on_same_images" and text == "") or 0.0 <= number <= 1.0  # nan and inf fail
+        ok = (column in ("headline_on_same_images", "corruption_acc") and text == "") or 0.0 <= number <= 1.0  # nan, inf fail
         want = "an accuracy (a fraction in [0, 1])"
     else:
         ok = not _unsafe_text(text, formula=column not in ("configuration", "run"))
@@ -181,6 +183,7 @@ class Difference:
     robust_bootstrap: Interval | None
     bootstrap_note: str = ""
     baseline: str = ""
+    corruption_t: Interval | None = None  # the common-corruption accuracy's (CA) difference over seeds, when measured
 
     @property
     def primary(self) -> Interval:
@@ -259,8 +262,19 @@ def paired_differences(entries: Sequence[Entry], baseline: str) -> list[Differen
                 else:
                     clean_b, robust_b, note = None, None, "per-image flags are stored for the headline PGD only"
                 out.append(Difference(label, protocol, attack, tuple(a[0].seed for a, _ in usable), clean_t, robust_t,
-                                      clean_b, robust_b, note, baseline))
+                                      clean_b, robust_b, note, baseline, corruption_difference(usable, protocol)))
     return out
+
+
+def corruption_difference(pairs: Sequence[tuple[Entry, Entry]], protocol: str) -> Interval | None:
+    """The paired t-interval over seeds of the CA difference, when every run of both sides measured it."""
+    def ca(entry: Entry) -> float | None:
+        return (entry[1]["protocols"][protocol].get("corruptions") or {}).get("mean")
+
+    values = [(ca(a), ca(b)) for a, b in pairs]
+    if not values or any(v is None or w is None for v, w in values):
+        return None
+    return paired_t_interval([v for v, _ in values], [w for _, w in values])  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -302,11 +316,14 @@ def differences_markdown(diffs: Sequence[Difference], baseline: str) -> list[str
              "Δ robust, t (seeds) | Δ robust, bootstrap (images) | reading (robust) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
+    with_ca = any(d.corruption_t is not None for d in diffs)  # the Δ CA column only when some pair measured it
+    if with_ca:
+        lines[-2:] = [lines[-2] + " Δ CA, t (seeds) |", lines[-1] + "---|"]
     for d in diffs:
         lines.append(f"| {d.configuration} | {d.baseline or baseline} | {d.protocol.upper()} | {d.attack} | {len(d.seeds)} | "
                      f"{points(d.clean_t)} | "
                      f"{points(d.clean_bootstrap)} | {points(d.robust_t)} | {points(d.robust_bootstrap)} | "
-                     f"{reading(d.primary)} |")
+                     f"{reading(d.primary)} |" + (f" {points(d.corruption_t)} |" if with_ca else ""))
         if d.bootstrap_note and d.robust_bootstrap is None and d.bootstrap_note not in notes:
             notes.append(d.bootstrap_note)
     if notes:
@@ -316,7 +333,8 @@ def differences_markdown(diffs: Sequence[Difference], baseline: str) -> list[str
 
 DIFF_COLUMNS = ["configuration", "baseline", "protocol", "attack", "n_seeds", "seeds",
                 *(f"{k}_{m}_{part}" for k in ("clean", "robust") for m in ("t", "bootstrap")
-                  for part in ("estimate", "lo", "hi")), "primary", "reading", "bootstrap_note"]
+                  for part in ("estimate", "lo", "hi")), "primary", "reading", "bootstrap_note",
+                *(f"corruption_t_{part}" for part in ("estimate", "lo", "hi"))]
 
 
 def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
@@ -333,11 +351,11 @@ def differences_csv(diffs: Sequence[Difference], baseline: str) -> str:
     for d in diffs:
         writer.writerow([d.configuration, d.baseline or baseline, d.protocol, d.attack, len(d.seeds), " ".join(map(str, d.seeds)),
                          *parts(d.clean_t), *parts(d.clean_bootstrap), *parts(d.robust_t), *parts(d.robust_bootstrap),
-                         d.primary.method, reading(d.primary), d.bootstrap_note])
+                         d.primary.method, reading(d.primary), d.bootstrap_note, *parts(d.corruption_t)])
     return buffer.getvalue()
 
 
 __all__ = ["ACCURACY_COLUMNS", "DIFF_COLUMNS", "Difference", "NOT_RECORDED", "OPTIONAL_COLUMNS", "RAW_COLUMNS",
            "SUBSET_SEED", "FORMULA_START", "UNSAFE_TEXT", "Entry", "attack_images", "check_raw_row",
-           "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures", "paired_differences",
-           "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]
+           "corruption_difference", "differences_csv", "differences_markdown", "integrity_cell", "integrity_failures",
+           "paired_differences", "points", "raw_csv", "raw_rows", "reading", "shared_test_set", "suspect_lines"]

@@ -46,6 +46,8 @@ class SummaryRow:
     robust: tuple[float, float | None]
     clean_ci: Interval | None = None    # 95% t-interval over seeds (no bounds for one seed)
     robust_ci: Interval | None = None
+    corruption: tuple[float, float | None] | None = None  # common-corruption accuracy (CA) when every seed has it
+    corruption_ci: Interval | None = None
 
 
 def aggregate(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> list[SummaryRow]:
@@ -55,13 +57,18 @@ def aggregate(entries: Sequence[tuple[PlannedRun, dict[str, Any]]]) -> list[Summ
         for protocol, r in results["protocols"].items():
             for attack, acc in r["robust"].items():
                 cells.setdefault((planned.label, protocol, attack), []).append(
-                    (planned.seed, {"method": results["method"], "branch": r["branch"]}, r["clean_acc"], acc))
+                    (planned.seed, {"method": results["method"], "branch": r["branch"],
+                                    "corruption_acc": (r.get("corruptions") or {}).get("mean")}, r["clean_acc"], acc))
     rows = []
     for (label, protocol, attack), items in cells.items():
-        rows.append(SummaryRow(label, items[0][1]["method"], protocol, items[0][1]["branch"], attack,
-                               tuple(i[0] for i in items), mean_std([i[2] for i in items]),
-                               mean_std([i[3] for i in items]), t_interval([i[2] for i in items]),
-                               t_interval([i[3] for i in items])))
+        row = SummaryRow(label, items[0][1]["method"], protocol, items[0][1]["branch"], attack,
+                         tuple(i[0] for i in items), mean_std([i[2] for i in items]),
+                         mean_std([i[3] for i in items]), t_interval([i[2] for i in items]),
+                         t_interval([i[3] for i in items]))
+        ca = [i[1].get("corruption_acc") for i in items]
+        if ca and all(v is not None for v in ca):
+            row.corruption, row.corruption_ci = mean_std(ca), t_interval(ca)
+        rows.append(row)
     return rows
 
 
@@ -78,18 +85,22 @@ def _ci(interval: Interval | None) -> str:
 
 def summary_markdown_table(rows: Sequence[SummaryRow]) -> str:
     """Markdown: one row per configuration x protocol x attack, mean ± std and the 95% t-interval in percent, n seeds."""
+    with_ca = any(r.corruption is not None for r in rows)  # the CA columns only when some run measured it
     lines = ["| configuration | method | protocol | branch | attack | seeds | clean acc (%) | robust acc (%) | "
-             "clean 95% CI | robust 95% CI |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "clean 95% CI | robust 95% CI |" + (" CA (%) | CA 95% CI |" if with_ca else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_ca else "")]
     for r in rows:
+        ca = (f" {_pct(r.corruption) if r.corruption else '-'} | {_ci(r.corruption_ci)} |" if with_ca else "")
         lines.append(f"| {r.configuration} | {r.method} | {r.protocol.upper()} | {r.branch} | {r.attack} | "
-                     f"{len(r.seeds)} | {_pct(r.clean)} | {_pct(r.robust)} | {_ci(r.clean_ci)} | {_ci(r.robust_ci)} |")
+                     f"{len(r.seeds)} | {_pct(r.clean)} | {_pct(r.robust)} | {_ci(r.clean_ci)} | {_ci(r.robust_ci)} |"
+                     + ca)
     return "\n".join(lines)
 
 
 CSV_COLUMNS = ["configuration", "method", "protocol", "branch", "attack", "n_seeds", "seeds",
                "clean_acc_mean", "clean_acc_std", "robust_acc_mean", "robust_acc_std",
-               "clean_acc_ci_lo", "clean_acc_ci_hi", "robust_acc_ci_lo", "robust_acc_ci_hi"]
+               "clean_acc_ci_lo", "clean_acc_ci_hi", "robust_acc_ci_lo", "robust_acc_ci_hi",
+               "corruption_acc_mean", "corruption_acc_std", "corruption_acc_ci_lo", "corruption_acc_ci_hi"]
 
 
 def summary_csv(rows: Sequence[SummaryRow]) -> str:
@@ -106,8 +117,16 @@ def summary_csv(rows: Sequence[SummaryRow]) -> str:
                          " ".join(map(str, r.seeds)), repr(r.clean[0]), "" if r.clean[1] is None else repr(r.clean[1]),
                          repr(r.robust[0]), "" if r.robust[1] is None else repr(r.robust[1]),
                          bound(r.clean_ci, "lo"), bound(r.clean_ci, "hi"), bound(r.robust_ci, "lo"),
-                         bound(r.robust_ci, "hi")])
+                         bound(r.robust_ci, "hi"), *_corruption_cells(r, bound)])
     return buffer.getvalue()
+
+
+def _corruption_cells(r: SummaryRow, bound: Any) -> list[str]:
+    """summary_stats.csv's corruption_acc_* cells (empty without a corruption accuracy)."""
+    if r.corruption is None:
+        return ["", "", "", ""]
+    return [repr(r.corruption[0]), "" if r.corruption[1] is None else repr(r.corruption[1]),
+            bound(r.corruption_ci, "lo"), bound(r.corruption_ci, "hi")]
 
 
 def plot_clean_vs_robust(entries: Sequence[tuple[PlannedRun, dict[str, Any]]], path: Path) -> bool:
@@ -209,7 +228,8 @@ def write_summary(plan: SweepPlan, failed: dict[str, str] | None = None, merged:
     lines = [f"# Sweep {spec.name}", "", plan.sweep.description, "",
              f"Spec: {plan.sweep.origin}; {len(entries)} of {len(plan.runs)} runs finished; seeds {list(spec.seeds)}. "
              "Each cell is the mean ± sample standard deviation (n-1) over seeds, in percent; `seeds` is n; the 95% CI "
-             "is Student's t over seeds, mean ± t(0.975, n-1)·s/√n (docs/statistics.md; none for one seed). "
+             "is Student's t over seeds, mean ± t(0.975, n-1)·s/√n (docs/statistics.md; none for one seed); CA, when "
+             "measured, is the common-corruption accuracy (docs/corruptions.md) with the same statistics. "
              "Accuracy is read through the branch named (the same one for clean and robust). summary.csv holds "
              "every run's raw numbers, summary_stats.csv this table.",
              *_evaluation_lines(entries), *suspect_lines(entries), *_rows_lines(merged), "",
