@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from robustcl.cli import main
 from robustcl.data import fetch
@@ -15,10 +16,6 @@ from robustcl.data import fetch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("robustcl: error: "), err
-    return err[0]
 
 
 def test_data_fetch_offline_is_one_line_naming_where_to_put_the_files(capsys, monkeypatch, tmp_path):
@@ -87,3 +84,23 @@ def test_a_fifo_in_place_of_metrics_jsonl_is_refused_not_waited_on(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "metrics.jsonl is a FIFO" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_appending_never_goes_through_a_fifo_or_a_link(tmp_path, kind):
+    """metrics.jsonl and a sweep worker's log are appended through runs.atomic.open_append: a FIFO there would block
+    the run forever, a link would write outside the directory."""
+    from robustcl.runs import RunError
+    from robustcl.runs.atomic import open_append
+
+    path = tmp_path / "run.log"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        (tmp_path / "elsewhere").write_text("")
+        path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RunError, match="not a regular file"):
+        open_append(path)
+    with open_append(tmp_path / "fine.log") as fh:
+        fh.write("a line\n")
+    assert (tmp_path / "fine.log").read_text() == "a line\n"

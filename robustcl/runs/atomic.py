@@ -13,7 +13,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -58,6 +58,23 @@ def refuse_irregular(path: Path | str, fix: str = "choose another path (or remov
     if kind is not None:
         raise RunError(f"{path} is {kind}, not a regular file; robustcl writes only regular files and never replaces "
                        f"anything else: {fix}")
+
+
+def open_append(path: Path, buffering: int = -1) -> IO[str]:
+    """`path` opened for appending text, created as open() creates a file: the one way robustcl appends (a log),
+    never through a symbolic link and never to a device or FIFO (opened without blocking, then refused)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fix = "replace it by a regular file (or remove it)"
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if file_kind(path) is not None:
+            refuse_irregular(path, fix)
+        raise write_failure(Path(path), exc) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device opened without blocking: never written to
+        os.close(fd)
+        refuse_irregular(path, fix)
+    return os.fdopen(fd, "a", buffering=buffering, encoding="utf-8")
 
 
 def _temporary(path: Path) -> tuple[int, Path]:

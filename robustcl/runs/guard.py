@@ -120,8 +120,6 @@ def refuse_unsafe_files(root: Path) -> None:
             raise RunError(why)
 
 
-refuse_symlinks = refuse_unsafe_files  # the name its callers know
-
 
 def run_dir_for(name: str, runs: Path | str = "runs") -> Path:
     """runs/<name> for a config's name, refusing a name that would put the run outside `runs`."""
@@ -268,15 +266,24 @@ class RunLock:
         self.release()
 
 
-@contextlib.contextmanager
-def writing(root: Path | str, why: str, create: bool = False) -> Iterator[RunLock]:
-    """While the body runs: `root` probed writable, its writer lock held, no symbolic link among its files."""
-    root = Path(root)
-    probe_writable(root, why)
-    lock = RunLock(root)
+def take(lock: RunLock, why: str, create: bool = False) -> None:
+    """The steps every writer of a run takes first: its directory probed writable, `lock` acquired, no link, device
+    or FIFO among its files (on an error here the lock is released again)."""
+    probe_writable(lock.root, why)
     lock.acquire(create=create)
     try:
-        refuse_symlinks(root)
+        refuse_unsafe_files(lock.root)
+    except BaseException:
+        lock.release()
+        raise
+
+
+@contextlib.contextmanager
+def writing(root: Path | str, why: str, create: bool = False) -> Iterator[RunLock]:
+    """While the body runs: `root` taken for writing (`take`), its lock released after."""
+    lock = RunLock(Path(root))
+    take(lock, why, create)
+    try:
         yield lock
     finally:
         lock.release()

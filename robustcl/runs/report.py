@@ -156,8 +156,8 @@ def write_report(run: RunDir, title: str | None = None) -> Path:
         text += ["## Reference reading (the authors' linear evaluation; not a headline number)", "", *reference, ""]
     if plot_diagnostics([(run.root.name, run)], run.plots / "diagnostics.png"):
         text += diagnostics_section(run)
-    if (run.root / "bound.md").is_file():  # the "Bound terms" section written by `robustcl bound`
-        text += [(run.root / "bound.md").read_text(encoding="utf-8"), ""]
+    if run.bound_section.is_file():  # the "Bound terms" section written by `robustcl bound`
+        text += [run.bound_section.read_text(encoding="utf-8"), ""]
     atomic_write_text(run.report, "\n".join(text))
     return run.report
 

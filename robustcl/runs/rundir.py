@@ -6,15 +6,12 @@ encoder.safetensors, heads/<protocol>.pt, results.json, per_image.npz, report.md
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from robustcl.runs.atomic import RunError, atomic_write_text, file_kind, refuse_irregular, write_failure
-from robustcl.runs.guard import (LOCK, RunLock, is_owned, probe_writable, refuse_foreign, refuse_unsafe_files,
-                                 write_marker)
+from robustcl.runs.atomic import RunError, atomic_write_text, open_append, write_failure
+from robustcl.runs.guard import LOCK, RunLock, is_owned, refuse_foreign, take, write_marker
 from robustcl.runs.layout import RunLayout
 
 
@@ -65,18 +62,8 @@ class RunDir(RunLayout):
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed, so a kill loses at most this line); never through a
         symbolic link."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        try:  # not through a link, never blocked by a FIFO; the mode as open() gives it
-            fd = os.open(self.metrics, flags, 0o666)
-        except OSError as exc:
-            if file_kind(self.metrics) is not None:
-                refuse_irregular(self.metrics, "replace it by a regular file (or remove it)")
-            raise write_failure(self.metrics, exc) from exc
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device opened without blocking: never written to
-            os.close(fd)
-            refuse_irregular(self.metrics, "replace it by a regular file (or remove it)")
         try:
-            with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            with open_append(self.metrics) as fh:
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
         except OSError as exc:
@@ -122,14 +109,12 @@ class RunDir(RunLayout):
 
 
 def open_run(run: RunDir, lock: RunLock, config_yaml: str, resume: bool, overwrite: bool, why: str) -> bool:
-    """Open `run` for writing in one step (on rank 0 of a job, one round trip): probe it writable, take its
-    writer `lock` (making the directory), refuse symbolic links in it, then prepare it (ownership marker,
-    config.yaml; --overwrite clears robustcl's own files). Returns True when a checkpoint is resumed; the
+    """Open `run` for writing in one step (on rank 0 of a job, one round trip): take it (`guard.take`: probed
+    writable, its writer `lock` held, the directory made, no link or device among its files), then prepare it
+    (ownership marker, config.yaml; --overwrite clears robustcl's own files). Returns True when a checkpoint is resumed; the
     caller releases the lock when its writing is done (on an error here it is released already)."""
-    probe_writable(run.root, why)
-    lock.acquire(create=True)
+    take(lock, why, create=True)
     try:
-        refuse_unsafe_files(run.root)
         return run.prepare(config_yaml, resume, overwrite)
     except BaseException:
         lock.release()

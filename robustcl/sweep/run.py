@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from robustcl.runs import RunError
+from robustcl.runs.atomic import open_append
 from robustcl.sweep.plan import PlannedRun, run_status
 
 
@@ -54,7 +55,7 @@ def _logged(path: str | None) -> Iterator[None]:
         yield
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    with open_append(Path(path), buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         yield
 
 

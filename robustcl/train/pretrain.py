@@ -33,7 +33,7 @@ from robustcl.methods import Method, SetupEnv
 from robustcl.methods.factory import build_training, encoder_export_fields
 from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, open_run, save_torch_atomic
-from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_symlinks
+from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_unsafe_files
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
 from robustcl.runtime import config_change, open_runtime, started_config
 from robustcl.splits import load_split, train_val_indices
@@ -372,7 +372,7 @@ def preflight(cfg: Config, run: RunDir, resume: bool) -> None:
     if not resume:  # a resume needs a checkpoint or a marked run (RunDir.prepare): older runs stay resumable
         refuse_foreign(run.root)
     if run.root.is_dir():
-        refuse_symlinks(run.root)
+        refuse_unsafe_files(run.root)
 
 
 def record_settings(cfg: Config, run: RunDir) -> None:
