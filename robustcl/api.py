@@ -195,12 +195,14 @@ def run(config: ConfigLike | None, out: PathLike | None, overrides: Sequence[str
         overwrite: bool = False, progress: bool = False) -> RunOutcome | None:
     """pretrain -> finetune -> evaluate -> report.md in one call (`robustcl run`). Under torchrun phase 1
     runs on every rank and the rest on rank 0; the other ranks return None."""
+    from robustcl.runs import RunDir
+
     pretrained = pretrain(config, out, overrides, resume=resume, overwrite=overwrite, progress=progress)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return None
     heads = finetune(pretrained.run_dir, overwrite=True, progress=progress)  # this flow owns the run
     results = evaluate(pretrained.run_dir, progress=progress)
-    return RunOutcome(pretrained.run_dir, pretrained, heads, results, pretrained.run_dir / "report.md")
+    return RunOutcome(pretrained.run_dir, pretrained, heads, results, RunDir(pretrained.run_dir).report)
 
 
 def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | None = None, val_size: int = 500,
@@ -304,13 +306,14 @@ def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bo
     """The generalisation bound's terms of one run on its held-out split (`robustcl bound --run`): writes
     bound.json (returned; reused when measured with the same settings) and the report's section; with
     `progress`, prints the headline terms and whether they were measured or reused."""
-    from robustcl.bound.measure import BOUND_FILE, measure_run
+    from robustcl.bound.measure import measure_run
     from robustcl.bound.report import describe
+    from robustcl.runs import RunDir
 
     measured, fresh = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads)
     if progress:
         geometry_file = f"; geometry: {Path(run) / measured['geometry']['path']}" if measured.get("geometry") else ""
-        print(f"{describe(measured)}\n{'measured' if fresh else 'reused'}: {Path(run) / BOUND_FILE}{geometry_file}")
+        print(f"{describe(measured)}\n{'measured' if fresh else 'reused'}: {RunDir(run).bound}{geometry_file}")
     return measured
 
 

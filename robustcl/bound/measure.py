@@ -41,7 +41,6 @@ from robustcl.runs.guard import writing
 from robustcl.runs.loaders import checkpoint_fix, load_checkpoint, load_state_into
 from robustcl.views import strong_view, weak_view
 
-BOUND_FILE = "bound.json"
 GEOMETRY_FILE = "geometry.png"
 DEFAULT_RHO: dict[str, tuple[float, ...]] = {"asam": (0.1, 0.5, 1.0), "sam": (0.01, 0.05, 0.1)}
 SPACES = {"z": "projection output: z_b(q) = g(f_benign(q)) vs z_a(q') = g(f_adversarial(q')) (the training critic's)",
@@ -396,7 +395,7 @@ def read_bound(run: RunDir) -> dict[str, Any] | None:
     """The run's bound.json, or None."""
     import json
 
-    path = run.root / BOUND_FILE
+    path = run.bound
     if not path.is_file():
         return None
     try:
@@ -413,7 +412,7 @@ def reusable(run: RunDir, settings: BoundSettings, overwrite: bool) -> dict[str,
         return None
     diff = first_setting_difference(stored.get("settings", {}), settings.as_dict())
     if diff:
-        raise RunError(f"{run.root / BOUND_FILE} was measured with other settings ({diff}); pass --overwrite to "
+        raise RunError(f"{run.bound} was measured with other settings ({diff}); pass --overwrite to "
                        "re-measure or use the same options")
     return stored
 
@@ -466,7 +465,7 @@ def _measure_and_write(run: RunDir, settings: BoundSettings, stored: dict[str, A
     finally:
         torch.set_num_threads(previous)
     bound = finite_json(bound)
-    run.write_json(run.root / BOUND_FILE, bound)
+    run.write_json(run.bound, bound)
     write_section(run, bound)
     return bound, stored is None
 

@@ -6,7 +6,6 @@ from typing import Any
 from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, atomic_write_text
 
-SECTION_FILE = "bound.md"  # the report section's file in the run directory
 
 NAMES = {"js": "JS", "kl": "KL", "reverse_kl": "reverse KL", "pearson": "Pearson chi^2",
          "hellinger": "squared Hellinger"}
@@ -77,7 +76,7 @@ def section_lines(bound: dict[str, Any]) -> list[str]:
 
 def write_section(run: RunDir, bound: dict[str, Any]) -> None:
     """bound.md; report.md is rebuilt (it includes bound.md) when the run has a report or results."""
-    atomic_write_text(run.root / SECTION_FILE, "\n".join(section_lines(bound)))
+    atomic_write_text(run.bound_section, "\n".join(section_lines(bound)))
     if run.report.is_file() or run.results.is_file():
         from robustcl.runs.report import write_report
 

@@ -21,6 +21,7 @@ from robustcl.config import ConfigError
 from robustcl.data import DataError
 from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
+from robustcl.runs.layout import SweepLayout
 
 SUM_TERM = "bound_sum"
 PLOT_FOLDER = "bound_plots"
@@ -33,7 +34,7 @@ def sweep_runs(folder: Path) -> list[Path]:
     """The sweep's run directories: sweep.yaml's order when present, else every sub-directory with a config.yaml."""
     if not folder.is_dir():
         raise RunError(f"{folder} is not a directory; pass a sweep directory (runs/sweeps/<spec>)")
-    listed = folder / "sweep.yaml"
+    listed = SweepLayout(folder).plan
     if listed.is_file():
         names = [r["name"] for r in (yaml.safe_load(listed.read_text()) or {}).get("runs", [])]
         runs = [folder / n for n in names if (folder / n / "config.yaml").is_file()]

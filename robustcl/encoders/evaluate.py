@@ -26,7 +26,6 @@ from robustcl.train.finetune import finetune
 # The preset whose finetune and eval sections are a dataset's standard protocol (--config overrides it).
 PROTOCOL_PRESETS = {"cifar10": "cifar10-gbrcl", "cifar100": "cifar100-gbrcl", "fashion-mnist": "fmnist-gbrcl",
                     "synthetic": "smoke"}
-DESCRIPTION = "encoder.json"
 
 
 def encoder_config(data: str, config: str | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -61,7 +60,7 @@ def refuse_other_contents(run: RunDir, overwrite: bool) -> None:
     """An existing results directory is replaced only if it is an encoder evaluation and `overwrite` is given
     (a training run is never touched)."""
     if run.root.exists() and any(run.root.iterdir()):
-        if not (run.root / DESCRIPTION).is_file():
+        if not run.encoder_description.is_file():
             raise RunError(f"{run.root} holds something other than an encoder evaluation; choose another --out")
         if not overwrite:
             raise RunError(f"{run.root} already holds an encoder evaluation; pass --overwrite to redo it "
@@ -70,7 +69,7 @@ def refuse_other_contents(run: RunDir, overwrite: bool) -> None:
 
 def write_encoder_files(run: RunDir, module: nn.Module, meta: dict[str, Any], data: str) -> None:
     """encoder.json (what was evaluated) and, for an encoder robustcl can read back, encoder.safetensors."""
-    atomic_write_text(run.root / DESCRIPTION, json.dumps({**meta["source"], "fingerprint": meta["fingerprint"],
+    atomic_write_text(run.encoder_description, json.dumps({**meta["source"], "fingerprint": meta["fingerprint"],
                                                           "data": data}, indent=2) + "\n")
     if meta["source"]["kind"] == "robustcl":  # an encoder file here lets `robustcl evaluate --run` reuse the directory
         atomic_write_bytes(run.encoder, Path(meta["source"]["path"]).read_bytes())

@@ -17,7 +17,6 @@ import torch
 
 from robustcl.runs import RunDir, atomic_write_bytes
 
-PER_IMAGE_FILE = "per_image.npz"
 FORMAT = 1
 
 
@@ -35,8 +34,8 @@ class PerImage:
 
 
 def path_of(run: RunDir) -> Path:
-    """Where a run keeps its per-image flags."""
-    return run.root / PER_IMAGE_FILE
+    """Where a run keeps its per-image flags (RunLayout.per_image)."""
+    return run.per_image
 
 
 def write_per_image(run: RunDir, flags: PerImage) -> Path:
@@ -80,4 +79,4 @@ def as_numpy(flags: torch.Tensor) -> np.ndarray:
     return flags.detach().cpu().numpy().astype(bool)
 
 
-__all__ = ["PER_IMAGE_FILE", "PerImage", "as_numpy", "path_of", "read_per_image", "write_per_image"]
+__all__ = ["PerImage", "as_numpy", "path_of", "read_per_image", "write_per_image"]

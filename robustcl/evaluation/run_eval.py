@@ -113,7 +113,7 @@ def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: st
     identity = (fingerprint,) if fingerprint is not None else ()
     key = state_key(protocol, e.attack.eps, len(images), e.limit, e.subset_seed, cfg.seed, e.precision, *identity,
                     files=(run.head(protocol),) if fingerprint is not None else (run.head(protocol), run.encoder))
-    state = run.root / "eval_state" / f"autoattack-{protocol}-{key}.json"
+    state = run.eval_state / f"autoattack-{protocol}-{key}.json"
     return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state).to_dict()
 
 
@@ -247,7 +247,7 @@ def evaluate_run(cfg: Config, run: RunDir, progress: bool = True, protocols: tup
     runtime = open_runtime(cfg, started_config(run.config))
     cfg, device = runtime.cfg, runtime.device
     if loaded is None and not run.encoder.is_file():
-        if (run.root / "encoder.json").is_file():  # an evaluation of a module: it has no file to read back
+        if run.encoder_description.is_file():  # an evaluation of a module: it has no file to read back
             raise RunError(f"{run.root} evaluated an encoder given as a module; evaluate it again with "
                            "`robustcl evaluate --encoder module:callable` (or robustcl.evaluation.evaluate_encoder)")
         raise RunError(f"{run.root} has no encoder.safetensors; run `robustcl pretrain` first")
