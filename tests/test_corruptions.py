@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from robustcl.config import ConfigError, load_config
-from robustcl.config.schema import EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS
 from robustcl.data import DataError, load_dataset
 from robustcl.data.corruptions import (ALL, EXTRA, STANDARD, THROUGH_RGB, corrupt, find_official, image_rngs,
                                        read_official)
@@ -44,8 +43,10 @@ def smooth_images(n: int, channels: int, size: int, seed: int = 0) -> np.ndarray
     return np.round(np.stack(out) * 255).astype(np.uint8)
 
 
-def test_the_config_and_the_data_layer_name_the_same_corruptions():
-    assert STANDARD == STANDARD_CORRUPTIONS and EXTRA == EXTRA_CORRUPTIONS and len(STANDARD) == 15 and len(EXTRA) == 4
+def test_all_is_the_benchmarks_15_and_the_extra_ones_are_named_ones():
+    assert len(STANDARD) == 15 and len(EXTRA) == 4
+    assert load_config("smoke", ["eval.corruptions=all"]).eval.corruption_names() == STANDARD
+    assert load_config("smoke", [f"eval.corruptions=[{', '.join(EXTRA)}]"]).eval.corruption_names() == EXTRA
 
 
 @pytest.mark.parametrize("channels, size", [(3, 32), (1, 28)])

@@ -356,12 +356,6 @@ class FinetuneConfig:
 
 
 EvalAttack = Literal["pgd", "cw", "pgd-l2", "autoattack"]
-# eval.corruptions (docs/corruptions.md): CIFAR-10-C's 15 benchmark corruptions ("all") and the 4 extra ones of
-# the same release; robustcl.data.corruptions holds the same two lists (tests/test_corruptions.py keeps them equal)
-STANDARD_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-                        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-                        "jpeg_compression")
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 DEFAULT_CORRUPTIONS_LIMIT = 1000  # docs/corruptions.md "What it costs" measured the evaluation that set it
 
 
@@ -397,8 +391,10 @@ class EvalConfig:
 
     def corruption_names(self) -> tuple[str, ...]:
         """eval.corruptions with "all" read as the 15 standard corruptions, in CIFAR-10-C's order."""
+        from robustcl.data.corruptions import STANDARD  # the names live with the corruptions (data layer)
+
         names = (self.corruptions,) if isinstance(self.corruptions, str) else self.corruptions
-        out = [n for name in names for n in (STANDARD_CORRUPTIONS if name == "all" else (name,))]
+        out = [n for name in names for n in (STANDARD if name == "all" else (name,))]
         return tuple(dict.fromkeys(out))
 
     def validate(self) -> None:
@@ -421,8 +417,10 @@ class EvalConfig:
 
     def validate_corruptions(self) -> None:
         """One-line ConfigErrors for an unknown corruption name, a severity outside 1..5, a limit below 1."""
+        from robustcl.data.corruptions import ALL
+
         names = (self.corruptions,) if isinstance(self.corruptions, str) else self.corruptions
-        valid = ("all", *STANDARD_CORRUPTIONS, *EXTRA_CORRUPTIONS)
+        valid = ("all", *ALL)
         unknown = [n for n in names if n not in valid]
         _check(not unknown, "eval.corruptions", self.corruptions,
                f"names unknown corruption(s) {', '.join(map(str, unknown))}; valid: {', '.join(valid)}")

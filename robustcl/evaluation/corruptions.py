@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from robustcl.config import Config
-from robustcl.config.schema import STANDARD_CORRUPTIONS
+from robustcl.data.corruptions import SEVERITIES, STANDARD
 from robustcl.evaluation.corrupted_sets import CorruptedSets
 from robustcl.evaluation.robust import correct_under, fraction
 
@@ -40,7 +40,7 @@ def corruption_record(model: torch.nn.Module, sets: CorruptedSets, clean_flags: 
     cells = len(sets.names) * len(sets.severities)
     return {"per": per, "per_severity": per_severity, "mean": statistics.fmean(per_severity.values()),
             "n": n, "source": sets.source, "names": list(sets.names), "severities": list(sets.severities),
-            "standard": tuple(sets.names) == STANDARD_CORRUPTIONS and tuple(sets.severities) == (1, 2, 3, 4, 5),
+            "standard": tuple(sets.names) == STANDARD and tuple(sets.severities) == SEVERITIES,
             "clean_on_same_images": fraction(same), "seconds": seconds,
             "images_per_second": n * cells / seconds if seconds > 0 else None}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base import DataError
-from ..files import cache_dir, download_file, md5_file, safe_extract, url_for
+from ..files import cache_dir, download_file, md5_file, safe_extract, url_for, user_path
 
 URL_ENV = "ROBUSTCL_CIFAR_C_URL"
 SHAPE = (32, 32, 3)
@@ -83,8 +83,8 @@ def find_official(dataset: str, names: tuple[str, ...], root: str | os.PathLike[
     corruptions are generated). A tar in the cache (or in root) without its folder is extracted beside it
     first; a -C folder that lacks a requested file is a DataError, not a silent switch to generated images."""
     spec = OFFICIAL[dataset]
-    places = [Path(root).expanduser() / spec.folder, Path(root).expanduser()] if root is not None else []
-    places.append(cache_dir(dataset) / spec.folder)
+    bases = [user_path(root, "data.root")] if root is not None else []
+    places = [*(p for base in bases for p in (base / spec.folder, base)), cache_dir(dataset) / spec.folder]
     for place in places:
         if _complete(place, names):
             return place
@@ -92,7 +92,7 @@ def find_official(dataset: str, names: tuple[str, ...], root: str | os.PathLike[
             missing = [f"{n}.npy" for n in names if not (place / f"{n}.npy").is_file()]
             raise DataError(f"{spec.name} folder {place} lacks {', '.join(missing)}; restore it (extract "
                             f"{spec.tarball} again) or ask only for the corruptions it has")
-    for base in ([Path(root).expanduser()] if root is not None else []) + [cache_dir(dataset)]:
+    for base in [*bases, cache_dir(dataset)]:
         if (base / spec.tarball).is_file() and not (base / spec.folder).exists():
             safe_extract(base / spec.tarball, base)
             if _complete(base / spec.folder, names):
