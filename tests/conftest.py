@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,6 +16,24 @@ import pytest
 os.environ["ROBUSTCL_CPU_CAPABILITY"] = "AVX2"
 
 import robustcl.methods  # noqa: E402, F401 - registers the methods the tests' configs need, as every entry point does
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The single `robustcl: error:` line a command printed (no traceback, nothing else); tests import it from
+    here (`from conftest import one_line_error`)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("robustcl: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def run_copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the test module's `finished` run (a module-scoped fixture of that module), links kept as links."""
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst, symlinks=True)
+    return dst
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from robustcl.cli import main
 from robustcl.config import ConfigError, load_config
@@ -34,13 +35,6 @@ grid:
 SPEC = "name: ok\nseeds: [0]\nruns:\n  - {name: a, config: smoke}\n"
 
 
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    """The single `robustcl: error:` line the command printed (no traceback, nothing else)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("robustcl: error: "), err
-    return lines[0]
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import one_line_error
 import torch
 
 from robustcl import api
@@ -38,13 +39,6 @@ ROOT = os.geteuid() == 0
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    """The single `robustcl: error:` line the command printed (no traceback, nothing else)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("robustcl: error: "), err
-    return lines[0]
 
 
 def make_fifo(path: Path) -> str:
@@ -111,11 +105,6 @@ def finished(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def run_copy(finished: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst, symlinks=True)
-    return dst
 
 
 @pytest.fixture(scope="module")
