@@ -107,8 +107,11 @@ def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
                                   else {"stem": meta.get("stem") or "cifar"})
         if meta.get("identity_shortcut") is False:  # the authors' blocks (reference.projection_only_shortcut)
             kwargs["identity_shortcut"] = False
+        if meta.get("stem_padding", 1) != 1:  # a published layout's stem (DeACL: 2), kept by its evaluation directory
+            kwargs["stem_padding"] = int(meta["stem_padding"])
         encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
                                 dual_bn=meta["dual_bn"], **kwargs)
+        encoder.l2_normalise = meta.get("features", "l2") != "raw"  # a published protocol's raw pooled features
     except (ValueError, TypeError, KeyError) as exc:
         raise RunFileError(f"{path} has encoder metadata robustcl cannot build ({exc}); {encoder_fix(path)}") from None
     load_state_into(encoder, tensors, path, encoder_fix(path))

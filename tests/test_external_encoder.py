@@ -97,8 +97,11 @@ def test_a_torchvision_layout_resnet18_loads_and_matches_a_hand_written_forward(
     path = tmp_path / "resnet18.pth"
     torch.save(saved, path)
     encoder, meta = load_external(path, CIFAR)
-    assert meta["source"]["kind"] == "torchvision-state-dict" and meta["source"]["stem"] == stem
-    assert meta["source"]["normalisation"] == {"mean": list(CIFAR.mean), "std": list(CIFAR.std)}
+    assert meta["source"]["kind"] == "published" and meta["source"]["layout"] == "torchvision"
+    assert meta["source"]["stem"]["stem"] == stem and meta["stem_padding"] == 1
+    assert meta["source"]["normalisation"]["mean"] == list(CIFAR.mean)
+    assert meta["source"]["normalisation"]["std"] == list(CIFAR.std)
+    assert meta["source"]["dropped"] == {"the classifier fc (robustcl fits its own heads)": 2}
     side = 16 if stem == "cifar" else 32  # small images keep the test fast; the layout does not depend on them
     x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -114,8 +117,8 @@ def test_a_torchvision_layout_resnet18_loads_and_matches_a_hand_written_forward(
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda sd: sd.pop("layer3.1.bn2.running_var"), "missing key layer3.1.bn2.running_var"),
-    (lambda sd: sd.update({"layer1.0.extra.weight": torch.zeros(1)}), "unexpected key layer1.0.extra.weight"),
+    (lambda sd: sd.pop("layer3.1.bn2.running_var"), "layer3.1.bn2.benign.running_var has no tensor in the file"),
+    (lambda sd: sd.update({"layer1.0.extra.weight": torch.zeros(1)}), "match no rule of that layout: layer1.0.extra.weight"),
     (lambda sd: sd.update({"layer2.0.conv1.weight": torch.zeros(128, 64, 5, 5)}), "layer2.0.conv1.weight has shape"),
     (lambda sd: sd.update({"conv1.weight": torch.zeros(64, 3, 5, 5)}), "5x5 kernel"),
     (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layer4.1.")], "neither ResNet-18"),

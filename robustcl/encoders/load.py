@@ -1,5 +1,6 @@
-"""Reading any encoder into robustcl's interface, encoder(x, branch) -> features: a robustcl file, a
-torchvision-layout state dict, a module, or "package.module:callable" (see robustcl/encoders/__init__.py)."""
+"""Reading any encoder into robustcl's interface, encoder(x, branch) -> features: a robustcl file, a published
+checkpoint of any layout (encoders/published.py), a module, or "package.module:callable" (see
+robustcl/encoders/__init__.py)."""
 from __future__ import annotations
 
 import copy
@@ -15,17 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustcl.config import ConfigError
 from robustcl.data import DatasetInfo
-from robustcl.export import FORMAT, read_encoder
-from robustcl.models import Encoder
-from robustcl.models.torchvision_layout import LayoutError, from_torchvision, resnet_tensors
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-class EncoderError(ConfigError):
-    """An encoder robustcl cannot load or use: the message says what and how to fix it."""
+from robustcl.encoders.errors import EncoderError
+from robustcl.encoders.published import Reading, read_published
+from robustcl.export import read_encoder
 
 
 class ModuleEncoder(nn.Module):
@@ -90,30 +84,9 @@ def resolve_callable(spec: str) -> nn.Module:
     return found
 
 
-def _torchvision_encoder(path: Path, tensors: Any, info: DatasetInfo, mean: Sequence[float] | None,
-                         std: Sequence[float] | None) -> tuple[Encoder, dict[str, Any]]:
-    """A torchvision-layout state dict as a single-BN robustcl Encoder with `mean`/`std` in front."""
-    try:
-        backbone, layout = from_torchvision(resnet_tensors(tensors))
-    except LayoutError as exc:
-        raise EncoderError(f"{path}: {exc}") from None
-    mean = tuple(mean) if mean is not None else tuple(info.mean)
-    std = tuple(std) if std is not None else tuple(info.std)
-    if len(mean) != layout["in_channels"] or len(std) != layout["in_channels"]:
-        raise EncoderError(f"{path} takes {layout['in_channels']}-channel images: give {layout['in_channels']} "
-                           f"--mean and --std values (got {len(mean)} and {len(std)})")
-    encoder = Encoder(backbone, mean, std).eval()
-    meta = {"format": FORMAT, "arch": layout["arch"], "in_channels": layout["in_channels"], "mean": list(mean),
-            "std": list(std), "dual_bn": False, "widths": None, "stem": layout["stem"], "method": "external",
-            "headline_branch": "benign",
-            "source": {"kind": "torchvision-state-dict", "path": str(path), **layout,
-                       "normalisation": {"mean": list(mean), "std": list(std)}}}
-    return encoder, meta
-
-
 def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
-                  std: Sequence[float] | None) -> tuple[nn.Module, dict[str, Any]]:
-    """A robustcl encoder file (or run directory) or a torchvision-layout state dict file."""
+                  std: Sequence[float] | None, reading: Reading | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A robustcl encoder file (or run directory), or a published checkpoint of any layout (encoders/published.py)."""
     if path.is_dir() or path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -125,7 +98,7 @@ def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
         except (SafetensorError, OSError) as exc:
             raise EncoderError(f"{file} is not a readable safetensors file ({exc})") from None
         if not robustcl_file:
-            return _torchvision_encoder(path, load_file(str(file)), info, mean, std)
+            return read_published(path, info, mean, std, reading, load_file(str(file)))
         if mean is not None or std is not None:
             raise EncoderError(f"{file} is a robustcl encoder and normalises its inputs itself; drop --mean/--std")
         try:
@@ -134,22 +107,15 @@ def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
             raise EncoderError(str(exc)) from None
         return encoder, {**meta, "source": {"kind": "robustcl", "path": str(file), "method": meta["method"],
                                             "trained_on": meta["dataset"]}}
-    if path.suffix not in TORCH_SUFFIXES:
-        raise EncoderError(f"{path}: give a .safetensors file, a run directory or a torch state dict "
-                           f"({', '.join(TORCH_SUFFIXES)})")
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors have many types; one line names the file
-        raise EncoderError(f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}); "
-                           "save the model's state_dict()") from None
-    return _torchvision_encoder(path, tensors, info, mean, std)
+    return read_published(path, info, mean, std, reading)  # any name: the layout is read from the keys
 
 
 def load_external(encoder: nn.Module | str | Path, info: DatasetInfo, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """(encoder called as encoder(x, branch), metadata) for a module, a module:callable, or a file."""
+                  std: Sequence[float] | None = None, reading: Reading | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(encoder called as encoder(x, branch), metadata) for a module, a module:callable, or a file (`reading`:
+    how to read a published checkpoint)."""
     if isinstance(encoder, (str, Path)) and Path(encoder).exists():
-        module, meta = _file_encoder(Path(encoder), info, mean, std)
+        module, meta = _file_encoder(Path(encoder), info, mean, std, reading)
         if meta["in_channels"] != info.channels:
             raise EncoderError(f"{encoder} takes {meta['in_channels']}-channel images but {info.name} has "
                                f"{info.channels}; evaluate on a dataset with as many channels")

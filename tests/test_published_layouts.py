@@ -1,0 +1,242 @@
+"""Every published layout read strictly: features equal the layout's own network's in every branch, and each
+kind of damage (a corrupted key, a wrong shape, a missing BN copy, a file of another layout, a stray pickled
+class) is a one-line EncoderError before anything is evaluated. The reference networks are in
+tests/published_reference.py, written from the layouts' facts and independent of robustcl.models."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from published_reference import BN_COPIES, CIFAR10, IMAGENET, CifarResNet18, save_layout
+from robustcl.data import dataset_info
+from robustcl.encoders import LAYOUTS, EncoderError, Reading, load_external
+from robustcl.encoders.evaluate import write_encoder_files
+from robustcl.export import read_encoder
+from robustcl.runs import RunDir
+
+CIFAR = dataset_info("cifar10")
+NAMES = list(BN_COPIES)
+X = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+BRANCH = {0: "benign", 1: "adversarial"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Each layout's file, saved once as its training script saves it, with the network it came from."""
+    root = tmp_path_factory.mktemp("published")
+    return {name: save_layout(name, root / name, seed=i) for i, name in enumerate(NAMES)}
+
+
+def their_features(model, copy: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X, copy)
+
+
+def ours(encoder, branch: str) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder(X, branch)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_layout_gives_its_own_networks_features_in_every_branch(files, name):
+    path, model = files[name]
+    raw = {"mean": (0.0,) * 3, "std": (1.0,) * 3} if name == "torchvision" else {}  # its file holds no normalisation
+    encoder, meta = load_external(path, CIFAR, **raw)
+    source = meta["source"]
+    assert source["layout"] == name and source["layout_chosen"] == "detected from its keys"
+    copies = min(BN_COPIES[name], 2)  # AdvCL's third copy is never evaluated: robustcl holds two branches
+    assert meta["dual_bn"] == (copies == 2)
+    assert meta["headline_branch"] == ("adversarial" if copies == 2 else "benign")
+    for copy in range(copies):
+        expected = F.normalize(their_features(model, copy), dim=1)  # equal up to L2 normalisation
+        got = ours(encoder, BRANCH[copy])
+        assert got.shape == (3, 512)
+        assert torch.allclose(got, expected, atol=1e-5), (name, copy, (got - expected).abs().max())
+    if copies == 2:  # the branches differ, so a copy mix-up cannot pass
+        assert not torch.allclose(ours(encoder, "benign"), ours(encoder, "adversarial"), atol=1e-3)
+
+
+def test_what_each_layout_drops_is_named_by_its_rules(files):
+    dropped = {name: load_external(files[name][0], CIFAR)[1]["source"]["dropped"] for name in NAMES}
+    assert dropped["acl"] == {"the projection head fc.* (3 linear layers with dual BatchNorm1d)": 4 + 2 * 3 * 5}
+    keys = torch.load(files["dynacl"][0], weights_only=False)["state_dict"]
+    assert dropped["dynacl"] == {
+        "the online encoder encoder_q.* (DynACL evaluates the momentum encoder encoder_k)":
+            sum(k.startswith("encoder_q.") for k in keys), "encoder_k's projection head fc.*": 4 + 2 * 3 * 5}
+    assert dropped["advcl"]["BN copy 2 'pgd_ce' (AdvCL's pseudo-label adversarial branch, never evaluated)"] == 100
+    assert dropped["advcl"]["the pseudo-label heads fc_{002,010,050,100,500}"] == 10
+    assert dropped["advcl"]["the heads head_ce, head_proj, head_pred"] == 3 * 9
+    assert dropped["deacl"] == {"the clean SimCLR teacher momentum_backbone.* (DeACL evaluates the student backbone.*)":
+                                1 + 5 + 8 * 12 + 3 * 6 + 2, "the online linear classifiers classifier, classifier_adv": 4}
+    assert dropped["rocl"] == {}
+    assert dropped["gbrcl"] == {"the projector head.{0,2}": 4, "the linear head fc (robustcl fits its own)": 2}
+
+
+def test_normalisation_stem_and_shortcuts_come_from_each_layout(files):
+    meta = {name: load_external(files[name][0], CIFAR)[1] for name in NAMES}
+    assert meta["acl"]["mean"] == pytest.approx(IMAGENET[0]) and meta["gbrcl"]["std"] == pytest.approx(IMAGENET[1])
+    assert meta["deacl"]["mean"] == pytest.approx(CIFAR10[0]) and meta["deacl"]["stem_padding"] == 2
+    assert meta["advcl"]["mean"] == [0.0] * 3 and meta["advcl"]["std"] == [1.0] * 3
+    assert meta["rocl"]["source"]["normalisation"]["from"] == "none: layout rocl takes raw [0, 1] inputs"
+    assert meta["lpaft"]["source"]["normalisation"]["from"] == "the file's normalize.* buffers"
+    assert meta["torchvision"]["mean"] == list(CIFAR.mean)  # no buffers: the dataset's statistics (--mean/--std)
+    assert meta["gbrcl"]["identity_shortcut"] is False
+    assert all(meta[n]["identity_shortcut"] for n in NAMES if n != "gbrcl")
+    assert all(meta[n]["stem_padding"] == 1 for n in NAMES if n != "deacl")
+
+
+def test_deacl_read_with_a_padding_1_stem_gives_other_features(files):
+    """The RobustSSL benchmark's reading of DeACL (padding 1) is another network: --stem-padding 1 gives it."""
+    path, student = files["deacl"]
+    padded, _ = load_external(path, CIFAR)
+    one, meta = load_external(path, CIFAR, reading=Reading(stem_padding=1))
+    assert meta["source"]["stem"] == {"stem": "cifar", "padding": 1, "from": "--stem-padding"}
+    assert not torch.allclose(ours(padded, "benign"), ours(one, "benign"), atol=1e-3)
+    same = CifarResNet18("plain", 1, "downsample", padding=1, normalize=CIFAR10).eval()
+    same.load_state_dict(student.state_dict())
+    assert torch.allclose(ours(one, "benign"), F.normalize(their_features(same, 0), dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["acl", "advcl", "gbrcl"])
+def test_bn_branch_picks_the_copy_read(files, name):
+    path, model = files[name]
+    benign, meta = load_external(path, CIFAR, reading=Reading(bn_branch="benign"))
+    assert meta["headline_branch"] == "benign" and meta["source"]["bn_copies"]["benign"]["copy"] == 0
+    by_index, meta = load_external(path, CIFAR, reading=Reading(bn_branch=1))
+    assert meta["headline_branch"] == "adversarial"
+    if name == "advcl":  # copy 2 only when asked for by index; it takes the adversarial branch's place
+        third, meta = load_external(path, CIFAR, reading=Reading(bn_branch=2))
+        assert meta["source"]["bn_copies"]["adversarial"] == {"copy": 2, "name": "pgd_ce"}
+        expected = F.normalize(their_features(model, 2), dim=1)
+        assert torch.allclose(ours(third, "adversarial"), expected, atol=1e-5)
+        assert "BN copy 1 'pgd' (not read: robustcl reads copies [0, 2])" in meta["source"]["dropped"]
+    with pytest.raises(EncoderError, match="has BN copies"):
+        load_external(path, CIFAR, reading=Reading(bn_branch=BN_COPIES[name]))
+
+
+def test_bn_branch_on_a_single_bn_layout_is_an_error(files):
+    with pytest.raises(EncoderError, match="one set of BN statistics"):
+        load_external(files["rocl"][0], CIFAR, reading=Reading(bn_branch="adversarial"))
+
+
+def test_the_benchmark_reading_is_raw_pooled_features_of_copy_1(files):
+    path, model = files["acl"]
+    encoder, meta = load_external(path, CIFAR, reading=Reading(protocol_of="benchmark"))
+    assert meta["features"] == "raw" and meta["source"]["protocol_of"] == "benchmark"
+    assert torch.allclose(ours(encoder, "adversarial"), their_features(model, 1), atol=1e-4)
+    with pytest.raises(EncoderError, match="the RobustSSL benchmark reads only"):
+        load_external(files["rocl"][0], CIFAR, reading=Reading(protocol_of="benchmark"))
+
+
+def resave(files, name, tmp_path, edit):
+    """The layout's file with its state dict edited by `edit(state)`."""
+    obj = torch.load(files[name][0], weights_only=False)
+    state = obj["state_dict"] if "state_dict" in obj else obj["model"] if "model" in obj else obj
+    edit(state)
+    path = tmp_path / files[name][0].name
+    torch.save(obj, path)
+    return path
+
+
+def first_key(files, name, contains: str) -> str:
+    obj = torch.load(files[name][0], weights_only=False)
+    state = obj["state_dict"] if "state_dict" in obj else obj["model"] if "model" in obj else obj
+    return next(k for k in state if contains in k and not k.startswith(("encoder_q.", "momentum_backbone.")))
+
+
+def one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_corrupted_key_a_wrong_shape_and_a_missing_bn_copy_are_one_line_errors(files, name, tmp_path):
+    key = first_key(files, name, "layer2.0.conv2.weight")
+    path = resave(files, name, tmp_path, lambda s: s.__setitem__(key.replace("conv2", "conv9"), s.pop(key)))
+    with pytest.raises(EncoderError, match=f"read as layout {name} .*match no rule.*conv9") as err:
+        load_external(path, CIFAR)
+    one_line(err)
+    path = resave(files, name, tmp_path, lambda s: s.__setitem__(key, torch.zeros(128, 128, 5, 5)))
+    with pytest.raises(EncoderError, match=f"read as layout {name} .*has shape \\(128, 128, 5, 5\\) but robustcl") as err:
+        load_external(path, CIFAR)
+    one_line(err)
+    bn = first_key(files, name, "layer3.0.bn2." + ("bn_list.1." if name in ("acl", "dynacl", "advcl") else
+                                                   "1." if name == "gbrcl" else "") + "running_var")
+    missing = "adversarial" if BN_COPIES[name] > 1 else "benign"
+    path = resave(files, name, tmp_path, lambda s: s.pop(bn))
+    with pytest.raises(EncoderError, match=f"layer3.0.bn2.{missing}.running_var has no tensor") as err:
+        load_external(path, CIFAR)
+    one_line(err)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_file_of_another_layout_forced_is_a_one_line_error(files, name):
+    other = NAMES[(NAMES.index(name) + 3) % len(NAMES)]
+    with pytest.raises(EncoderError, match=f"read as layout {name} \\(--format\\)|layout {name}") as err:
+        load_external(files[other][0], CIFAR, reading=Reading(format=name))
+    one_line(err)
+
+
+def test_an_unknown_layout_names_the_known_ones(tmp_path):
+    torch.save({"weights": {"encoder.stem.weight": torch.zeros(64, 3, 3, 3)}, "step": 1}, tmp_path / "x.pt")
+    with pytest.raises(EncoderError, match="holds no state dict"):
+        load_external(tmp_path / "x.pt", CIFAR)
+    torch.save({"encoder.stem.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "y.pt")
+    with pytest.raises(EncoderError, match="no published layout matches its keys .*known: dynacl, advcl, acl"):
+        load_external(tmp_path / "y.pt", CIFAR)
+
+
+class Foreign:
+    pass
+
+
+def test_a_pickled_class_beyond_the_layouts_needs_is_named(files, tmp_path):
+    obj = torch.load(files["acl"][0], weights_only=False)
+    torch.save({**obj, "args": argparse.Namespace(lr=0.5)}, tmp_path / "ns.pt")
+    with pytest.raises(EncoderError, match="top-level entry 'args'"):  # ACL's checkpoints hold no args
+        load_external(tmp_path / "ns.pt", CIFAR)
+    torch.save({**obj, "acc": argparse.Namespace(lr=0.5)}, tmp_path / "acc.pt")
+    with pytest.raises(EncoderError, match="holds the class argparse.Namespace, which layout acl"):
+        load_external(tmp_path / "acc.pt", CIFAR)
+    torch.save({**obj, "acc": Foreign()}, tmp_path / "foreign.pt")
+    with pytest.raises(EncoderError, match=f"holds the class {__name__}.Foreign, which no published layout needs"):
+        load_external(tmp_path / "foreign.pt", CIFAR)
+
+
+def test_the_seed_papers_namespace_is_allowed_only_while_reading(files):
+    load_external(files["gbrcl"][0], CIFAR)
+    with pytest.raises(Exception, match="argparse.Namespace"):  # not allow-listed for anyone else afterwards
+        torch.load(files["gbrcl"][0], weights_only=True)
+
+
+def test_a_broken_mapping_is_caught_by_the_feature_comparison(files, monkeypatch):
+    """A mapping that swaps ACL's BN copies loads without complaint: only the comparison with the network's own
+    forward can see it, and it does."""
+    from robustcl.encoders import published
+
+    real = published.resolve_copy
+    monkeypatch.setattr(published, "resolve_copy",
+                        lambda key, copies, dropped: real(key, {i: copies[1 - i] for i in copies}, dropped))
+    path, model = files["acl"]
+    encoder, _ = load_external(path, CIFAR)
+    expected = F.normalize(their_features(model, 1), dim=1)
+    assert not torch.allclose(ours(encoder, "adversarial"), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["deacl", "gbrcl", "advcl"])
+def test_a_loaded_encoder_saved_into_a_run_keeps_stem_shortcuts_and_normalisation(files, name, tmp_path):
+    encoder, meta = load_external(files[name][0], CIFAR)
+    meta = {**meta, "dataset": "cifar10", "fingerprint": "x"}
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    write_encoder_files(run, encoder, meta, "cifar10")
+    back, stored = read_encoder(run.encoder)
+    assert stored["stem_padding"] == meta["stem_padding"] and back.backbone.conv1.padding == encoder.backbone.conv1.padding
+    assert back.backbone.identity_shortcut == encoder.backbone.identity_shortcut
+    assert stored["mean"] == meta["mean"] and stored["std"] == meta["std"]
+    for branch in ("benign", "adversarial"):
+        assert torch.equal(ours(back, branch), ours(encoder, branch))
