@@ -5,6 +5,7 @@ tests/published_reference.py, written from the layouts' facts and independent of
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -240,3 +241,60 @@ def test_a_loaded_encoder_saved_into_a_run_keeps_stem_shortcuts_and_normalisatio
     assert stored["mean"] == meta["mean"] and stored["std"] == meta["std"]
     for branch in ("benign", "adversarial"):
         assert torch.equal(ours(back, branch), ours(encoder, branch))
+
+
+TINY = ["--data", "synthetic", "--config", "smoke", "--protocol", "slf", "--quiet", "data.synthetic.channels=3",
+        "data.synthetic.size=16", "eval.limit=8", "eval.eps_curve=[]", "finetune.train_limit=16",
+        "finetune.val_limit=8", "finetune.epochs=1", "train.threads=2"]  # ResNet-18 on 16x16 images, 8 of them evaluated
+
+
+@pytest.fixture
+def quick_square(monkeypatch):
+    """Square's cross-check with 5 queries instead of 1000 (a ResNet-18 on 2 busy CPU cores; its result is not
+    what these tests look at)."""
+    from robustcl.evaluation import integrity
+
+    monkeypatch.setattr(integrity, "SQUARE_QUERIES", 5)
+
+
+def test_evaluate_encoder_on_a_published_file_prints_and_stores_how_it_was_read(files, tmp_path, capsys, quick_square):
+    from robustcl.cli import main
+
+    path, _ = files["deacl"]
+    out = tmp_path / "out"
+    assert main(["evaluate", "--encoder", str(path), "--out", str(out), "--compare", "deacl-cifar10", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert f"encoder: {path} read as layout deacl (detected from its keys); read through benign" in printed
+    assert "stem cifar padding 2 (layout deacl (DeACL's code; the weights cannot show it))" in printed
+    assert "| SLF | published by benchmark | 79.94 | 43.27 | autoattack | | |" in printed
+    results = json.loads((out / "results.json").read_text())
+    encoder = results["encoder"]
+    assert encoder["layout"] == "deacl" and encoder["stem"]["padding"] == 2 and encoder["branch"] == "benign"
+    assert encoder["normalisation"]["from"] == "the file's normalize.* buffers"
+    assert sum(encoder["dropped"].values()) == 122 + 4 and len(encoder["sha256"]) == 64
+    assert results["comparison"]["entry"] == "deacl-cifar10"
+    back, stored = read_encoder(out / "encoder.safetensors")
+    assert stored["stem_padding"] == 2 and back.backbone.conv1.padding == (2, 2)
+
+
+def test_the_benchmark_reading_uses_its_per_method_settings_labelled(files, tmp_path, capsys, monkeypatch,
+                                                                    quick_square):
+    from robustcl.cli import main
+    from robustcl.encoders import benchmark
+
+    monkeypatch.setitem(benchmark.SETTINGS["ACL"]["slf"], "synthetic", (512, 0.01))  # the benchmark's CIFAR-10 row
+    path, _ = files["acl"]
+    out = tmp_path / "bench"
+    assert main(["evaluate", "--encoder", str(path), "--out", str(out), "--protocol-of", "benchmark", *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    encoder = results["encoder"]
+    assert encoder["protocol_of"] == "benchmark" and "not comparable with robustcl-protocol" in encoder["label"]
+    assert encoder["benchmark_settings"]["slf"] == {"method": "ACL", "protocol": "slf", "batch_size": 512, "lr": 0.01,
+                                                    "epochs": 25, "momentum": 0.9, "weight_decay": 2e-4,
+                                                    "milestones": [10, 20]}
+    head = torch.load(out / "heads" / "slf.pt", weights_only=False)
+    assert head["finetune"]["lr"] == 0.01 and head["finetune"]["weight_decay"] == 2e-4
+    assert head["finetune"]["epochs"] == 1  # an explicit override still wins
+    assert encoder["features"] == "raw pooled (the benchmark's)"
+    assert main(["evaluate", "--encoder", str(files["rocl"][0]), "--protocol-of", "benchmark", *TINY]) == 2
+    assert "the RobustSSL benchmark reads only acl, dynacl, advcl, deacl files" in capsys.readouterr().err

@@ -168,7 +168,7 @@ def stem_padding(layout: Layout, reading: Reading, stem: str, path: Path) -> tup
 
 
 def normalisation(layout: Layout, mapped: dict[str, torch.Tensor], channels: int, given: tuple[Any, Any],
-                  info: DatasetInfo, reading: Reading, path: Path) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+                  info: DatasetInfo | None, reading: Reading, path: Path) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, where they come from): the file's normalize.* buffers, none, or --mean/--std (torchvision)."""
     mean, std = given
     buffers = "mean" in mapped or "std" in mapped
@@ -195,6 +195,9 @@ def normalisation(layout: Layout, mapped: dict[str, torch.Tensor], channels: int
             raise EncoderError(f"{path} takes {channels}-channel images: give {channels} --mean and --std values "
                                f"(got {len(mean or ())} and {len(std or ())})")
         return tuple(mean), tuple(std), "--mean/--std"
+    if info is None:
+        raise EncoderError(f"{path} (layout {layout.name}) holds no normalisation: give mean and std (or data=NAME "
+                           "for a dataset's statistics)")
     return tuple(info.mean), tuple(info.std), f"{info.name}'s channel statistics (the file holds none; --mean/--std)"
 
 
@@ -232,7 +235,7 @@ def fill(encoder: Encoder, mapped: Mapping[str, torch.Tensor], origin: Mapping[s
     encoder.load_state_dict(state)
 
 
-def read_state(path: Path, obj: Any, classes: set[str], info: DatasetInfo, given: tuple[Any, Any],
+def read_state(path: Path, obj: Any, classes: set[str], info: DatasetInfo | None, given: tuple[Any, Any],
                reading: Reading) -> tuple[Encoder, dict[str, Any]]:
     """A loaded checkpoint (or safetensors tensors) as an Encoder and its metadata (see `read_published`)."""
     tensors, fields = unwrap(obj, path)
@@ -272,7 +275,7 @@ def read_state(path: Path, obj: Any, classes: set[str], info: DatasetInfo, given
     return encoder.eval(), meta
 
 
-def read_published(path: Path, info: DatasetInfo, mean: Sequence[float] | None, std: Sequence[float] | None,
+def read_published(path: Path, info: DatasetInfo | None, mean: Sequence[float] | None, std: Sequence[float] | None,
                    reading: Reading | None = None, tensors: Mapping[str, torch.Tensor] | None = None
                    ) -> tuple[Encoder, dict[str, Any]]:
     """A published checkpoint (or the `tensors` of a safetensors file without robustcl metadata) as a robustcl
