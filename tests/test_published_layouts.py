@@ -298,3 +298,80 @@ def test_the_benchmark_reading_uses_its_per_method_settings_labelled(files, tmp_
     assert encoder["features"] == "raw pooled (the benchmark's)"
     assert main(["evaluate", "--encoder", str(files["rocl"][0]), "--protocol-of", "benchmark", *TINY]) == 2
     assert "the RobustSSL benchmark reads only acl, dynacl, advcl, deacl files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["acl", "advcl", "gbrcl", "rocl"])
+def test_load_encoder_gives_a_plain_module_of_any_layout(files, name):
+    from robustcl import load_encoder
+
+    path, model = files[name]
+    default = load_encoder(path)  # the adversarial copy where there are two or three, else the only one
+    copy = 1 if BN_COPIES[name] > 1 else 0
+    with torch.no_grad():
+        got = default(X)
+    assert not default.training and torch.allclose(got, F.normalize(their_features(model, copy), dim=1), atol=1e-5)
+    if BN_COPIES[name] > 1:
+        with torch.no_grad():
+            benign = load_encoder(path, branch=0)(X)
+        assert torch.allclose(benign, F.normalize(their_features(model, 0), dim=1), atol=1e-5)
+
+
+def test_load_encoder_of_a_torchvision_file_needs_its_normalisation(files):
+    from robustcl import load_encoder
+
+    path, model = files["torchvision"]
+    with pytest.raises(EncoderError, match="holds no normalisation: give mean and std"):
+        load_encoder(path)
+    plain = load_encoder(path, mean=(0.0,) * 3, std=(1.0,) * 3)
+    with torch.no_grad():
+        assert torch.allclose(plain(X), F.normalize(their_features(model, 0), dim=1), atol=1e-5)
+    assert load_encoder(path, data="cifar10").encoder.mean.flatten().tolist() == pytest.approx(list(CIFAR.mean))
+
+
+def test_zoo_name_is_fetched_from_a_loopback_server_and_evaluated(files, tmp_path, monkeypatch, quick_square):
+    """--encoder zoo:NAME downloads the catalogue's file into the cache and evaluates it; --compare finds the entry
+    by the file's sha256."""
+    import hashlib
+    import http.server
+    import threading
+
+    from robustcl import evaluate_encoder
+    from robustcl.encoders import zoo
+
+    path, _ = files["acl"]
+    body = path.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.pt"
+        known = {"sources": {"test": "a loopback server"}, "entries": {"tiny-acl": {
+            "method": "ACL", "dataset": "synthetic", "arch": "resnet18", "layout": "acl", "file": "tiny-acl.pt",
+            "url": url, "url_source": "test", "sha256": hashlib.sha256(body).hexdigest(),
+            "published": {"benchmark": {"source": "test", "slf": {"clean": 50.0, "autoattack": 20.0}}}}}}
+        monkeypatch.setattr(zoo, "catalogue", lambda: known)
+        monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+        lines: list[str] = []
+        results = evaluate_encoder("zoo:tiny-acl", "synthetic", tmp_path / "out", config="smoke", protocols=["slf"],
+                                   overrides=[k for k in TINY if "=" in k], compare=True, announce=lines.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert (tmp_path / "cache" / "tiny-acl.pt").read_bytes() == body
+    assert results["encoder"]["zoo"] == "tiny-acl" and results["method"] == "ACL"
+    assert lines and lines[0].startswith(f"encoder: {tmp_path / 'cache' / 'tiny-acl.pt'} read as layout acl")
+    row = results["comparison"]["rows"][0]
+    assert results["comparison"]["entry"] == "tiny-acl" and row["published"] == {"clean": 50.0, "robust": 20.0}
+    assert row["label"] == "ours (robustcl's protocol)"
