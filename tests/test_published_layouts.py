@@ -375,3 +375,16 @@ def test_zoo_name_is_fetched_from_a_loopback_server_and_evaluated(files, tmp_pat
     row = results["comparison"]["rows"][0]
     assert results["comparison"]["entry"] == "tiny-acl" and row["published"] == {"clean": 50.0, "robust": 20.0}
     assert row["label"] == "ours (robustcl's protocol)"
+
+
+def test_dynacls_other_saves_read_as_their_layouts(files, tmp_path):
+    """model_encoder_k.pt (ACL keys, no prefix) is an ACL-family file giving encoder_k's features; the periodic
+    model_N.pt adds acc, tacc, rtacc beside the weights."""
+    path, encoder_k = files["dynacl"]
+    whole = torch.load(path, weights_only=False)
+    torch.save({"epoch": 100, "state_dict": encoder_k.state_dict()}, tmp_path / "model_encoder_k.pt")
+    encoder, meta = load_external(tmp_path / "model_encoder_k.pt", CIFAR)
+    assert meta["source"]["layout"] == "acl"
+    assert torch.allclose(ours(encoder, "adversarial"), F.normalize(their_features(encoder_k, 1), dim=1), atol=1e-5)
+    torch.save({**whole, "acc": 0.5, "tacc": 0.4, "rtacc": 0.3}, tmp_path / "model_100.pt")
+    assert load_external(tmp_path / "model_100.pt", CIFAR)[1]["source"]["layout"] == "dynacl"

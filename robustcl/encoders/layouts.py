@@ -93,7 +93,7 @@ BN_LIST = r"bn_list\.(?P<bn>\d+)\."
 ACL_RULES = bn_rules(BN_LIST, (r"downsample\.conv", r"downsample\.bn"))
 ACL_HEAD = (r"fc\.(fc[123]\.(weight|bias)|bn[123]\.bn_list\.\d+\." + FIELD + ")",
             "the projection head fc.* (3 linear layers with dual BatchNorm1d)")
-ACL_FIELDS = ("epoch", "optim", "acc", "tacc")
+ACL_FIELDS = ("epoch", "optim", "acc", "tacc", "rtacc")  # model_N.pt: acc, tacc (ACL); rtacc too (DynACL)
 TV_RULES = bn_rules("", (r"downsample\.0", r"downsample\.1"))
 LIGHTNING = ("epoch", "global_step", "pytorch-lightning_version", "callbacks", "optimizer_states", "lr_schedulers",
              "native_amp_scaling_state", "hparams_name", "hyper_parameters", "loops")
@@ -151,7 +151,7 @@ LPAFT = Layout(
     "lpaft", "DynACL++ / LP-AFT single-BN output: torchvision names, normalize.* buffers, pseudo-label fc",
     "PKU-ML/DYNACL@7d143db", ("conv1.weight", "bn1.weight", "normalize.mean"), TV_RULES,
     ((r"fc\.(weight|bias)", "the pseudo-label head fc (LP-AFT's)"),), weights=("state_dict", "model"),
-    fields=("epoch", "optim", "acc", "tacc", "best_acc"), methods=("DynACL++", "DynACL-AIR++"))
+    fields=("epoch", "optim"), methods=("DynACL++", "DynACL-AIR++"))
 TORCHVISION = Layout(
     "torchvision", "torchvision ResNet-18/50 names (downsample.0/1), one optional prefix, no normalisation inside",
     "pytorch/vision resnet.py", ("conv1.weight", "bn1.weight"), TV_RULES[1:], TV_DROP,
