@@ -328,25 +328,55 @@ def bound_sweep(sweep_dir: PathLike, settings: BoundSettings | None = None, *, o
     return BoundSweepOutcome(path, failed)
 
 
-def load_encoder(path: PathLike, branch: str = "headline") -> FixedBranchEncoder:
-    """A trained encoder (a run directory or encoder.safetensors) as a plain nn.Module in eval mode, reading
-    through `branch` (headline: the branch the method is reported through; benign; adversarial)."""
-    from robustcl.export import load_encoder as read
+def load_encoder(path: PathLike, branch: str | int = "headline", *, layout: str | None = None,
+                 stem_padding: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, data: str | None = None) -> FixedBranchEncoder:
+    """Any encoder file as a plain nn.Module in eval mode: pixels in [0, 1], shape (N, C, H, W) -> L2-normalised
+    pooled features (N, D), read through `branch`.
 
-    return read(path, branch)
+    `path`: a run directory, an encoder.safetensors, a published checkpoint of any layout (detected from its keys,
+    `layout` forces one) or "zoo:NAME". `branch`: headline (a robustcl encoder's reporting branch; a published
+    file's adversarial copy, copy 1), benign, adversarial, or a published file's BN copy index. The features are
+    those the layout's own linear evaluation uses, up to L2 normalisation. `mean`/`std` (or `data`, a dataset
+    whose statistics to use) normalise a torchvision file that holds none."""
+    from robustcl.encoders.plain import load_plain
+
+    return load_plain(path, branch, layout=layout, stem_padding=stem_padding, mean=mean, std=std, data=data)
 
 
 def evaluate_encoder(encoder: Any, data: str, out: PathLike | None = None, *, config: str | None = None,
                      overrides: Sequence[str] = (), protocols: Sequence[str] | None = None,
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     overwrite: bool = False, progress: bool = False) -> Results:
-    """Any encoder (an nn.Module, a file, or "module:callable") fine-tuned and evaluated on `data`
-    (`robustcl evaluate --encoder`): heads fitted, attacks and integrity checks run, results.json and
-    report.md written under `out` (default runs/encoders/<name>-<data>); returns results.json's content."""
+                     overwrite: bool = False, progress: bool = False, layout: str | None = None,
+                     bn_branch: str | int | None = None, stem_padding: int | None = None,
+                     protocol_of: str | None = None, compare: str | bool | None = None,
+                     announce: Callable[[str], None] | None = None) -> Results:
+    """Any encoder (an nn.Module, a file of any published layout, "zoo:NAME" or "module:callable") fine-tuned and
+    evaluated on `data` (`robustcl evaluate --encoder`): heads fitted, attacks and integrity checks run,
+    results.json and report.md written under `out` (default runs/encoders/<name>-<data>); returns results.json's
+    content, whose "encoder" says how a file was read (layout, branch, normalisation, stem, dropped keys).
+    `layout`, `bn_branch`, `stem_padding`, `protocol_of` ("benchmark": the RobustSSL benchmark's reading and
+    settings) and `compare` as `robustcl evaluate`'s --format, --bn-branch, --stem-padding, --protocol-of, --compare."""
     from robustcl.encoders import evaluate_encoder as evaluate_any
 
     return evaluate_any(encoder, data, out, config=config, overrides=overrides, protocols=protocols,  # type: ignore[return-value]
-                        mean=mean, std=std, overwrite=overwrite, progress=progress)
+                        mean=mean, std=std, overwrite=overwrite, progress=progress, layout=layout,
+                        bn_branch=bn_branch, stem_padding=stem_padding, protocol_of=protocol_of, compare=compare,
+                        announce=announce)
+
+
+def zoo_catalogue() -> dict[str, Any]:
+    """The shipped catalogue of published robust-SSL checkpoints (`robustcl zoo`): {"sources", "entries"}."""
+    from robustcl.encoders import zoo
+
+    return zoo.catalogue()
+
+
+def zoo_fetch(name: str) -> Path:
+    """Catalogue entry `name`'s file in the cache (downloaded, resumed, checksum-verified where one is known)."""
+    from robustcl.encoders import zoo
+
+    return zoo.fetch(name)
 
 
 def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | None = None, *,
@@ -374,4 +404,5 @@ def demo(out: PathLike = "runs/demo", overrides: Sequence[str] = (), *, overwrit
 
 __all__ = ["BoundSweepOutcome", "ConfigLike", "HeadRecord", "PathLike", "Pretrained", "Results", "RunOutcome",
            "Transferred", "bench", "bound", "bound_sweep", "demo", "evaluate", "evaluate_encoder", "export_torchvision", "finetune",
-           "load_config", "load_encoder", "pretrain", "run", "sweep", "sweep_plan", "sweep_summary", "transfer"]
+           "load_config", "load_encoder", "pretrain", "run", "sweep", "sweep_plan", "sweep_summary", "transfer",
+           "zoo_catalogue", "zoo_fetch"]

@@ -1,6 +1,7 @@
 """Trained encoders as safetensors files, and `load_encoder` for downstream use."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,25 @@ def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
                                   else {"stem": meta.get("stem") or "cifar"})
         if meta.get("identity_shortcut") is False:  # the authors' blocks (reference.projection_only_shortcut)
             kwargs["identity_shortcut"] = False
+        if meta.get("stem_padding", 1) != 1:  # a published layout's stem (DeACL: 2), kept by its evaluation directory
+            kwargs["stem_padding"] = int(meta["stem_padding"])
         encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
                                 dual_bn=meta["dual_bn"], **kwargs)
+        encoder.l2_normalise = meta.get("features", "l2") != "raw"  # a published protocol's raw pooled features
     except (ValueError, TypeError, KeyError) as exc:
         raise RunFileError(f"{path} has encoder metadata robustcl cannot build ({exc}); {encoder_fix(path)}") from None
     load_state_into(encoder, tensors, path, encoder_fix(path))
     return encoder.eval(), meta
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A digest of a module's class and state (names, dtypes, shapes, bytes): what the evaluation saw."""
+    digest = hashlib.sha1(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_encoder_fits(meta: dict[str, Any], cfg: Any, path: Path | str) -> None:
@@ -130,6 +144,24 @@ def check_encoder_fits(meta: dict[str, Any], cfg: Any, path: Path | str) -> None
         if found != configured:
             raise RunFileError(f"{path} is not this run's encoder: it has {key}={found} but the run's config.yaml says "
                                f"{key}={configured}; copy the run's own encoder back, or {encoder_fix(Path(path))}")
+
+
+def check_run_encoder(encoder: nn.Module, meta: dict[str, Any], cfg: Any, run: Any) -> None:
+    """A run's encoder.safetensors is the run's: in an `evaluate --encoder` directory (it has encoder.json) the
+    encoder that directory evaluated (the same fingerprint), in a training run one of its config."""
+    from robustcl.runs.loaders import RunFileError
+
+    if not run.encoder_description.is_file():
+        check_encoder_fits(meta, cfg, run.encoder)
+        return
+    try:
+        described = json.loads(run.encoder_description.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        described = None
+    if described != fingerprint(encoder):
+        raise RunFileError(f"{run.encoder} is not the encoder {run.encoder_description.name} says this directory "
+                           f"evaluated (fingerprint {fingerprint(encoder)}, recorded {described}); run robustcl "
+                           "evaluate --encoder FILE --out DIR --overwrite again")
 
 
 def read_headline_encoder(path: Path | str) -> tuple[Encoder, Branch]:

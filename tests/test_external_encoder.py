@@ -97,8 +97,11 @@ def test_a_torchvision_layout_resnet18_loads_and_matches_a_hand_written_forward(
     path = tmp_path / "resnet18.pth"
     torch.save(saved, path)
     encoder, meta = load_external(path, CIFAR)
-    assert meta["source"]["kind"] == "torchvision-state-dict" and meta["source"]["stem"] == stem
-    assert meta["source"]["normalisation"] == {"mean": list(CIFAR.mean), "std": list(CIFAR.std)}
+    assert meta["source"]["kind"] == "published" and meta["source"]["layout"] == "torchvision"
+    assert meta["source"]["stem"]["stem"] == stem and meta["stem_padding"] == 1
+    assert meta["source"]["normalisation"]["mean"] == list(CIFAR.mean)
+    assert meta["source"]["normalisation"]["std"] == list(CIFAR.std)
+    assert meta["source"]["dropped"] == {"the classifier fc (robustcl fits its own heads)": 2}
     side = 16 if stem == "cifar" else 32  # small images keep the test fast; the layout does not depend on them
     x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -114,8 +117,8 @@ def test_a_torchvision_layout_resnet18_loads_and_matches_a_hand_written_forward(
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda sd: sd.pop("layer3.1.bn2.running_var"), "missing key layer3.1.bn2.running_var"),
-    (lambda sd: sd.update({"layer1.0.extra.weight": torch.zeros(1)}), "unexpected key layer1.0.extra.weight"),
+    (lambda sd: sd.pop("layer3.1.bn2.running_var"), "layer3.1.bn2.benign.running_var has no tensor in the file"),
+    (lambda sd: sd.update({"layer1.0.extra.weight": torch.zeros(1)}), "match no rule of that layout: layer1.0.extra.weight"),
     (lambda sd: sd.update({"layer2.0.conv1.weight": torch.zeros(128, 64, 5, 5)}), "layer2.0.conv1.weight has shape"),
     (lambda sd: sd.update({"conv1.weight": torch.zeros(64, 3, 5, 5)}), "5x5 kernel"),
     (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layer4.1.")], "neither ResNet-18"),
@@ -213,6 +216,31 @@ def test_a_robustcl_encoder_file_evaluates_exactly_as_its_run(smoke_run, tmp_pat
     assert external["encoder"]["kind"] == "robustcl" and external["branch"] == "adversarial"
     assert (out / "encoder.safetensors").read_bytes() == smoke_run.encoder.read_bytes()
     assert main(["evaluate", "--run", str(out), "--quiet", *FAST]) == 0  # the directory is a run: re-evaluate it
+
+
+def test_a_published_file_evaluation_is_re_evaluated_as_a_run_and_keeps_its_own_encoder(tmp_path, capsys):
+    """`evaluate --run` on an `evaluate --encoder` directory reads the encoder that directory evaluated (its
+    config.yaml is the dataset preset's, of another architecture); another encoder file put there is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.save(torchvision_resnet18_state(1, "cifar"), tmp_path / "tv.pth")
+    out = tmp_path / "out"
+    small = [*FAST, "eval.limit=20", "finetune.epochs=1", "finetune.protocols=[slf]", "finetune.train_limit=64",
+             "finetune.val_limit=32", "eval.corruptions=[]"]
+    assert main(["evaluate", "--encoder", str(tmp_path / "tv.pth"), "--data", "synthetic", "--out", str(out),
+                 "--quiet", *small]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert main(["evaluate", "--run", str(out), "--quiet", *FAST]) == 0
+    assert _without_timings(json.loads((out / "results.json").read_text())) == _without_timings(first)
+    with safe_open(str(out / "encoder.safetensors"), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(out / "encoder.safetensors"))
+    tensors["backbone.conv1.weight"] = tensors["backbone.conv1.weight"] * 0.5  # another encoder, same layout
+    save_file(tensors, str(out / "encoder.safetensors"), metadata=metadata)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--quiet", *FAST]) == 2
+    assert "is not the encoder encoder.json says this directory evaluated" in _one_error_line(capsys)
 
 
 def _same_structure(a: dict, b: dict) -> None:

@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from robustcl.cli import phases, sweep, tools
+from robustcl.cli import phases, sweep, tools, zoo
 
 DESCRIPTION = "The `robustcl` command line: pretrain, finetune, evaluate, run, sweep, demo, configs, data."
 DOCS = "documentation: docs/index.md in the source tree, or `make docs` for the site"
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `robustcl` parser: every family of commands registers its own subcommands."""
     parser = argparse.ArgumentParser(prog="robustcl", description=DESCRIPTION, epilog=DOCS)
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (phases, sweep, tools):
+    for family in (phases, sweep, tools, zoo):
         family.register(sub)
     return parser
 

@@ -88,14 +88,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out(args.encoder, args.data)
         results = api.evaluate_encoder(args.encoder, args.data, out, config=args.config, overrides=overrides,
                                        protocols=args.protocol, mean=args.mean, std=args.std,
-                                       overwrite=args.overwrite, progress=not args.quiet)
+                                       overwrite=args.overwrite, progress=not args.quiet, **reading_options(args))
         print_results(out.name, results, out)
+        if "comparison" in results:
+            print(comparison_table(results["comparison"]))
         return 0
     if args.run is None:
         raise ConfigError("evaluate needs --run DIR (a robustcl run) or --encoder PATH|module:callable --data NAME")
     results = api.evaluate(args.run, overrides, protocols=args.protocol, progress=not args.quiet)
     print_results(Path(args.run).name, results, args.run)
     return 0
+
+
+def reading_options(args: argparse.Namespace) -> dict:
+    """How to read a published checkpoint (--format, --bn-branch, --stem-padding, --protocol-of, --compare)."""
+    return {"layout": args.format, "bn_branch": args.bn_branch, "stem_padding": args.stem_padding,
+            "protocol_of": args.protocol_of, "compare": args.compare, "announce": print}
+
+
+def comparison_table(comparison: dict) -> str:
+    """Our reading beside the catalogue's published one, per protocol: values, difference, our 95% intervals."""
+    def num(v: object) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    lines = [f"compared with the catalogue's {comparison['entry']} (published numbers under their own protocol):",
+             "| protocol | reading | clean (%) | robust (%) | attack | clean 95% | robust 95% |", "|---|---|---|---|---|---|---|"]
+    for row in comparison["rows"]:
+        ours, theirs, diff, ci = row["ours"], row["published"], row["difference"], row["intervals_95"]
+        lines += [f"| {row['protocol'].upper()} | {row['label']} | {num(ours['clean'])} | {num(ours['robust'])} | "
+                  f"{row['attack']} | {num(ci['clean'][0])}-{num(ci['clean'][1])} | "
+                  f"{num(ci['robust'][0])}-{num(ci['robust'][1])} |",
+                  f"| {row['protocol'].upper()} | published by {row['published_by']} | {num(theirs['clean'])} | "
+                  f"{num(theirs['robust'])} | autoattack | | |",
+                  f"| {row['protocol'].upper()} | ours - published | {num(diff['clean'])} | {num(diff['robust'])} | | | |"]
+    sources = dict.fromkeys(row["published_source"] for row in comparison["rows"])
+    return "\n".join([*lines, *(f"source: {s}" for s in sources)])
 
 
 def evaluate_overrides(args: argparse.Namespace) -> list[str]:
@@ -165,15 +192,29 @@ def register_finetune(sub: argparse._SubParsersAction) -> None:
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="clean and robust accuracy of a run's heads; results.json and report.md")
     p.add_argument("--run", help="run directory")
-    p.add_argument("--encoder", help="instead of --run: an encoder file (encoder.safetensors, torchvision-layout "
-                                     "ResNet-18/50 state dict) or module:callable returning an nn.Module; heads "
-                                     "are fitted (--protocol, default finetune.protocols) and evaluated")
+    p.add_argument("--encoder", help="instead of --run: an existing file (encoder.safetensors, or a published "
+                                     "checkpoint of any layout, detected from its keys), else zoo:NAME (see "
+                                     "`robustcl zoo`), else module:callable returning an nn.Module; heads are "
+                                     "fitted (--protocol, default finetune.protocols) and evaluated")
+    p.add_argument("--format", help="with a published --encoder: force its layout (acl, dynacl, advcl, deacl, rocl, "
+                                    "gbrcl, lpaft, torchvision) instead of detecting it")
+    p.add_argument("--bn-branch", help="with a published --encoder: the BN copy read, benign, adversarial or an "
+                                       "index (default adversarial = copy 1 in every dual- or triple-BN layout, "
+                                       "never AdvCL's copy 2)")
+    p.add_argument("--stem-padding", type=int, choices=[1, 2], help="with a published --encoder: the 3x3 stem's "
+                   "padding where the weights cannot tell (default: the layout's, DeACL 2, others 1)")
+    p.add_argument("--protocol-of", choices=["robustcl", "benchmark"], help="with a published --encoder: robustcl's "
+                   "reading (default) or the RobustSSL benchmark's (its branch, normalisation, stem and raw pooled "
+                   "features, its per-method settings), labelled as such")
+    p.add_argument("--compare", nargs="?", const=True, metavar="NAME", help="print our reading beside the "
+                   "catalogue's published one (the entry with the file's sha256, the zoo:NAME one, or NAME)")
     p.add_argument("--data", help="with --encoder: the dataset to fit heads on and evaluate, e.g. cifar10")
     p.add_argument("--config", help="with --encoder: preset or YAML whose finetune/eval settings are used "
                                     "(default: the dataset's reference preset)")
     p.add_argument("--out", help="with --encoder: results directory (default runs/encoders/<name>-<data>)")
-    p.add_argument("--mean", nargs="+", type=float, help="with a torchvision-layout --encoder: input normalisation "
-                                                        "mean per channel (default: the dataset's)")
+    p.add_argument("--mean", nargs="+", type=float, help="with a torchvision-layout --encoder without normalize.* "
+                                                        "buffers: input normalisation mean per channel "
+                                                        "(default: the dataset's)")
     p.add_argument("--std", nargs="+", type=float, help="with a torchvision-layout --encoder: input std per channel")
     p.add_argument("--overwrite", action="store_true", help="with --encoder: redo an earlier evaluation in --out")
     p.add_argument("--protocol", nargs="+", choices=["slf", "alf", "aff"], help="evaluate only these fitted models")

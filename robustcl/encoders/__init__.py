@@ -3,10 +3,12 @@
 An encoder is an nn.Module mapping images in [0, 1], shape (N, C, H, W), to features (N, D); it
 does its own input normalisation, as robustcl's encoders do. Three ways to give one:
 - a robustcl encoder.safetensors (or a run directory): its normalisation and BN branches come with it;
-- a torchvision-layout ResNet-18/50 state dict (.pt/.pth/.bin via torch.load(weights_only=True), or a
-  .safetensors without robustcl metadata), loaded into robustcl's single-BN ResNet with `mean`/`std`
-  (default: the evaluation dataset's channel statistics, what robustcl trains with) in front, and
-  L2-normalised features as robustcl's encoders give;
+- a published checkpoint of any layout in encoders/layouts.py (ACL family, DynACL, DynACL++/LP-AFT, AdvCL and
+  A-InfoNCE, DeACL, RoCL, the seed paper's code, torchvision ResNet-18/50), whatever its file name, read with
+  torch.load(weights_only=True) (or a .safetensors without robustcl metadata): the layout is detected from
+  its keys and read strictly (encoders/published.py); its normalisation, BN copies and stem come with the
+  layout (a torchvision file without normalize.* buffers takes `mean`/`std`, default the evaluation
+  dataset's channel statistics), and its features are L2-normalised as robustcl's encoders give;
 - a module (`evaluate_encoder(module)`) or "package.module:callable" naming one, an nn.Module subclass or a
   Python function with no required parameters that builds one (the rule: robustcl/encoders/load.py); its
   features are used as it returns them.
@@ -16,7 +18,10 @@ plus encoder.json saying what was evaluated; for the first two kinds it also hol
 so `robustcl evaluate --run DIR` can add attacks later without refitting.
 """
 from robustcl.encoders.evaluate import PROTOCOL_PRESETS, default_out, encoder_config, evaluate_encoder
-from robustcl.encoders.load import EncoderError, ModuleEncoder, fingerprint, load_external
+from robustcl.encoders.errors import EncoderError
+from robustcl.encoders.layouts import LAYOUTS
+from robustcl.encoders.load import ModuleEncoder, fingerprint, load_external
+from robustcl.encoders.published import Reading, read_published
 
-__all__ = ["EncoderError", "ModuleEncoder", "PROTOCOL_PRESETS", "default_out", "encoder_config", "evaluate_encoder",
-           "fingerprint", "load_external"]
+__all__ = ["EncoderError", "LAYOUTS", "ModuleEncoder", "PROTOCOL_PRESETS", "Reading", "default_out", "encoder_config",
+           "evaluate_encoder", "fingerprint", "load_external", "read_published"]

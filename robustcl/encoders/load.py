@@ -1,32 +1,26 @@
-"""Reading any encoder into robustcl's interface, encoder(x, branch) -> features: a robustcl file, a
-torchvision-layout state dict, a module, or "package.module:callable" (see robustcl/encoders/__init__.py)."""
+"""Reading any encoder into robustcl's interface, encoder(x, branch) -> features: a robustcl file, a published
+checkpoint of any layout (encoders/published.py), a module, or "package.module:callable" (see
+robustcl/encoders/__init__.py)."""
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustcl.config import ConfigError
 from robustcl.data import DatasetInfo
-from robustcl.export import FORMAT, read_encoder
-from robustcl.models import Encoder
-from robustcl.models.torchvision_layout import CLASSIFIER_PREFIX, LayoutError, from_torchvision, resnet_tensors
-
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-class EncoderError(ConfigError):
-    """An encoder robustcl cannot load or use: the message says what and how to fix it."""
+from robustcl.encoders.errors import EncoderError
+from robustcl.encoders.finite import check_finite_features, check_finite_weights
+from robustcl.encoders.published import Reading, read_published
+from robustcl.export import fingerprint, read_encoder
 
 
 class ModuleEncoder(nn.Module):
@@ -43,16 +37,6 @@ class ModuleEncoder(nn.Module):
         return self.module(x)
 
 
-def fingerprint(module: nn.Module) -> str:
-    """A digest of a module's class and state (names, dtypes, shapes, bytes): what the evaluation saw."""
-    digest = hashlib.sha1(type(module).__qualname__.encode())
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _probe(info: DatasetInfo) -> torch.Tensor:
     """The batch an encoder is first tried on: two random images of the dataset's shape, in [0, 1]."""
     return torch.rand(2, info.channels, info.height, info.width, generator=torch.Generator().manual_seed(0))
@@ -62,25 +46,6 @@ def first_line(exc: BaseException) -> str:
     """'ExceptionType: the first line of its message' (the type alone for an empty message)."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def check_finite_weights(tensors: Iterable[tuple[str, Any]], where: str) -> None:
-    """EncoderError naming the first floating-point tensor holding NaN or inf (`where`: the file or the code)."""
-    for name, tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise EncoderError(f"{where}: tensor {name} holds non-finite values ({bad} of {tensor.numel()} are NaN or "
-                               "inf); its weights are broken (a diverged training run, a bad conversion?) and robustcl "
-                               "does not evaluate it")
-
-
-def check_finite_features(out: torch.Tensor, where: str) -> None:
-    """EncoderError when the features of the probe batch hold NaN or inf although the weights are finite."""
-    if not bool(torch.isfinite(out).all()):
-        image, feature = (int(i) for i in (~torch.isfinite(out)).nonzero()[0])
-        raise EncoderError(f"{where}: its features on {out.shape[0]} random images of the dataset's shape are not "
-                           f"finite (NaN or inf, first at feature {feature} of image {image}) although its weights "
-                           "are; robustcl does not evaluate it")
 
 
 def feature_dim(module: nn.Module, info: DatasetInfo, where: str = "the encoder") -> int:
@@ -199,32 +164,9 @@ def resolve_callable(spec: str) -> nn.Module:
     return built
 
 
-def _torchvision_encoder(path: Path, tensors: Any, info: DatasetInfo, mean: Sequence[float] | None,
-                         std: Sequence[float] | None) -> tuple[Encoder, dict[str, Any]]:
-    """A torchvision-layout state dict as a single-BN robustcl Encoder with `mean`/`std` in front."""
-    try:
-        state = resnet_tensors(tensors)
-        check_finite_weights(((k, v) for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIX)), str(path))
-        backbone, layout = from_torchvision(state)
-    except LayoutError as exc:
-        raise EncoderError(f"{path}: {exc}") from None
-    mean = tuple(mean) if mean is not None else tuple(info.mean)
-    std = tuple(std) if std is not None else tuple(info.std)
-    if len(mean) != layout["in_channels"] or len(std) != layout["in_channels"]:
-        raise EncoderError(f"{path} takes {layout['in_channels']}-channel images: give {layout['in_channels']} "
-                           f"--mean and --std values (got {len(mean)} and {len(std)})")
-    encoder = Encoder(backbone, mean, std).eval()
-    meta = {"format": FORMAT, "arch": layout["arch"], "in_channels": layout["in_channels"], "mean": list(mean),
-            "std": list(std), "dual_bn": False, "widths": None, "stem": layout["stem"], "method": "external",
-            "headline_branch": "benign",
-            "source": {"kind": "torchvision-state-dict", "path": str(path), **layout,
-                       "normalisation": {"mean": list(mean), "std": list(std)}}}
-    return encoder, meta
-
-
 def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
-                  std: Sequence[float] | None) -> tuple[nn.Module, dict[str, Any]]:
-    """A robustcl encoder file (or run directory) or a torchvision-layout state dict file."""
+                  std: Sequence[float] | None, reading: Reading | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A robustcl encoder file (or run directory), or a published checkpoint of any layout (encoders/published.py)."""
     if path.is_dir() or path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -236,7 +178,7 @@ def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
         except (SafetensorError, OSError) as exc:
             raise EncoderError(f"{file} is not a readable safetensors file ({exc})") from None
         if not robustcl_file:
-            return _torchvision_encoder(path, load_file(str(file)), info, mean, std)
+            return read_published(file, info, mean, std, reading, load_file(str(file)))
         if mean is not None or std is not None:
             raise EncoderError(f"{file} is a robustcl encoder and normalises its inputs itself; drop --mean/--std")
         try:
@@ -245,21 +187,13 @@ def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
             raise EncoderError(str(exc)) from None
         return encoder, {**meta, "source": {"kind": "robustcl", "path": str(file), "method": meta["method"],
                                             "trained_on": meta["dataset"]}}
-    if path.suffix not in TORCH_SUFFIXES:
-        raise EncoderError(f"{path}: give a .safetensors file, a run directory or a torch state dict "
-                           f"({', '.join(TORCH_SUFFIXES)})")
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors have many types; one line names the file
-        raise EncoderError(f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}); "
-                           "save the model's state_dict()") from None
-    return _torchvision_encoder(path, tensors, info, mean, std)
+    return read_published(path, info, mean, std, reading)  # any name: the layout is read from the keys
 
 
-def _checked_file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
-                          std: Sequence[float] | None) -> tuple[nn.Module, dict[str, Any]]:
+def _checked_file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None, std: Sequence[float] | None,
+                          reading: Reading | None) -> tuple[nn.Module, dict[str, Any]]:
     """A file encoder that takes the dataset's images, with finite weights and finite features on a first batch."""
-    module, meta = _file_encoder(path, info, mean, std)
+    module, meta = _file_encoder(path, info, mean, std, reading)
     if meta["in_channels"] != info.channels:
         raise EncoderError(f"{path} takes {meta['in_channels']}-channel images but {info.name} has "
                            f"{info.channels}; evaluate on a dataset with as many channels")
@@ -287,13 +221,14 @@ def _user_module(encoder: nn.Module | str) -> tuple[str, nn.Module]:
 
 
 def load_external(encoder: nn.Module | str | Path, info: DatasetInfo, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """(encoder called as encoder(x, branch), metadata) for a module, a module:callable, or a file.
+                  std: Sequence[float] | None = None, reading: Reading | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(encoder called as encoder(x, branch), metadata) for a module, a module:callable, or a file (`reading`:
+    how to read a published checkpoint).
 
     Non-finite weights, or non-finite features on a first batch, are an EncoderError naming the file or code
     and the first non-finite tensor, for every kind of encoder."""
     if isinstance(encoder, (str, Path)) and Path(encoder).exists():
-        module, meta = _checked_file_encoder(Path(encoder), info, mean, std)
+        module, meta = _checked_file_encoder(Path(encoder), info, mean, std, reading)
         meta["dataset"] = info.name
         meta["fingerprint"] = fingerprint(module)
         return module, meta

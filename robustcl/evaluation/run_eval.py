@@ -23,7 +23,7 @@ from robustcl.evaluation.per_image import PerImage, as_numpy, read_per_image, wr
 from robustcl.evaluation.reference_reading import reference_reading
 from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, correct_under, cw_margin_objective,
                                        fraction, pgd_accuracy, pgd_correct, robustness_curve, steps_curve)
-from robustcl.export import check_encoder_fits, read_encoder
+from robustcl.export import check_run_encoder, read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd, pgd_l2
 from robustcl.runs import RunDir, RunError, atomic_write_text
@@ -306,7 +306,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
 def run_encoder(cfg: Config, run: RunDir) -> tuple[Encoder, dict[str, Any]]:
     """The run's encoder.safetensors, checked against the config it is evaluated with."""
     encoder, meta = read_encoder(run.encoder)
-    check_encoder_fits(meta, cfg, run.encoder)
+    check_run_encoder(encoder, meta, cfg, run)
     return encoder, meta
 
 

@@ -18,7 +18,8 @@ BACKBONES: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "resnet50": ResNe
 class Encoder(nn.Module):
     """Normalises [0,1] pixels with per-channel mean/std inside the model, so attacks work in pixel space."""
 
-    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 l2_normalise: bool = True) -> None:
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean and std lengths differ: {len(mean)} vs {len(std)}")
@@ -28,12 +29,15 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.feature_dim: int = backbone.feature_dim
         self.dual_bn: bool = backbone.dual_bn
+        self.l2_normalise = l2_normalise  # False: the raw pooled features (a published protocol that reads them so)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor, branch: Branch = "benign") -> torch.Tensor:
-        """Unit-L2-norm features (N, feature_dim) of images `x` in [0,1], through the BN of `branch`."""
-        return F.normalize(self.backbone((x - self.mean) / self.std, branch), dim=1)
+        """Unit-L2-norm features (N, feature_dim) of images `x` in [0,1], through the BN of `branch`
+        (the raw pooled features when built with l2_normalise=False)."""
+        features = self.backbone((x - self.mean) / self.std, branch)
+        return F.normalize(features, dim=1) if self.l2_normalise else features
 
 
 class BranchModel(nn.Module):

@@ -127,12 +127,14 @@ class ResNet(nn.Module):
     default, as in torchvision) starts each block's last BN gamma (both branches) at 0, so blocks begin
     as identities. Parameter names match the earlier CIFAR-only ResNet18, so its checkpoints still load.
     identity_shortcut=False builds the authors' blocks (no residual path where the shortcut would be the
-    identity; the parameters are the same, so the state dicts are interchangeable).
+    identity; the parameters are the same, so the state dicts are interchangeable). stem_padding 2 (CIFAR
+    stem only) is DeACL's stem: a 34x34 map after conv1 on 32x32 images, 5x5 at layer4; the weights are the
+    same shapes either way, so only the file's metadata (or the layout read) can say which.
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], in_channels: int = 3,
                  dual_bn: bool = True, stem: Stem = "cifar", zero_init_residual: bool = False,
-                 identity_shortcut: bool = True) -> None:
+                 identity_shortcut: bool = True, stem_padding: int = 1) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)} (resolve auto with resolve_stem)")
@@ -142,8 +144,11 @@ class ResNet(nn.Module):
         self.dual_bn = dual_bn
         self.stem: Stem = stem
         self.identity_shortcut = identity_shortcut
+        if stem_padding not in (1, 2) or (stem == "imagenet" and stem_padding != 1):
+            raise ValueError(f"stem_padding must be 1 or 2 (2 only with the cifar stem), got {stem_padding}")
+        self.stem_padding = stem_padding
         self.feature_dim = 512 * block.expansion
-        self.conv1 = (conv3x3(in_channels, 64) if stem == "cifar"
+        self.conv1 = (nn.Conv2d(in_channels, 64, 3, stride=1, padding=stem_padding, bias=False) if stem == "cifar"
                       else nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False))
         self.bn1 = DualBatchNorm2d(64, dual_bn)
         stages, in_planes = [], 64
@@ -177,20 +182,23 @@ class ResNet(nn.Module):
 
     def extra_repr(self) -> str:
         skip = "" if self.identity_shortcut else ", identity_shortcut=False"
-        return f"stem={self.stem}, dual_bn={self.dual_bn}, feature_dim={self.feature_dim}{skip}"
+        pad = "" if self.stem_padding == 1 else f", stem_padding={self.stem_padding}"
+        return f"stem={self.stem}, dual_bn={self.dual_bn}, feature_dim={self.feature_dim}{skip}{pad}"
 
 
 class ResNet18(ResNet):
     """ResNet-18: BasicBlocks [2,2,2,2] -> (N, 512); CIFAR stem by default (32x32 inputs)."""
 
     def __init__(self, in_channels: int = 3, dual_bn: bool = True, stem: Stem = "cifar",
-                 zero_init_residual: bool = False, identity_shortcut: bool = True) -> None:
-        super().__init__(BasicBlock, (2, 2, 2, 2), in_channels, dual_bn, stem, zero_init_residual, identity_shortcut)
+                 zero_init_residual: bool = False, identity_shortcut: bool = True, stem_padding: int = 1) -> None:
+        super().__init__(BasicBlock, (2, 2, 2, 2), in_channels, dual_bn, stem, zero_init_residual, identity_shortcut,
+                         stem_padding)
 
 
 class ResNet50(ResNet):
     """ResNet-50 (torchvision v1.5 layout): Bottlenecks [3,4,6,3] -> (N, 2048); CIFAR stem unless stem="imagenet"."""
 
     def __init__(self, in_channels: int = 3, dual_bn: bool = True, stem: Stem = "cifar",
-                 zero_init_residual: bool = False, identity_shortcut: bool = True) -> None:
-        super().__init__(Bottleneck, (3, 4, 6, 3), in_channels, dual_bn, stem, zero_init_residual, identity_shortcut)
+                 zero_init_residual: bool = False, identity_shortcut: bool = True, stem_padding: int = 1) -> None:
+        super().__init__(Bottleneck, (3, 4, 6, 3), in_channels, dual_bn, stem, zero_init_residual, identity_shortcut,
+                         stem_padding)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from robustcl.config import Config
 from robustcl.evaluation import ce_objective, pgd_accuracy
-from robustcl.export import check_encoder_fits, read_encoder, resolve_branch
+from robustcl.export import check_run_encoder, read_encoder, resolve_branch
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
@@ -237,7 +237,7 @@ def _fit_heads(runtime: Runtime, run: RunDir, protocols: tuple[str, ...] | None,
         encoder, meta = loaded
     else:
         encoder, meta = read_encoder(run.encoder)
-        check_encoder_fits(meta, cfg, run.encoder)
+        check_run_encoder(encoder, meta, cfg, run)
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)

@@ -1,0 +1,53 @@
+"""`robustcl zoo`: the catalogue of published robust-SSL checkpoints; `robustcl zoo NAME [--fetch]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def published_line(entry: dict) -> str:
+    """The SLF clean / AutoAttack numbers of an entry, per publisher ("-" where none is given)."""
+    parts = []
+    for who, numbers in (entry.get("published") or {}).items():
+        slf = (numbers or {}).get("slf") or {}
+        if slf:
+            parts.append(f"{who} {slf.get('clean'):.2f}/{slf.get('autoattack'):.2f}")
+    return "; ".join(parts) or "-"
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from robustcl import api
+
+    known = api.zoo_catalogue()
+    if args.name is None:
+        print("| name | method | dataset | arch | layout | SLF clean/AutoAttack (%) | file source |")
+        print("|---|---|---|---|---|---|---|")
+        for name, e in known["entries"].items():
+            print(f"| {name} | {e['method']} | {e['dataset']} | {e['arch']} | {e['layout']} | {published_line(e)} | "
+                  f"{e['url_source']} |")
+        print("\n".join(["", "sources:", *(f"  {k}: {v}" for k, v in known["sources"].items()),
+                         "evaluate one: robustcl evaluate --encoder zoo:NAME --data DATASET [--compare]"]))
+        return 0
+    from robustcl.encoders import zoo
+
+    entry = zoo.entry(args.name, known)
+    for key in ("method", "dataset", "arch", "layout", "layout_checked", "file", "url", "url_source", "sha256"):
+        print(f"{key}: {entry.get(key)}")
+    for who, numbers in (entry.get("published") or {}).items():
+        if not numbers:
+            print(f"published by {who}: not verified (no number is given)")
+            continue
+        cells = ", ".join(f"{p.upper()} {numbers[p]['clean']}/{numbers[p]['autoattack']}"
+                          for p in ("slf", "alf", "aff") if p in numbers)
+        print(f"published by {who} (clean/AutoAttack %): {cells}; source: {known['sources'][numbers['source']]}")
+    if args.fetch:
+        print(f"file: {api.zoo_fetch(args.name)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="the catalogue of published robust-SSL checkpoints (method, dataset, layout, "
+                                   "source, published clean/AutoAttack numbers)")
+    p.add_argument("name", nargs="?", help="one entry in full (default: the whole catalogue)")
+    p.add_argument("--fetch", action="store_true", help="download the entry's file into the cache ($ROBUSTCL_ZOO, "
+                                                        "default ~/.cache/robustcl/zoo)")
+    p.set_defaults(fn=cmd_zoo)

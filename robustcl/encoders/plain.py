@@ -1,0 +1,51 @@
+"""`robustcl.load_encoder`: any encoder file (robustcl's, a published checkpoint of any layout, zoo:NAME) as a
+plain module, pixels in [0, 1] -> L2-normalised pooled features, through one BN branch."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from robustcl.data import dataset_info
+from robustcl.encoders import zoo
+from robustcl.encoders.errors import EncoderError
+from robustcl.encoders.published import Reading, read_published
+from robustcl.export import FixedBranchEncoder, load_encoder
+
+
+def is_robustcl_file(path: Path) -> bool:
+    """A run directory or a safetensors file with robustcl's metadata."""
+    if path.is_dir():
+        return True
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return "robustcl" in (fh.metadata() or {})
+
+
+def load_plain(source: str | Path, branch: str | int = "headline", *, layout: str | None = None,
+               stem_padding: int | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, data: str | None = None) -> FixedBranchEncoder:
+    """`source` (a path, else zoo:NAME) read through `branch`: headline, benign, adversarial or a BN copy index."""
+    path = Path(source)
+    if not path.exists() and str(source).startswith(zoo.PREFIX):
+        path = zoo.fetch(str(source)[len(zoo.PREFIX):])
+    if not path.exists():
+        raise FileNotFoundError(f"no encoder at {source}; give a run directory, an encoder file or zoo:NAME")
+    if is_robustcl_file(path):
+        if layout is not None or stem_padding is not None or mean is not None or std is not None:
+            raise EncoderError(f"{path} is a robustcl encoder: layout, stem_padding, mean and std do not apply")
+        return load_encoder(path, str(branch))
+    bn_branch = None if branch == "headline" else branch
+    tensors = None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    encoder, meta = read_published(path, dataset_info(data) if data else None, mean, std,
+                                   Reading(layout, bn_branch, stem_padding), tensors)
+    return FixedBranchEncoder(encoder, meta["headline_branch"]).eval()
+
+
+__all__ = ["is_robustcl_file", "load_plain"]

@@ -1,0 +1,166 @@
+"""`robustcl zoo`: the catalogue of published robust-SSL checkpoints (robustcl/presets/zoo/catalogue.yaml) and
+`--encoder zoo:NAME`: the file fetched into the cache (atomic, resumed with HTTP Range, checked against its
+sha256 where one is known), or a one-line error naming the file to download by hand."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from robustcl.config import parse_yaml
+from robustcl.data.files import cache_root
+from robustcl.encoders.errors import EncoderError
+
+CATALOGUE = ("robustcl.presets", "zoo/catalogue.yaml")
+CACHE_ENV = "ROBUSTCL_ZOO"
+PREFIX = "zoo:"
+TIMEOUT_S = 60.0
+# Share links that answer a script with a web page (a browser, a login or a confirmation step) instead of the file.
+BROWSER_HOSTS = ("drive.google.com", "docs.google.com", "dropbox.com", "onedrive.live.com", "1drv.ms",
+                 "sharepoint.com")
+
+
+def catalogue() -> dict[str, Any]:
+    """The shipped catalogue: {"sources": {id: citation}, "entries": {name: entry}}."""
+    package, name = CATALOGUE
+    text = resources.files(package).joinpath(name).read_text()
+    data = parse_yaml(text, name)
+    return {"sources": dict(data.get("sources") or {}), "entries": dict(data.get("entries") or {})}
+
+
+def entry(name: str, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    entries = (known if known is not None else catalogue())["entries"]
+    if name not in entries:
+        raise EncoderError(f"zoo:{name} is not in the catalogue; `robustcl zoo` lists: {', '.join(entries)}")
+    return {"name": name, **entries[name]}
+
+
+def by_sha256(digest: str, known: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The catalogue entry whose file has this sha256 (None: no entry, or no checksum is published)."""
+    entries = (known if known is not None else catalogue())["entries"]
+    return next(({"name": n, **e} for n, e in entries.items() if e.get("sha256") == digest), None)
+
+
+def cache() -> Path:
+    """Where zoo files are kept: `$ROBUSTCL_ZOO` if set, else the user cache's zoo/ folder."""
+    env = os.environ.get(CACHE_ENV, "")
+    return Path(env).expanduser() if env else cache_root() / "zoo"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def by_hand(item: Mapping[str, Any], dest: Path, why: str) -> EncoderError:
+    return EncoderError(f"zoo:{item['name']}: {why}; download {item['file']} by hand from {item['url']} and save it "
+                        f"as {dest} (or pass --encoder PATH)")
+
+
+def check(item: Mapping[str, Any], path: Path) -> Path:
+    """`path` when its sha256 is the catalogue's (or none is known); else an error (the file is left in place)."""
+    want = item.get("sha256")
+    if want and sha256_of(path) != want:
+        raise EncoderError(f"zoo:{item['name']}: {path} does not have the published sha256 {want[:16]}...; delete it "
+                           "and run again (a damaged or different file)")
+    return path
+
+
+def fetch(name: str, folder: Path | None = None, known: Mapping[str, Any] | None = None,
+          timeout: float = TIMEOUT_S) -> Path:
+    """The catalogue file `name` in the cache: kept if there (checked), else downloaded."""
+    item = entry(name, known)
+    dest = (folder or cache()) / item["file"]
+    if dest.is_file():
+        return check(item, dest)
+    host = (urlparse(item["url"]).hostname or "").lower()
+    if any(host == h or host.endswith("." + h) for h in BROWSER_HOSTS):
+        raise by_hand(item, dest, f"{host} serves this file through a browser page")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        download(item["url"], part, timeout)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise by_hand(item, dest, f"could not download it ({getattr(exc, 'reason', None) or exc}; a partial file "
+                                  f"{part.name} is kept and resumed next time)") from None
+    try:
+        check(item, part)
+    except EncoderError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+    return dest
+
+
+def download(url: str, part: Path, timeout: float) -> None:
+    """`url` into `part`, resuming from its current size with an HTTP Range request; an answer cut short is
+    an OSError (the part stays, for the next try)."""
+    start = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and start:  # nothing past what we hold: the part is whole
+            return
+        raise
+    with response:
+        resumed = start > 0 and response.status == 206
+        expected = response.headers.get("Content-Length")
+        written = 0
+        with open(part, "ab" if resumed else "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+                written += len(block)
+            out.flush()
+            os.fsync(out.fileno())
+    if expected is not None and written != int(expected):
+        raise OSError(f"the answer was cut short ({written} of {expected} bytes)")
+
+
+def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (over the n evaluated test images)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def comparison(results: Mapping[str, Any], item: Mapping[str, Any], sources: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Our reading (clean, AutoAttack or else PGD, with 95% intervals over the test images) beside each
+    published one of `item`, per protocol, each labelled with its protocol and source."""
+    ours_label = "ours (robustcl's protocol)" if results.get("encoder", {}).get("protocol_of") != "benchmark" \
+        else "ours (the RobustSSL benchmark's reading)"
+    rows = []
+    n = int(results.get("n_eval", 0))
+    for protocol, record in results.get("protocols", {}).items():
+        attack = "autoattack" if "autoattack" in record["robust"] else next(iter(record["robust"]))
+        ours = {"clean": 100 * record["clean_acc"], "robust": 100 * record["robust"][attack]}
+        intervals = {k: [100 * v for v in wilson(ours[k] / 100 * n, n)] for k in ours}
+        for who, published in (item.get("published") or {}).items():
+            if not published:
+                continue
+            numbers = published.get(protocol) or {}
+            theirs = {"clean": numbers.get("clean"), "robust": numbers.get("autoattack")}
+            rows.append({"protocol": protocol, "label": ours_label, "attack": attack, "ours": ours,
+                         "intervals_95": intervals, "n_eval": n, "published_by": who,
+                         "published_source": sources.get(published.get("source"), published.get("source")),
+                         "published": theirs,
+                         "difference": {k: None if theirs[k] is None else ours[k] - theirs[k] for k in ours}})
+    return rows
+
+
+__all__ = ["BROWSER_HOSTS", "CACHE_ENV", "PREFIX", "by_sha256", "cache", "catalogue", "check", "comparison", "entry",
+           "fetch", "wilson"]

@@ -1,0 +1,154 @@
+"""`robustcl zoo` and --encoder zoo:NAME: the shipped catalogue (every number with its source), a download into
+the cache from a loopback HTTP server (atomic, resumed with an HTTP Range request, sha256-checked), and one-line
+errors naming the file to fetch by hand when offline or when the host needs a browser; --compare's table."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from robustcl.cli import main
+from robustcl.encoders import EncoderError, zoo
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+class Server:
+    """http.server on 127.0.0.1 in a thread, serving PAYLOAD at /enc.pt with Range support; the first `cut`
+    answers stop after half the bytes (a connection dropped mid-file)."""
+
+    def __init__(self, cut: int = 0) -> None:
+        self.cut, self.requests = cut, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.requests.append(self.headers.get("Range"))
+                if self.path != "/enc.pt":
+                    self.send_error(404)
+                    return
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+                body = PAYLOAD[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut > 0:
+                    outer.cut -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.timeout = 5
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+def catalogue(url: str, sha: str | None) -> dict:
+    return {"sources": {"here": "a test server"},
+            "entries": {"enc": {"method": "ACL", "dataset": "cifar10", "arch": "resnet18", "layout": "acl",
+                                "file": "enc.pt", "url": url, "url_source": "here", "sha256": sha,
+                                "published": {"benchmark": {"source": "here", "slf": {"clean": 80.0, "autoattack": 40.0}},
+                                              "authors": None}}}}
+
+
+def test_the_shipped_catalogue_cites_a_source_for_every_number():
+    known = zoo.catalogue()
+    assert len(known["entries"]) >= 20
+    for name, entry in known["entries"].items():
+        assert entry["url_source"] in known["sources"], name
+        assert entry["layout"] in ("acl", "advcl", "deacl", "lpaft"), name
+        for who, numbers in entry["published"].items():
+            if numbers is None:
+                continue
+            assert numbers["source"] in known["sources"], (name, who)
+            for protocol in ("slf", "alf", "aff"):
+                assert 0 < numbers[protocol]["autoattack"] < numbers[protocol]["clean"] < 100, (name, protocol)
+    acl = known["entries"]["acl-cifar10"]["published"]["benchmark"]
+    assert acl["slf"] == {"clean": 78.22, "autoattack": 39.17}
+
+
+def test_a_download_is_resumed_with_a_range_request_and_checked(tmp_path):
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    server = Server(cut=1)
+    with server as base:
+        known = catalogue(f"{base}/enc.pt", sha)
+        with pytest.raises(EncoderError, match="could not download it .*kept and resumed next time.*save it as") as err:
+            zoo.fetch("enc", tmp_path, known)
+        assert "\n" not in str(err.value) and not (tmp_path / "enc.pt").exists()
+        assert 0 < (tmp_path / "enc.pt.part").stat().st_size < len(PAYLOAD)
+        path = zoo.fetch("enc", tmp_path, known)
+    assert path == tmp_path / "enc.pt" and path.read_bytes() == PAYLOAD and not (tmp_path / "enc.pt.part").exists()
+    assert zoo.fetch("enc", tmp_path, known) == path  # cached: no request
+    assert server.requests == [None, f"bytes={len(PAYLOAD) // 2}-"]  # the second asked only for the rest
+
+
+def test_a_wrong_checksum_is_an_error_and_nothing_is_kept(tmp_path):
+    with Server() as base:
+        with pytest.raises(EncoderError, match="does not have the published sha256"):
+            zoo.fetch("enc", tmp_path, catalogue(f"{base}/enc.pt", "0" * 64))
+    assert not (tmp_path / "enc.pt").exists() and not (tmp_path / "enc.pt.part").exists()
+
+
+def test_offline_and_browser_hosts_name_the_file_to_download_by_hand(tmp_path):
+    with Server() as base:
+        pass  # the port is closed again: nothing listens there
+    with pytest.raises(EncoderError, match=f"download enc.pt by hand from {base}/enc.pt and save it as {tmp_path}"):
+        zoo.fetch("enc", tmp_path, catalogue(f"{base}/enc.pt", None))
+    for url in ("https://www.dropbox.com/s/x/enc.pt?dl=0", "https://drive.google.com/file/d/x/view"):
+        with pytest.raises(EncoderError, match="serves this file through a browser page; download enc.pt by hand"):
+            zoo.fetch("enc", tmp_path, catalogue(url, None))
+
+
+def test_zoo_lists_the_catalogue_and_an_unknown_name_is_one_line(capsys):
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert "| acl-cifar10 | ACL | cifar10 | resnet18 | acl | benchmark 78.22/39.17 |" in out
+    assert "benchmark-leaderboard:" in out
+    assert main(["zoo", "deacl-cifar10-authors"]) == 0
+    assert "published by authors (clean/AutoAttack %): SLF 80.82/46.14" in capsys.readouterr().out
+    assert main(["zoo", "nope"]) == 2
+    assert "zoo:nope is not in the catalogue" in capsys.readouterr().err
+
+
+def test_the_comparison_rows_label_both_readings_and_give_our_intervals():
+    results = {"n_eval": 1000, "encoder": {"protocol_of": "robustcl"},
+               "protocols": {"slf": {"clean_acc": 0.8, "robust": {"pgd": 0.5, "autoattack": 0.42}}}}
+    known = catalogue("http://127.0.0.1:1/enc.pt", None)
+    rows = zoo.comparison(results, zoo.entry("enc", known), known["sources"])
+    assert len(rows) == 1  # authors: null gives no row
+    row = rows[0]
+    assert row["label"] == "ours (robustcl's protocol)" and row["attack"] == "autoattack"
+    assert row["published"] == {"clean": 80.0, "robust": 40.0} and row["difference"]["robust"] == pytest.approx(2.0)
+    lo, hi = row["intervals_95"]["robust"]
+    assert lo < 42 < hi and hi - lo == pytest.approx(6.1, abs=0.2)  # Wilson, n = 1000
+
+
+def test_zoo_name_resolves_after_an_existing_path(tmp_path, monkeypatch):
+    from robustcl.encoders.evaluate import resolve_zoo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zoo:enc").write_bytes(b"")  # a file of that name wins
+    assert resolve_zoo("zoo:enc") == ("zoo:enc", None)
+    (tmp_path / "zoo:enc").unlink()
+    monkeypatch.setattr(zoo, "catalogue", lambda: catalogue("https://www.dropbox.com/s/x/enc.pt", None))
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "enc.pt").write_bytes(b"x")  # already in the cache: no download
+    path, item = resolve_zoo("zoo:enc")
+    assert path == tmp_path / "cache" / "enc.pt" and item["name"] == "enc"
