@@ -1,6 +1,6 @@
 """Phase-1 step throughput of one preset as one JSON line: a thin wrapper over `robustcl bench`.
 
-Kept so the README's first measurements stay reproducible with the same command; `robustcl bench`
+Kept so the first step measurements (docs/performance.md) stay reproducible with the same command; `robustcl bench`
 (robustcl/bench.py) holds the logic and does more (several batch sizes and precisions, the phase
 split, peak memory, a table, --json). Usage:
     python benchmarks/step_throughput.py --config fmnist-gbrcl [--steps 10] [--warmup 3] [key=value ...]

@@ -226,7 +226,7 @@ def test_cli_json_to_stdout_and_a_failed_compile_is_reported(capsys: pytest.Capt
 
 
 def test_step_throughput_script_keeps_its_one_line_json(capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/step_throughput.py (the README's first measurements) is a wrapper over the bench."""
+    """benchmarks/step_throughput.py (the first step measurements, docs/performance.md) is a wrapper over the bench."""
     spec = importlib.util.spec_from_file_location("step_throughput", ROOT / "benchmarks" / "step_throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -86,6 +86,15 @@ print(json.dumps({"commands": commands, "torch": seen}))
     assert len(report["torch"]) == len(report["commands"]) + 1
 
 
+def test_help_points_to_the_documentation(capsys):
+    """`robustcl --help` names the documentation's map (docs/index.md) and how to build the site."""
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "docs/index.md" in printed and "`make docs`" in printed
+
+
 @pytest.mark.parametrize("argv, status", [(["configs"], 1), (["--help"], 0)])
 def test_a_closed_pipe_ends_the_command_without_a_traceback(argv, status):
     """`robustcl configs | head -1`: the reader is gone before we write; no BrokenPipeError, exit status 1

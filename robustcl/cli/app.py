@@ -9,8 +9,11 @@ from typing import Sequence
 
 from robustcl.cli import phases, sweep, tools, zoo
 
-DESCRIPTION = "The `robustcl` command line: pretrain, finetune, evaluate, run, sweep, demo, configs, data."
-DOCS = "documentation: docs/index.md in the source tree, or `make docs` for the site"
+DESCRIPTION = ("Adversarially robust contrastive learning: pretrain, finetune and evaluate a run (or `run` all "
+               "three), evaluate any encoder (`evaluate --encoder FILE`), sweep, bound, bench, transfer, export, "
+               "demo, configs, data.")
+DOCS = ("documentation: docs/index.md in the source tree is the map of every page; `make docs` builds the "
+        "site into site/ (open site/index.html)")
 
 
 def build_parser() -> argparse.ArgumentParser:

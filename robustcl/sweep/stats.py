@@ -136,7 +136,7 @@ def suspect_lines(entries: Sequence[Entry]) -> list[str]:
                 unknown.append(f"{planned.name} {protocol.upper()}")
             elif failed:
                 suspect.append(f"`{planned.name}` {protocol.upper()} ({', '.join(failed)})")
-    lines = [f"**SUSPECT** (integrity checks failed: README \"Evaluation you can check\"): {s}" for s in suspect]
+    lines = [f"**SUSPECT** (integrity checks failed: docs/evaluation.md, \"Integrity checks\"): {s}" for s in suspect]
     if not suspect and len(unknown) < sum(len(res["protocols"]) for _, res in entries):
         lines.append("Integrity checks: every recorded one passed.")
     if unknown:
