@@ -19,10 +19,11 @@ LINE = re.compile(r"^robustcl evaluate (\w+)/(.+): (\d+) images? in \d+\.\d s \(
 # 32 images in batches of 16; the smoke model (4 classes) evaluated through every part that takes time
 EVAL = ["eval.limit=32", "eval.batch_size=16", "eval.l2.steps=2", "eval.steps_curve=[1]", "eval.mixed_reading=true"]
 EVERY_PART = [*EVAL, "eval.attacks=[pgd,cw,pgd-l2]", "eval.corruptions=[gaussian_noise,fog]",
-              "eval.corruption_severities=[1]", "eval.corruptions_limit=20"]
+              "eval.corruption_severities=[1]", "eval.corruptions_limit=20", "reference.evaluation=true"]
 EVERY_PART_NAMES = ["clean", "pgd3-linf-0.1", "cw3-linf-0.1", "pgd2-l2-0.5", "corruptions", "eps_curve", "steps_curve",
                     "check eval-mode-batch-independent", "check eps-zero-equals-clean", "check non-increasing-in-steps",
-                    "check large-eps-to-chance", "check square-not-beating-white-box", "mixed reading"]
+                    "check large-eps-to-chance", "check square-not-beating-white-box", "mixed reading",
+                    "reference reading", "reference reading"]  # the authors' linear evaluation: SLF, then ALF
 
 
 class Terminal(io.StringIO):
@@ -107,13 +108,13 @@ def test_an_evaluation_says_one_line_per_part_off_a_terminal_and_records_it(run_
     found = [LINE.match(line) for line in err.splitlines()]
     assert all(found), err
     assert [m.group(2) for m in found] == EVERY_PART_NAMES
-    assert {m.group(1) for m in found} == {"slf"}
+    assert [m.group(1) for m in found] == ["slf"] * (len(found) - 1) + ["alf"]
     images = {m.group(2): int(m.group(3)) for m in found}
     assert images["clean"] == images["pgd3-linf-0.1"] == 32 and images["corruptions"] == 2 * 20
     assert images["eps_curve"] == 2 * 32 and images["mixed reading"] == 2 * 32
     assert updates[:4] == [16, 16, 16, 16]  # bar.update(batch size): the clean part's two batches, then PGD's
     assert updates.count(32) == 1  # only the Square cross-check counts all its images at its end
-    assert part_records(run_copy) == [("slf", m.group(2), int(m.group(3))) for m in found]
+    assert part_records(run_copy) == [(m.group(1), m.group(2), int(m.group(3))) for m in found]
     records = list(RunDir(run_copy).iter_metrics(PHASE))
     assert all(r["command"] == "evaluate" and r["seconds"] >= 0 and r["images_per_s"] >= 0 for r in records)
 

@@ -327,7 +327,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         results["corruption_sets"] = generation_record(corrupted)
     if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
         results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
-                                                         num_classes, device, autocast, progress)
+                                                         num_classes, device, autocast, parts)
     write_curves_csv(run, per_protocol)
     write_per_image(run, per_image)
     run.write_json(run.results, results)
