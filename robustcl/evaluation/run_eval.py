@@ -53,9 +53,9 @@ def autoattack_name(eps: float) -> str:
 
 def extra_attack_name(kind: str, cfg: Config) -> str:
     """results.json key of the CW-margin L-inf attack ("cw") or PGD-L2 ("pgd-l2") under cfg.eval."""
-    a, e = (cfg.eval.l2 if kind == "pgd-l2" else cfg.eval.attack), cfg.eval
-    return attack_name(a.steps, a.eps, "cw", restarts=e.restarts) if kind == "cw" else \
-        attack_name(a.steps, a.eps, "pgd", "l2", e.restarts)
+    if kind == "cw":
+        return attack_name(cfg.eval.attack.steps, cfg.eval.attack.eps, "cw", restarts=cfg.eval.restarts)
+    return attack_name(cfg.eval.l2.steps, cfg.eval.l2.eps, "pgd", "l2", cfg.eval.restarts)
 
 
 def extra_attack(kind: str, model, images, labels, cfg: Config, gen, autocast,
