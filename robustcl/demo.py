@@ -15,6 +15,7 @@ from robustcl.config import load_config
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.hardware import cpu_capability
 from robustcl.runs import RunDir, RunError, atomic_write_text
+from robustcl.runs.progress import Progress
 from robustcl.runs.report import (corruption_section, describe_attack, integrity_lines, plot_eps_curves,
                                   plot_loss_terms, results_table)
 from robustcl.runtime import config_change, open_runtime, started_config
@@ -35,8 +36,10 @@ def _complete(run: RunDir, protocols: Sequence[str]) -> bool:
 def run_demo(out: Path, overwrite: bool = False, progress: bool = True, overrides: Sequence[str] = ()) -> Path:
     """Pretrain, fine-tune (SLF, ALF) and evaluate both presets under `out`; returns the report path.
 
-    Finished runs are reused (and interrupted ones resumed) unless `overwrite`.
+    Finished runs are reused (and interrupted ones resumed) unless `overwrite`. With `progress`, a line on
+    stderr names each method and phase as it starts ("demo: gbrcl — pretrain").
     """
+    shown = Progress("demo", show=progress)
     timings: dict[str, float] = {}
     stage_times: dict[str, dict[str, float]] = {}  # where each method's time went (empty: reused)
     runs: list[tuple[str, RunDir]] = []
@@ -53,16 +56,22 @@ def run_demo(out: Path, overwrite: bool = False, progress: bool = True, override
         stages: dict[str, float] = {}
         if overwrite or not _complete(run, cfg.finetune.protocols):
             resume = not overwrite and run.checkpoint.is_file()
+            shown.say(f"demo: {cfg.method.name} — pretrain")
             pretrain(cfg, run, resume=resume, overwrite=overwrite or not resume, progress=progress)
             stages["pretrain"] = time.perf_counter() - t0
+            shown.say(f"demo: {cfg.method.name} — fine-tune ({', '.join(cfg.finetune.protocols).upper()})")
             fitted = finetune(cfg, run, progress=progress, overwrite=True)  # this flow owns the run
             stages.update({f"fit {p.upper()}": r["seconds"] for p, r in fitted.items()})
             t1 = time.perf_counter()
+            shown.say(f"demo: {cfg.method.name} — evaluate")
             evaluate_run(cfg, run, progress=progress)
             stages["evaluate"] = time.perf_counter() - t1
+        else:
+            shown.say(f"demo: {cfg.method.name} — finished run reused ({run.root})")
         timings[cfg.method.name] = time.perf_counter() - t0
         stage_times[cfg.method.name] = stages
         runs.append((cfg.method.name, run))
+    shown.say("demo: report")
     return write_demo_report(out, runs, timings, stage_times)
 
 

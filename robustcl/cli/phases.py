@@ -10,7 +10,7 @@ OVERRIDES_HELP = "config overrides, e.g. train.lr=0.1"
 def add_common(p: argparse.ArgumentParser) -> None:
     """The overrides and --quiet every phase takes."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
 def on_rank_zero() -> bool:

@@ -232,7 +232,7 @@ def register_transfer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="new run directory (default <run>/transfer-<data>[-<size>px])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing transfer run in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="further overrides, e.g. finetune.epochs=10")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.set_defaults(fn=cmd_transfer)
 
 

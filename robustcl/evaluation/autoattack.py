@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 
 from robustcl.runs import atomic_write_text
 from robustcl.runs.loaders import RunFileError
+from robustcl.runs.progress import SILENT, Progress, Tick
 
 STANDARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -82,6 +84,22 @@ class _Capture(logging.Handler):
             self.warnings.append(message)
 
 
+class _Batches(logging.Handler):
+    """Turns the library's per-batch debug line ("apgd-ce - 1/4 - 3 out of 500 successfully perturbed") into a
+    progress tick of that batch's images (pyautoattack 0.2 logs it after each batch)."""
+
+    LINE = re.compile(r" - \d+/\d+ - \d+ out of (\d+) successfully perturbed$")
+
+    def __init__(self, tick: Tick) -> None:
+        super().__init__(logging.DEBUG)
+        self.tick = tick
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self.LINE.search(record.getMessage())
+        if found:
+            self.tick(int(found.group(1)))
+
+
 def state_key(*parts: Any, files: tuple[Path, ...] = ()) -> str:
     """A short digest of the evaluation's identity (model files, budget, images) naming its state file."""
     digest = hashlib.sha1(json.dumps([str(p) for p in parts]).encode())
@@ -112,11 +130,12 @@ def read_state(state_path: Path | None, identity: dict[str, Any]) -> dict[str, A
 
 def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
                         norm: str = "Linf", batch_size: int = 500, seed: int = 0,
-                        state_path: Path | None = None) -> AutoAttackResult:
+                        state_path: Path | None = None, parts: Progress = SILENT) -> AutoAttackResult:
     """Robust accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), model in eval mode.
 
     With `state_path`, the robust flags after each finished attack are kept there (JSON, written
     atomically): a finished evaluation is read back, an interrupted one continues at the next attack.
+    Each attack run is a part of `parts` ("autoattack <name>", the images it attacks).
     """
     if model.training:
         raise RuntimeError("AutoAttack needs the model in eval mode (call model.eval())")
@@ -138,7 +157,7 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     capture = _Capture()
     logger = logging.getLogger("auto-attack")
     old_level, old_propagate = logger.level, logger.propagate
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.DEBUG)  # its per-batch lines tick the progress; only _Capture keeps warnings
     logger.propagate = False  # the library logs progress at debug level: keep it off the user's handlers
     logger.addHandler(capture)
     try:
@@ -146,10 +165,11 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
             if name in after:
                 continue
             idx = flags.nonzero().squeeze(1)
-            if idx.numel() > 0:
-                attack.attacks_to_run = [name]  # the standard settings stay; one attack on the robust points
-                x_adv, _ = attack.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
-                flags[idx] = _correct(model, x_adv.to(device), y[idx], batch_size)
+            with parts.part(f"autoattack {name}", int(idx.numel())) as part:
+                if idx.numel() > 0:
+                    attack.attacks_to_run = [name]  # the standard settings stay; one attack on the robust points
+                    x_adv = _run_one(attack, x[idx], y[idx], batch_size, logger, part.update)
+                    flags[idx] = _correct(model, x_adv.to(device), y[idx], batch_size)
             after[name] = flags.float().mean().item()
             if state_path is not None:
                 state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +183,18 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return AutoAttackResult(accuracy=flags.float().mean().item(), clean=clean, after=after,
                             warnings=list(dict.fromkeys(warnings + capture.warnings)),
                             seconds=time.perf_counter() - t0, n=int(len(y)), eps=eps, norm=norm)
+
+
+def _run_one(attack: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int, logger: logging.Logger,
+             tick: Tick) -> torch.Tensor:
+    """The library's evaluation of its one configured attack on (x, y), each finished batch a progress tick."""
+    batches = _Batches(tick)
+    logger.addHandler(batches)
+    try:
+        x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        logger.removeHandler(batches)
+    return x_adv
 
 
 def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int,

@@ -19,25 +19,28 @@ from robustcl.config import Config
 from robustcl.data.corruptions import SEVERITIES, STANDARD
 from robustcl.evaluation.corrupted_sets import CorruptedSets
 from robustcl.evaluation.robust import correct_under, fraction
+from robustcl.runs.progress import SILENT, Progress
 
 
 def corruption_record(model: torch.nn.Module, sets: CorruptedSets, clean_flags: torch.Tensor, cfg: Config,
-                      autocast) -> dict[str, Any]:
-    """`model`'s accuracy on each corruption and severity of `sets`, per severity, and their mean."""
+                      autocast, parts: Progress = SILENT) -> dict[str, Any]:
+    """`model`'s accuracy on each corruption and severity of `sets`, per severity, and their mean (one part of
+    `parts`, "corruptions": every cell's images, their reading or generation included)."""
     per: dict[str, dict[str, float]] = {}
     seconds = 0.0
-    for name in sets.names:
-        per[name] = {}
-        for severity in sets.severities:
-            images = sets.images(name, severity)  # read or generated outside the timed forward passes
-            t0 = time.perf_counter()
-            flags = correct_under(model, images, sets.labels, None, cfg.eval.batch_size, autocast)
-            seconds += time.perf_counter() - t0
-            per[name][str(severity)] = fraction(flags)
+    n, cells = len(sets.labels), len(sets.names) * len(sets.severities)
+    with parts.part("corruptions", n * cells) as part:
+        for name in sets.names:
+            per[name] = {}
+            for severity in sets.severities:
+                images = sets.images(name, severity)  # read or generated outside the timed forward passes
+                t0 = time.perf_counter()
+                flags = correct_under(model, images, sets.labels, None, cfg.eval.batch_size, autocast,
+                                      tick=part.update)
+                seconds += time.perf_counter() - t0
+                per[name][str(severity)] = fraction(flags)
     per_severity = {str(s): statistics.fmean(per[n][str(s)] for n in sets.names) for s in sets.severities}
-    n = len(sets.labels)
     same = clean_flags if sets.positions is None else clean_flags[sets.positions]
-    cells = len(sets.names) * len(sets.severities)
     return {"per": per, "per_severity": per_severity, "mean": statistics.fmean(per_severity.values()),
             "n": n, "source": sets.source, "names": list(sets.names), "severities": list(sets.severities),
             "standard": tuple(sets.names) == STANDARD and tuple(sets.severities) == SEVERITIES,

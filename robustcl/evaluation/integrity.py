@@ -15,6 +15,7 @@ from torch import nn
 from robustcl.config import AttackConfig
 from robustcl.evaluation.robust import Autocast, _no_autocast, ce_objective, pgd_accuracy
 from robustcl.objectives import pgd
+from robustcl.runs.progress import SILENT, Progress, Tick
 
 LARGE_EPS = 0.5  # half the pixel range: any honest classifier should fall to chance or below
 
@@ -35,16 +36,22 @@ def timed_check(run: Callable[[], Check]) -> Check:
     return check
 
 
+def part_check(parts: Progress, name: str, total: int, run: Callable[[Tick], Check]) -> Check:
+    """One check as a progress part ("check <name>", `total` images; `run` gets the part's tick), timed."""
+    with parts.part(f"check {name}", total) as part:
+        return timed_check(lambda: run(part.update))
+
+
 def noise_tolerance(n: int) -> float:
     """Allowed slack between two attack runs on n images: 2 images or 1%, whichever is larger."""
     return max(2.0 / max(n, 1), 0.01)
 
 
 def check_eps_zero(model: nn.Module, images, labels, clean: float, attack: AttackConfig, batch_size: int,
-                   autocast: Autocast) -> Check:
+                   autocast: Autocast, tick: Tick | None = None) -> Check:
     """PGD with eps = 0 must reproduce clean accuracy exactly (a deterministic model in eval mode)."""
     zero = AttackConfig(eps=0.0, alpha=attack.alpha, steps=attack.steps, random_start=attack.random_start)
-    acc = pgd_accuracy(model, images, labels, zero, batch_size, autocast=autocast)
+    acc = pgd_accuracy(model, images, labels, zero, batch_size, autocast=autocast, tick=tick)
     return Check("eps-zero-equals-clean", acc == clean, f"PGD at eps 0: {acc:.4f}, clean: {clean:.4f}")
 
 
@@ -60,19 +67,22 @@ def check_monotone(values: list[tuple[float, float]], what: str, n: int) -> Chec
 
 
 def check_large_eps(model, images, labels, attack: AttackConfig, num_classes: int, batch_size: int,
-                    seed: int, autocast: Autocast) -> Check:
+                    seed: int, autocast: Autocast, tick: Tick | None = None) -> Check:
     """At eps = 0.5 an honest classifier falls to chance or below; more means masked gradients."""
     big = AttackConfig(eps=LARGE_EPS, alpha=LARGE_EPS * attack.alpha / attack.eps, steps=attack.steps,
                        random_start=True)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    acc = pgd_accuracy(model, images, labels, big, batch_size, gen, autocast)
+    acc = pgd_accuracy(model, images, labels, big, batch_size, gen, autocast, tick=tick)
     limit = 1.0 / num_classes + noise_tolerance(len(images)) + 0.05
     return Check("large-eps-to-chance", acc <= limit,
                  f"PGD-{attack.steps} at eps {LARGE_EPS}: {acc:.3f} (chance {1 / num_classes:.3f}, limit {limit:.3f})")
 
 
+BATCH_CHECK_IMAGES = 8  # check_batch_independence's k: it reads 2k images, then their first k again
+
+
 @torch.no_grad()
-def check_batch_independence(model: nn.Module, images, autocast: Autocast, k: int = 8) -> Check:
+def check_batch_independence(model: nn.Module, images, autocast: Autocast, k: int = BATCH_CHECK_IMAGES) -> Check:
     """Eval mode, and each image's logits do not depend on the other images in its batch."""
     if model.training:
         return Check("eval-mode-batch-independent", False, "the model is in train mode")
@@ -148,27 +158,31 @@ def square_survivors(model: nn.Module, images, labels, attack: AttackConfig, bat
 def run_integrity_checks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: AttackConfig,
                          clean: float, robust: float, curve: list[dict[str, float]], num_classes: int,
                          batch_size: int = 500, seed: int = 0,
-                         autocast: Autocast = _no_autocast) -> dict[str, Any]:
-    """All checks for one evaluated model; returns {'passed', 'failed', 'checks'} for results.json."""
+                         autocast: Autocast = _no_autocast, parts: Progress = SILENT) -> dict[str, Any]:
+    """All checks for one evaluated model, each a part of `parts`; returns {'passed', 'failed', 'checks'} for
+    results.json."""
     n = len(images)
     weak = AttackConfig(eps=attack.eps, alpha=attack.alpha, steps=max(1, attack.steps // 4),
                         random_start=attack.random_start)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
-    def monotone_in_steps() -> Check:
-        weak_acc = pgd_accuracy(model, images, labels, weak, batch_size, gen, autocast)
+    def monotone_in_steps(tick: Tick) -> Check:
+        weak_acc = pgd_accuracy(model, images, labels, weak, batch_size, gen, autocast, tick=tick)
         return check_monotone([(0, clean), (weak.steps, weak_acc), (attack.steps, robust)], "steps", n)
 
-    checks = [timed_check(run) for run in (
-        lambda: check_batch_independence(model, images, autocast),
-        lambda: check_eps_zero(model, images, labels, clean, attack, batch_size, autocast),
-        lambda: check_monotone([(c["eps"], c["accuracy"]) for c in curve], "eps", n),
-        monotone_in_steps,
-        lambda: check_large_eps(model, images, labels, attack, num_classes, batch_size, seed, autocast),
+    checks = [part_check(parts, name, total, run) for name, total, run in (
+        ("eval-mode-batch-independent", min(n, 2 * BATCH_CHECK_IMAGES),
+         lambda tick: check_batch_independence(model, images, autocast)),
+        ("eps-zero-equals-clean", n, lambda tick: check_eps_zero(model, images, labels, clean, attack, batch_size,
+                                                                   autocast, tick)),
+        ("non-increasing-in-eps", 0, lambda tick: check_monotone([(c["eps"], c["accuracy"]) for c in curve], "eps", n)),
+        ("non-increasing-in-steps", n, monotone_in_steps),
+        ("large-eps-to-chance", n, lambda tick: check_large_eps(model, images, labels, attack, num_classes, batch_size,
+                                                                seed, autocast, tick)),
     )]
     failed = [c.name for c in checks if not c.passed]
     return {"passed": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
 
 
-__all__ = ["Check", "timed_check", "check_autoattack_below_pgd", "check_square_vs_whitebox", "run_integrity_checks",
-           "square_survivors"]
+__all__ = ["SQUARE_MAX_IMAGES", "Check", "check_autoattack_below_pgd", "check_square_vs_whitebox", "part_check",
+           "run_integrity_checks", "square_survivors", "timed_check"]

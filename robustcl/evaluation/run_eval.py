@@ -17,12 +17,13 @@ from robustcl.config import Config, reference_switches
 from robustcl.evaluation.autoattack import autoattack_accuracy, state_key
 from robustcl.evaluation.corrupted_sets import CorruptedSets, corrupted_sets
 from robustcl.evaluation.corruptions import corruption_record, generation_record
-from robustcl.evaluation.integrity import (check_autoattack_below_pgd, check_square_vs_whitebox,
-                                           run_integrity_checks, square_survivors, timed_check)
+from robustcl.evaluation.integrity import (SQUARE_MAX_IMAGES, check_autoattack_below_pgd, check_square_vs_whitebox,
+                                           part_check, run_integrity_checks, square_survivors)
 from robustcl.evaluation.per_image import PerImage, as_numpy, read_per_image, write_per_image
 from robustcl.evaluation.reference_reading import reference_reading
-from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, correct_under, cw_margin_objective,
-                                       fraction, pgd_accuracy, pgd_correct, robustness_curve, steps_curve)
+from robustcl.evaluation.robust import (accuracy, accuracy_under, ce_objective, correct_under, curve_images,
+                                       cw_margin_objective, fraction, pgd_accuracy, pgd_correct, robustness_curve,
+                                       steps_curve)
 from robustcl.export import check_run_encoder, read_encoder
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd, pgd_l2
@@ -34,6 +35,7 @@ from robustcl.methods.factory import autocast_factory
 from robustcl.runtime import open_runtime, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import open_logger
+from robustcl.runs.progress import SILENT, Progress, Tick
 
 MIXED_LABEL = ("MIXED BRANCHES (reference protocol): clean accuracy read through the benign BN branch, robust "
                "accuracy through the adversarial branch; these are two different models, not one model's trade-off")
@@ -49,21 +51,30 @@ def autoattack_name(eps: float) -> str:
     return f"autoattack-linf-{eps:.4g}"
 
 
-def extra_attack(kind: str, model, images, labels, cfg: Config, gen, autocast) -> tuple[str, float]:
-    """Accuracy under the CW-margin L-inf attack or PGD-L2 (worst over eval.restarts), keyed like attack_name."""
+def extra_attack_name(kind: str, cfg: Config) -> str:
+    """results.json key of the CW-margin L-inf attack ("cw") or PGD-L2 ("pgd-l2") under cfg.eval."""
+    if kind == "cw":
+        return attack_name(cfg.eval.attack.steps, cfg.eval.attack.eps, "cw", restarts=cfg.eval.restarts)
+    return attack_name(cfg.eval.l2.steps, cfg.eval.l2.eps, "pgd", "l2", cfg.eval.restarts)
+
+
+def extra_attack(kind: str, model, images, labels, cfg: Config, gen, autocast,
+                 tick: Tick | None = None) -> tuple[str, float]:
+    """Accuracy under the CW-margin L-inf attack or PGD-L2 (worst over eval.restarts), keyed like attack_name;
+    `tick(n)` follows each batch of n images."""
     a, e = (cfg.eval.l2 if kind == "pgd-l2" else cfg.eval.attack), cfg.eval
     if kind == "cw":
         def perturb(x, y):
             return pgd(cw_margin_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen,
                        modules=[model])
-        return (attack_name(a.steps, a.eps, "cw", restarts=e.restarts),
-                accuracy_under(model, images, labels, perturb, e.batch_size, autocast, e.restarts))
+        return (extra_attack_name(kind, cfg),
+                accuracy_under(model, images, labels, perturb, e.batch_size, autocast, e.restarts, tick))
 
     def perturb_l2(x, y):
         return pgd_l2(ce_objective(model, y, autocast), x, a.eps, a.alpha, a.steps, a.random_start, gen,
                       modules=[model])
-    return (attack_name(a.steps, a.eps, "pgd", "l2", e.restarts),
-            accuracy_under(model, images, labels, perturb_l2, e.batch_size, autocast, e.restarts))
+    return (extra_attack_name(kind, cfg),
+            accuracy_under(model, images, labels, perturb_l2, e.batch_size, autocast, e.restarts, tick))
 
 
 def indexed_test_subset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
@@ -105,8 +116,9 @@ def part_index(n: int, limit: int | None, subset_seed: int) -> torch.Tensor | No
 
 
 def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: str,
-                   fingerprint: str | None = None) -> dict[str, Any]:
-    """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/.
+                   fingerprint: str | None = None, parts: Progress = SILENT) -> dict[str, Any]:
+    """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/, each
+    attack a part of `parts`.
 
     The state is keyed by the head and encoder files, or by `fingerprint` for an encoder held in memory."""
     e = cfg.eval
@@ -114,64 +126,70 @@ def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: st
     key = state_key(protocol, e.attack.eps, len(images), e.limit, e.subset_seed, cfg.seed, e.precision, *identity,
                     files=(run.head(protocol),) if fingerprint is not None else (run.head(protocol), run.encoder))
     state = run.eval_state / f"autoattack-{protocol}-{key}.json"
-    return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state).to_dict()
+    return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state,
+                               parts).to_dict()
 
 
 def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
                    autocast, run: RunDir, protocol: str, flags: dict[str, torch.Tensor] | None = None,
-                   fingerprint: str | None = None, corrupted: CorruptedSets | None = None) -> dict[str, Any]:
+                   fingerprint: str | None = None, corrupted: CorruptedSets | None = None,
+                   parts: Progress = SILENT) -> dict[str, Any]:
     """Clean accuracy, every configured attack, the eps and steps curves, the integrity checks and (given
-    `corrupted`) the common-corruption accuracy of one model.
+    `corrupted`) the common-corruption accuracy of one model, each a part of `parts` (progress).
 
     `flags`, when given, receives the per-image correctness: "clean" and "robust" (the headline PGD);
     `fingerprint` identifies an encoder held in memory (AutoAttack's resumable state).
     """
     seconds: dict[str, float] = {}  # wall time of each part, so a slow evaluation says where its time went
-    record, clean_flags, robust_flags = attacked_accuracy(model, images, labels, cfg, autocast, seconds)
+    record, clean_flags, robust_flags = attacked_accuracy(model, images, labels, cfg, autocast, seconds, parts)
     if flags is not None:
         flags.update(clean=clean_flags, robust=robust_flags)
     if corrupted is not None:
         t0 = time.perf_counter()
-        record["corruptions"] = corruption_record(model, corrupted, clean_flags, cfg, autocast)
+        record["corruptions"] = corruption_record(model, corrupted, clean_flags, cfg, autocast, parts)
         seconds["corruptions"] = time.perf_counter() - t0
-    aa_count = add_autoattack(record, model, images, labels, robust_flags, cfg, run, protocol, fingerprint)
-    add_curves(record, model, images, labels, cfg, autocast, seconds)
+    aa_count = add_autoattack(record, model, images, labels, robust_flags, cfg, run, protocol, fingerprint, parts)
+    add_curves(record, model, images, labels, cfg, autocast, seconds, parts)
     record["integrity"] = integrity_record(model, images, labels, clean_flags, robust_flags, record, num_classes, cfg,
-                                           autocast, aa_count)
+                                           autocast, aa_count, parts)
     seconds.update({f"check {c['name']}": c["seconds"] for c in record["integrity"]["checks"]})
     record["seconds_by_part"] = seconds
     return record
 
 
 def attacked_accuracy(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, cfg: Config, autocast,
-                      seconds: dict[str, float]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Clean accuracy, the headline PGD and the extra white-box attacks (one generator, in this order);
-    returns the record and the per-image clean and PGD correctness."""
+                      seconds: dict[str, float], parts: Progress = SILENT
+                      ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Clean accuracy, the headline PGD and the extra white-box attacks (one generator, in this order, each a
+    part of `parts`); returns the record and the per-image clean and PGD correctness."""
     a, e = cfg.eval.attack, cfg.eval
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    clean_flags = correct_under(model, images, labels, None, e.batch_size, autocast)
+    with parts.part("clean", len(images)) as part:
+        clean_flags = correct_under(model, images, labels, None, e.batch_size, autocast, tick=part.update)
     seconds["clean"], t0 = time.perf_counter() - t0, time.perf_counter()
     pgd_key = attack_name(a.steps, a.eps, restarts=e.restarts)
-    robust_flags = pgd_correct(model, images, labels, a, e.batch_size, gen, autocast, e.restarts)
+    with parts.part(pgd_key, len(images)) as part:
+        robust_flags = pgd_correct(model, images, labels, a, e.batch_size, gen, autocast, e.restarts, part.update)
     robust = {pgd_key: fraction(robust_flags)}
     seconds[pgd_key] = time.perf_counter() - t0
     for kind in e.attacks:
         if kind in ("cw", "pgd-l2"):
-            key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast)
+            with parts.part(extra_attack_name(kind, cfg), len(images)) as part:
+                key, acc = extra_attack(kind, model, images, labels, cfg, gen, autocast, part.update)
             robust[key] = acc
     return {"clean_acc": fraction(clean_flags), "robust": robust}, clean_flags, robust_flags
 
 
 def add_autoattack(record: dict[str, Any], model: BranchModel, images: torch.Tensor, labels: torch.Tensor,
                    robust_flags: torch.Tensor, cfg: Config, run: RunDir, protocol: str,
-                   fingerprint: str | None) -> int:
+                   fingerprint: str | None, parts: Progress = SILENT) -> int:
     """AutoAttack on its seeded subset (when configured) into `record`; returns how many images it attacks."""
     e = cfg.eval
     aa_index = part_index(len(images), e.autoattack_limit, e.subset_seed)
     aa_images, aa_labels = (images, labels) if aa_index is None else (images[aa_index], labels[aa_index])
     if "autoattack" in e.attacks:
-        aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint)
+        aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint, parts)
         aa["images"] = len(aa_images)
         aa["pgd_on_same_images"] = fraction(robust_flags if aa_index is None else robust_flags[aa_index])
         record["robust"][autoattack_name(e.attack.eps)] = aa["accuracy"]
@@ -180,48 +198,60 @@ def add_autoattack(record: dict[str, Any], model: BranchModel, images: torch.Ten
 
 
 def add_curves(record: dict[str, Any], model: BranchModel, images: torch.Tensor, labels: torch.Tensor, cfg: Config,
-               autocast, seconds: dict[str, float]) -> None:
-    """The eps curve (and the steps curve when configured) into `record`, reusing the points already measured."""
+               autocast, seconds: dict[str, float], parts: Progress = SILENT) -> None:
+    """The eps curve (and the steps curve when configured) into `record`, reusing the points already measured;
+    each curve a part of `parts`."""
     a, e = cfg.eval.attack, cfg.eval
     headline = record["robust"][attack_name(a.steps, a.eps, restarts=e.restarts)]
     eps_values = sorted(set([0.0, a.eps, *e.eps_curve]))
     known = {0.0: record["clean_acc"], a.eps: headline} if e.restarts == 1 else {0.0: record["clean_acc"]}
     t0 = time.perf_counter()
-    record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast, known)
+    with parts.part("eps_curve", curve_images(eps_values, known, len(images))) as part:
+        record["eps_curve"] = robustness_curve(model, images, labels, a, eps_values, e.batch_size, cfg.seed, autocast,
+                                               known, part.update)
     seconds["eps_curve"] = time.perf_counter() - t0
     if e.steps_curve:
         steps_known = {a.steps: headline} if e.restarts == 1 else {}
-        record["steps_curve"] = steps_curve(model, images, labels, a, sorted(set([*e.steps_curve, a.steps])),
-                                            e.batch_size, cfg.seed, autocast, steps_known)
+        steps_values = sorted(set([*e.steps_curve, a.steps]))
+        with parts.part("steps_curve", curve_images(steps_values, steps_known, len(images))) as part:
+            record["steps_curve"] = steps_curve(model, images, labels, a, steps_values, e.batch_size, cfg.seed,
+                                                autocast, steps_known, part.update)
 
 
 def integrity_record(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, clean_flags: torch.Tensor,
                      robust_flags: torch.Tensor, record: dict[str, Any], num_classes: int, cfg: Config, autocast,
-                     aa_count: int) -> dict[str, Any]:
-    """The integrity checks on their images (all by default), AutoAttack's two or the Square cross-check."""
+                     aa_count: int, parts: Progress = SILENT) -> dict[str, Any]:
+    """The integrity checks on their images (all by default), AutoAttack's two or the Square cross-check; each
+    attack they run a part of `parts`."""
     a, e = cfg.eval.attack, cfg.eval
     device = next(model.parameters()).device
     check_index = part_index(len(images), e.checks_limit, e.subset_seed)
     c_images, c_labels = (images, labels) if check_index is None else (images[check_index], labels[check_index])
     c_clean = record["clean_acc"] if check_index is None else fraction(clean_flags[check_index])
-    single_pgd = lambda x, y: pgd_accuracy(model, x, y, a, e.batch_size,  # noqa: E731 (one restart)
-                                           torch.Generator(device=device).manual_seed(cfg.seed), autocast)
+
+    def single_pgd(x: torch.Tensor, y: torch.Tensor, name: str) -> float:  # one restart, as the checks compare
+        with parts.part(f"{attack_name(a.steps, a.eps)} one restart{name}", len(x)) as part:
+            return pgd_accuracy(model, x, y, a, e.batch_size, torch.Generator(device=device).manual_seed(cfg.seed),
+                                autocast, tick=part.update)
     headline = record["robust"][attack_name(a.steps, a.eps, restarts=e.restarts)]
-    single_all = headline if e.restarts == 1 else single_pgd(images, labels)
+    single_all = headline if e.restarts == 1 else single_pgd(images, labels, "")
     if check_index is None:
         single = single_all
     else:
-        single = fraction(robust_flags[check_index]) if e.restarts == 1 else single_pgd(c_images, c_labels)
+        single = (fraction(robust_flags[check_index]) if e.restarts == 1
+                  else single_pgd(c_images, c_labels, " (checked images)"))
     curve_single = [c if c["eps"] != a.eps else {"eps": a.eps, "accuracy": single_all} for c in record["eps_curve"]]
     integrity = run_integrity_checks(model, c_images, c_labels, a, c_clean, single, curve_single, num_classes,
-                                     e.batch_size, cfg.seed, autocast)
+                                     e.batch_size, cfg.seed, autocast, parts)
     integrity["images"] = len(c_images)
     if "autoattack" in record:
         extra = [check_autoattack_below_pgd(record["autoattack"]["accuracy"], record["autoattack"]["pgd_on_same_images"],
                                             aa_count, a.steps),
                  check_square_vs_whitebox(record["autoattack"]["after"], aa_count)]
     else:
-        extra = [timed_check(lambda: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed, autocast))]
+        extra = [part_check(parts, "square-not-beating-white-box", min(len(c_images), SQUARE_MAX_IMAGES),
+                            lambda tick: square_survivors(model, c_images, c_labels, a, e.batch_size, cfg.seed,
+                                                          autocast))]
     for check in extra:
         integrity["checks"].append(check.__dict__)
         if not check.passed:
@@ -277,9 +307,11 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
     fingerprint = meta["fingerprint"] if loaded is not None else None
     corrupted = corrupted_sets(cfg, images, labels, index)
+    parts = Progress("evaluate", show=progress, run=run)  # a bar, a line or (quiet) only the metrics.jsonl record
     for protocol in chosen:
         per_protocol[protocol], num_classes = evaluate_protocol(run, protocol, encoder, meta, images, labels, cfg,
-                                                                device, autocast, per_image, fingerprint, corrupted)
+                                                                device, autocast, per_image, fingerprint, corrupted,
+                                                                parts.scoped(protocol=protocol))
     attack_record = {"type": "PGD", "norm": "Linf", "eps": a.eps, "alpha": a.alpha, "steps": a.steps,
                      "random_start": a.random_start, "restarts": e.restarts, "loss": "cross-entropy",
                      "precision": e.precision}
@@ -295,7 +327,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
         results["corruption_sets"] = generation_record(corrupted)
     if reference_switches(cfg).evaluation and meta["dual_bn"] and (protocols is None or {"slf", "alf"} & set(protocols)):
         results["reference_reading"] = reference_reading(cfg, encoder, training_images(cfg), (images, labels),
-                                                         num_classes, device, autocast, progress)
+                                                         num_classes, device, autocast, parts)
     write_curves_csv(run, per_protocol)
     write_per_image(run, per_image)
     run.write_json(run.results, results)
@@ -312,38 +344,42 @@ def run_encoder(cfg: Config, run: RunDir) -> tuple[Encoder, dict[str, Any]]:
 
 def evaluate_protocol(run: RunDir, protocol: str, encoder: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor,
                       labels: torch.Tensor, cfg: Config, device: torch.device, autocast, per_image: PerImage,
-                      fingerprint: str | None, corrupted: CorruptedSets | None = None) -> tuple[dict[str, Any], int]:
-    """One protocol's fitted model evaluated (its per-image flags into `per_image`); returns its record and
-    the number of classes of its head."""
+                      fingerprint: str | None, corrupted: CorruptedSets | None = None,
+                      parts: Progress = SILENT) -> tuple[dict[str, Any], int]:
+    """One protocol's fitted model evaluated (its per-image flags into `per_image`; each part reported to
+    `parts`); returns its record and the number of classes of its head."""
     e = cfg.eval
     t0 = time.perf_counter()
     model, saved = protocol_model(run, protocol, encoder, device)
     num_classes = model.head.out_features
     flags: dict[str, torch.Tensor] = {}
     record = evaluate_model(model, images, labels, num_classes, cfg, autocast, run, protocol, flags, fingerprint,
-                            corrupted)
+                            corrupted, parts)
     per_image.clean[protocol], per_image.robust[protocol] = as_numpy(flags["clean"]), as_numpy(flags["robust"])
     out = {"protocol": protocol, "branch": saved["branch"], **record,
            "best_epoch": saved["best_epoch"], "val_acc": saved["val_acc"], "selected_on": saved["selected_on"],
            **({"aff": saved["aff"]} if "aff" in saved else {})}
     if e.mixed_reading and meta["dual_bn"]:
-        out["mixed_reading"] = mixed_reading(run, protocol, encoder, images, labels, cfg, device, autocast,
-                                             saved["branch"])
+        with parts.part("mixed reading", 2 * len(images)) as part:
+            out["mixed_reading"] = mixed_reading(run, protocol, encoder, images, labels, cfg, device, autocast,
+                                                 saved["branch"], part.update)
     out["seconds"] = time.perf_counter() - t0
     return out, num_classes
 
 
 def mixed_reading(run: RunDir, protocol: str, encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  cfg: Config, device: torch.device, autocast, trained_on: str) -> dict[str, Any]:
-    """The reference protocol's mixed reading, labelled: clean via the benign BN, robust via the adversarial one."""
+                  cfg: Config, device: torch.device, autocast, trained_on: str,
+                  tick: Tick | None = None) -> dict[str, Any]:
+    """The reference protocol's mixed reading, labelled: clean via the benign BN, robust via the adversarial one
+    (`tick(n)` after each batch of n images of either)."""
     a, e = cfg.eval.attack, cfg.eval
     benign_model, _ = protocol_model(run, protocol, encoder, device, branch="benign")
     adversarial_model, _ = protocol_model(run, protocol, encoder, device, branch="adversarial")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return {"label": MIXED_LABEL,
-            "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast),
+            "clean_acc_benign_branch": accuracy(benign_model, images, labels, e.batch_size, autocast, tick),
             "robust_acc_adversarial_branch": pgd_accuracy(adversarial_model, images, labels, a, e.batch_size,
-                                                          gen, autocast, e.restarts),
+                                                          gen, autocast, e.restarts, tick),
             "head_trained_on": trained_on}
 
 
