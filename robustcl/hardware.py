@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import time
 import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +155,64 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
+# The fields of a /proc/stat cpu line that are work (user, nice, system, irq, softirq, steal: a hypervisor
+# running another guest on this core counts as work, since our threads could not run either); idle and
+# iowait are not, and guest time is already in user.
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+
+
+def busy_cpu_seconds(cpus: Collection[int], stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds spent working on `cpus` since boot, every process together (/proc/stat); None where it
+    cannot be read (not Linux)."""
+    wanted = {f"cpu{n}" for n in cpus}
+    try:
+        lines = stat.read_text().splitlines()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in wanted:
+            busy += sum(int(fields[i]) for i in BUSY_FIELDS if i < len(fields))
+    return busy / ticks
+
+
+class FreeCores:
+    """How many of this process's cores other processes left idle since the last `sample()`: the cores of
+    its affinity mask minus the work done on them that was not its own (`time.process_time`)."""
+
+    def __init__(self, stat: Path = Path("/proc/stat"), cpus: Collection[int] | None = None,
+                 wall: Callable[[], float] = time.monotonic, own: Callable[[], float] = time.process_time) -> None:
+        if cpus is None:
+            try:
+                cpus = os.sched_getaffinity(0)
+            except AttributeError:  # not on Linux
+                cpus = range(os.cpu_count() or 1)
+        self.cpus, self.stat, self.wall, self.own = sorted(cpus), stat, wall, own
+        self.last = self._reading()
+
+    def _reading(self) -> tuple[float, float | None, float]:
+        return self.wall(), busy_cpu_seconds(self.cpus, self.stat), self.own()
+
+    def sample(self) -> float | None:
+        """Idle cores (0 to len(cpus)) averaged since the previous sample; None when /proc/stat is unreadable
+        or no time has passed."""
+        (wall0, busy0, own0), (wall1, busy1, own1) = self.last, self._reading()
+        self.last = (wall1, busy1, own1)
+        if busy0 is None or busy1 is None or wall1 <= wall0:
+            return None
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+        return max(0.0, len(self.cpus) - others)
+
+
+def threads_for(free_cores: float, limit: int) -> int:
+    """Intra-op threads for `free_cores` idle cores: one per free core, rounded down unless within 0.4 of
+    the next (a core another process keeps half busy is not free: its thread would stall the others at
+    every barrier), at least 1 and at most `limit`."""
+    return max(1, min(limit, math.floor(free_cores + 0.4)))
+
+
 def resolve_threads(requested: int | str | None) -> int | None:
     """`auto` -> usable cores divided among the local torchrun ranks (LOCAL_WORLD_SIZE); an int is kept."""
     if requested != "auto":
@@ -161,5 +221,6 @@ def resolve_threads(requested: int | str | None) -> int | None:
     return max(1, usable_cpus() // max(1, local))
 
 
-__all__ = ["CAPABILITY_ENV", "PRECISION_CHOICES", "CpuCapability", "cpu_capability", "device_description", "native_bf16",
-           "resolve_precision", "resolve_threads", "usable_cpus"]
+__all__ = ["BUSY_FIELDS", "CAPABILITY_ENV", "PRECISION_CHOICES", "CpuCapability", "FreeCores", "busy_cpu_seconds",
+           "cpu_capability", "device_description", "native_bf16", "resolve_precision", "resolve_threads", "threads_for",
+           "usable_cpus"]

@@ -1,13 +1,15 @@
 """Where and how a run computes, and whether a config says what a run's stored one says.
 
 `open_runtime` is the one place a command opens its runtime (device -> precision -> threads -> logger
-libraries); `config_change` the one place a config is held against a run's stored config.yaml (resume,
+libraries; with `train.threads: auto` on a CPU it installs the thread governor that `pace_threads` consults
+between batches); `config_change` the one place a config is held against a run's stored config.yaml (resume,
 sweep status, demo reuse, `--resume --config`). This module sits just above the config and
 `robustcl.hardware`, which says what the machine can do.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,7 +18,7 @@ import torch
 import yaml
 
 from robustcl.config import Config, ConfigError, dump_yaml, first_difference, from_mapping
-from robustcl.hardware import resolve_precision, resolve_threads
+from robustcl.hardware import FreeCores, resolve_precision, resolve_threads, threads_for
 from robustcl.runs.loggers import check_loggers
 
 # A run reused as it is (sweep status, demo) may differ from the config in its thread count alone; a resumed
@@ -35,7 +37,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_runtime(cfg: Config, device: torch.device, started: dict[str, Any] | None = None) -> Config:
-    """A copy of cfg with `auto` precision (train, eval) and threads resolved for `device`.
+    """A copy of cfg with `auto` precision (train, eval) resolved for `device`; `threads: auto` stays `auto` (the
+    count follows the machine's load while the command runs: `ThreadGovernor`).
 
     `started` is the stored config of a run that already began: an `auto` precision keeps the value
     that run started with, so a resumed run never switches precision half-way.
@@ -44,8 +47,7 @@ def resolve_runtime(cfg: Config, device: torch.device, started: dict[str, Any] |
     train_precision = cfg.train.precision
     if train_precision == "auto" and before in ("fp32", "bf16"):
         train_precision = before
-    train = dataclasses.replace(cfg.train, precision=resolve_precision(train_precision, device),
-                                threads=resolve_threads(cfg.train.threads))
+    train = dataclasses.replace(cfg.train, precision=resolve_precision(train_precision, device))
     eval_cfg = dataclasses.replace(cfg.eval, precision=resolve_precision(cfg.eval.precision, device, "eval.precision"))
     return dataclasses.replace(cfg, train=train, eval=eval_cfg)
 
@@ -61,19 +63,77 @@ def started_config(config_path: Path) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Runtime:
-    """What a command computes with: its config (`auto` precision and threads resolved) and its device."""
+    """What a command computes with: its config (`auto` precision resolved) and its device."""
     cfg: Config
     device: torch.device
 
 
+class ThreadGovernor:
+    """`train.threads: auto` on a CPU: torch's intra-op thread count follows the cores other processes leave
+    free, re-decided at most every `interval` seconds between batches. Two threads on two cores beside one
+    busy process spend most of each parallel op waiting for the sibling the scheduler took away (a PGD
+    evaluation ran 3.6x slower, not the fair 2x: docs/performance.md); one thread then runs at a full core.
+    Evaluation results do not depend on the count; a training run's last bits do (fix train.threads for
+    bit-identical reruns)."""
+
+    def __init__(self, limit: int, interval: float = 1.0, cores: FreeCores | None = None) -> None:
+        self.limit, self.interval = limit, interval
+        self.cores = cores if cores is not None else FreeCores()
+        self.decided = time.monotonic()
+
+    def start(self, window: float = 0.1) -> int:
+        """The first count, from the load over a short `window`, set in torch."""
+        time.sleep(window)
+        free = self.cores.sample()
+        threads = self.limit if free is None else threads_for(free, self.limit)
+        torch.set_num_threads(threads)
+        self.decided = time.monotonic()
+        return threads
+
+    def pace(self) -> int | None:
+        """Between batches: the new count when it changed (set in torch), else None."""
+        now = time.monotonic()
+        if now - self.decided < self.interval:
+            return None
+        self.decided = now
+        free = self.cores.sample()
+        if free is None:
+            return None
+        threads = threads_for(free, self.limit)
+        if threads == torch.get_num_threads():
+            return None
+        torch.set_num_threads(threads)
+        return threads
+
+
+# The process's governor (torch's thread count is process-wide too): installed by open_runtime, None when the
+# thread count is fixed.
+_governor: ThreadGovernor | None = None
+
+
+def pace_threads() -> int | None:
+    """Called between batches by training and evaluation: the new thread count if `train.threads: auto` just
+    changed it, else None (always None for a fixed count)."""
+    return _governor.pace() if _governor is not None else None
+
+
 def open_runtime(cfg: Config, stored: Mapping[str, Any] | None = None, *, threads: bool = True) -> Runtime:
     """Resolve the device, then precision and threads (an `auto` precision keeps what the `stored` run started
-    with), set torch's intra-op threads (unless `threads` is False: the caller sets its own) and check that
-    the configured logger libraries import: before any work, so a missing one fails first."""
+    with), set torch's intra-op threads (unless `threads` is False: the caller sets its own; `auto` on a CPU:
+    the governor decides them now and between batches) and check that the configured logger libraries
+    import: before any work, so a missing one fails first."""
+    global _governor
     device = resolve_device(cfg.train.device)
     cfg = resolve_runtime(cfg, device, dict(stored) if stored is not None else None)
+    _governor = None
     if threads and cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+        limit = resolve_threads(cfg.train.threads)
+        assert isinstance(limit, int)
+        if cfg.train.threads == "auto" and device.type == "cpu" and limit > 1:
+            _governor = ThreadGovernor(limit)
+            _governor.start()
+        else:
+            torch.set_num_threads(limit)
     check_loggers(cfg.train.loggers)
     return Runtime(cfg, device)
 
@@ -99,5 +159,5 @@ def config_change(stored: Mapping[str, Any], cfg: Config, may_change: Sequence[s
     return first_difference(before, comparable(cfg), ignore=tuple(may_change))
 
 
-__all__ = ["ONLY_THREADS", "Runtime", "comparable", "config_change", "open_runtime", "resolve_device",
-           "resolve_runtime", "started_config"]
+__all__ = ["ONLY_THREADS", "Runtime", "ThreadGovernor", "comparable", "config_change", "open_runtime", "pace_threads",
+           "resolve_device", "resolve_runtime", "started_config"]

@@ -32,7 +32,7 @@ from robustcl.hardware import cpu_model, device_description
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
 from robustcl.methods.factory import autocast_factory
-from robustcl.runtime import open_runtime, started_config
+from robustcl.runtime import open_runtime, pace_threads, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import open_logger
 from robustcl.runs.progress import SILENT, Progress, Tick
@@ -307,7 +307,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
     fingerprint = meta["fingerprint"] if loaded is not None else None
     corrupted = corrupted_sets(cfg, images, labels, index)
-    parts = Progress("evaluate", show=progress, run=run)  # a bar, a line or (quiet) only the metrics.jsonl record
+    parts = Progress("evaluate", show=progress, run=run, pace=pace_threads)  # a bar, a line or (quiet) only the metrics.jsonl record
     for protocol in chosen:
         per_protocol[protocol], num_classes = evaluate_protocol(run, protocol, encoder, meta, images, labels, cfg,
                                                                 device, autocast, per_image, fingerprint, corrupted,

@@ -35,7 +35,7 @@ from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, open_run, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_unsafe_files
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
-from robustcl.runtime import config_change, open_runtime, started_config
+from robustcl.runtime import config_change, open_runtime, pace_threads, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import MetricLogger, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
@@ -293,6 +293,12 @@ class Pretrainer:
                 self.logger.close()
                 self.logger = None
 
+    def _pace_threads(self, main: bool) -> None:
+        """`train.threads: auto`: a change of the thread count (the machine's load changed) is a metrics record."""
+        threads = pace_threads()
+        if threads is not None and main and self.logger is not None:
+            self.logger.log({"phase": "threads", "step": self.step, "threads": threads})
+
     def _train(self, progress: bool) -> PretrainResult:
         t = self.cfg.train
         main = self.dist.is_main
@@ -313,6 +319,7 @@ class Pretrainer:
             self.step += 1
             self.method.on_step_end(self.step, self.total_steps, self.ctx)
             bar.update(1)
+            self._pace_threads(main)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             if self.step % t.log_every == 0 or self.step == self.total_steps or end_of_epoch:
                 last = self.mean_stats(sums, count)
