@@ -99,11 +99,12 @@ class ThreadGovernor:
         free = self.cores.sample()
         if free is None:
             return None
-        threads = threads_for(free, self.limit)
-        if threads == torch.get_num_threads():
+        before = torch.get_num_threads()
+        if threads_for(free, self.limit) == before:
             return None
-        torch.set_num_threads(threads)
-        return threads
+        torch.set_num_threads(threads_for(free, self.limit))  # a sweep worker's thread_cap may hold it lower
+        after = torch.get_num_threads()
+        return after if after != before else None
 
 
 # The process's governor (torch's thread count is process-wide too): installed by open_runtime, None when the

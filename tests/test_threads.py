@@ -89,6 +89,16 @@ def test_the_governor_follows_the_load_between_batches_and_no_faster_than_its_in
     assert slow.pace() is None and torch.get_num_threads() == 2  # not due yet
 
 
+def test_under_a_sweep_workers_thread_cap_the_governor_reports_only_real_changes():
+    from robustcl.sweep.run import thread_cap
+
+    with thread_cap(1):
+        governor = ThreadGovernor(2, interval=0.0, cores=Cores(2.0, 2.0, 1.0, 2.0))
+        governor.start(window=0.0)
+        assert torch.get_num_threads() == 1
+        assert governor.pace() is None and governor.pace() is None and governor.pace() is None  # wants 2: capped
+
+
 def test_open_runtime_governs_auto_threads_on_a_cpu_and_leaves_a_fixed_count_alone(monkeypatch):
     monkeypatch.setattr(hardware, "usable_cpus", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
