@@ -318,7 +318,7 @@ def test_the_official_tar_is_downloaded_md5_checked_and_extracted_into_the_cache
     import tarfile
 
     from robustcl.data.corruptions import OFFICIAL, fetch_official
-    from robustcl.data.files import md5_file
+    from robustcl.data.files import file_digest
 
     www, url = data_http_server
     labels = np.array([3, 8])
@@ -330,7 +330,7 @@ def test_the_official_tar_is_downloaded_md5_checked_and_extracted_into_the_cache
     monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(CIFAR10_C, tarball_md5="0" * 32))
     with pytest.raises(DataError, match="checksum mismatch"):
         fetch_official("cifar10")
-    monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(CIFAR10_C, tarball_md5=md5_file(www / "CIFAR-10-C.tar")))
+    monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(CIFAR10_C, tarball_md5=file_digest(www / "CIFAR-10-C.tar", "md5")))
     folder = fetch_official("cifar10")
     assert folder == tmp_path / "cache" / "cifar10" / "CIFAR-10-C"
     assert find_official("cifar10", ("fog", "snow"), None) == folder

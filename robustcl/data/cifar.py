@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .base import DataError, DatasetInfo
-from .files import FileReader, cache_dir, download_file, md5_file, read_tar_members, safe_extract, url_for
+from .files import FileReader, cache_dir, download_file, file_digest, read_tar_members, safe_extract, url_for
 
 URL_ENV = "ROBUSTCL_CIFAR_URL"
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/"
@@ -229,7 +229,7 @@ class CifarReader(FileReader):
 
 def _check_md5(path: Path, expected: str) -> Path:
     """DataError unless `path` has md5 `expected`."""
-    got = md5_file(path)
+    got = file_digest(path, "md5")
     if got != expected:
         raise DataError(f"checksum mismatch for {path}: expected {expected}, got {got}; "
                         "the file is corrupt, delete it and re-download")

@@ -89,9 +89,9 @@ def cache_dir(name: str) -> Path:
     return cache_root() / name
 
 
-def md5_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str, chunk: int = 1 << 20) -> str:
+    """Hex digest of a file ("md5" for the datasets' published sums, "sha256" for checkpoints), read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .base import ArrayDataset, DataError, DatasetInfo
-from .files import FileReader, file_signature, cache_dir, download_file, md5_file, url_for
+from .files import FileReader, file_signature, cache_dir, download_file, file_digest, url_for
 from .stl10 import resize_images
 
 URL_ENV = "ROBUSTCL_FASHION_MNIST_URL"
@@ -100,7 +100,7 @@ def _find(directory: Path, base: str) -> Path | None:
 def _check_digest(path: Path) -> None:
     """DataError unless `path` matches the official gzip md5 or its content matches the raw md5."""
     base = path.name.removesuffix(".gz")
-    if path.suffix == ".gz" and md5_file(path) == GZ_MD5[path.name]:
+    if path.suffix == ".gz" and file_digest(path, "md5") == GZ_MD5[path.name]:
         return
     got = hashlib.md5(read_bytes(path)).hexdigest()
     if got != RAW_MD5[base]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ArrayDataset, DataError, DatasetInfo
-from .files import FileReader, cache_dir, download_file, md5_file, read_tar_members, safe_extract, url_for
+from .files import FileReader, cache_dir, download_file, file_digest, read_tar_members, safe_extract, url_for
 
 NAME = "stl10"
 URL_ENV = "ROBUSTCL_STL10_URL"
@@ -174,7 +174,7 @@ class STL10Reader(FileReader):
         tarball = directory / TARBALL
         if not tarball.is_file():
             raise DataError(f"{self.name} not found in {directory}; {self.hint()}")
-        got = md5_file(tarball)
+        got = file_digest(tarball, "md5")
         if got != TARBALL_MD5:
             raise DataError(f"checksum mismatch for {tarball}: expected {TARBALL_MD5}, got {got}; "
                             "the file is corrupt, delete it and re-download")

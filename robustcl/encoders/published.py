@@ -5,7 +5,6 @@ anything is evaluated."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from robustcl.data import DatasetInfo
+from robustcl.data.files import file_digest
 from robustcl.encoders.errors import EncoderError
 from robustcl.encoders.finite import check_finite_weights
 from robustcl.encoders.layouts import (IMAGENET, LAYOUTS, Drop, Layout, assign_copies, detect,
@@ -41,14 +41,6 @@ class Reading:
     stem_padding: int | None = None
     protocol_of: str | None = None
     method: str | None = None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def classes_in(obj: Any, found: set[str] | None = None) -> set[str]:
@@ -290,9 +282,9 @@ def read_published(path: Path, info: DatasetInfo | None, mean: Sequence[float] |
         reading = Reading(reading.format, reading.bn_branch, reading.stem_padding, None, reading.method)
     obj, classes = (dict(tensors), set()) if tensors is not None else load_checkpoint(path)
     encoder, meta = read_state(path, obj, classes, info, (mean, std), reading)
-    meta["source"]["sha256"] = sha256(path)
+    meta["source"]["sha256"] = file_digest(path, "sha256")
     return encoder, meta
 
 
 __all__ = ["ALLOWED_CLASSES", "BENCHMARK_LAYOUTS", "PROTOCOLS_OF", "Reading", "load_checkpoint",
-           "read_published", "sha256"]
+           "read_published"]

@@ -3,7 +3,6 @@
 sha256 where one is known), or a one-line error naming the file to download by hand."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import math
 import os
@@ -16,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcl.config import parse_yaml
-from robustcl.data.files import cache_root
+from robustcl.data.files import cache_root, file_digest
 from robustcl.encoders.errors import EncoderError
 
 CATALOGUE = ("robustcl.presets", "zoo/catalogue.yaml")
@@ -55,14 +54,6 @@ def cache() -> Path:
     return Path(env).expanduser() if env else cache_root() / "zoo"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def by_hand(item: Mapping[str, Any], dest: Path, why: str) -> EncoderError:
     return EncoderError(f"zoo:{item['name']}: {why}; download {item['file']} by hand from {item['url']} and save it "
                         f"as {dest} (or pass --encoder PATH)")
@@ -71,7 +62,7 @@ def by_hand(item: Mapping[str, Any], dest: Path, why: str) -> EncoderError:
 def check(item: Mapping[str, Any], path: Path) -> Path:
     """`path` when its sha256 is the catalogue's (or none is known); else an error (the file is left in place)."""
     want = item.get("sha256")
-    if want and sha256_of(path) != want:
+    if want and file_digest(path, "sha256") != want:
         raise EncoderError(f"zoo:{item['name']}: {path} does not have the published sha256 {want[:16]}...; delete it "
                            "and run again (a damaged or different file)")
     return path

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base import DataError
-from ..files import cache_dir, download_file, md5_file, safe_extract, url_for, user_path
+from ..files import cache_dir, download_file, file_digest, safe_extract, url_for, user_path
 
 URL_ENV = "ROBUSTCL_CIFAR_C_URL"
 SHAPE = (32, 32, 3)
@@ -121,7 +121,7 @@ def _check_md5(file: Path, expected: str, release: str) -> None:
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _VERIFIED:
         return
-    got = md5_file(file)
+    got = file_digest(file, "md5")
     if got != expected:
         raise DataError(f"checksum mismatch for {file}: expected {expected} ({release} as published), got {got}; "
                         "delete it and download the set again")
