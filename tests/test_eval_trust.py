@@ -267,3 +267,30 @@ def test_checks_and_autoattack_limits_shrink_only_their_part(with_autoattack, tm
         assert full["autoattack"]["images"] == 300 and part["autoattack"]["images"] == 80
         exact = exact_linf_accuracy(x, y, 0.05)
         assert full["autoattack"]["accuracy"] == pytest.approx(exact, abs=1e-9)
+
+
+class ConfidentlyClassZero(nn.Module):
+    """`k` logits that put class 0 far ahead whatever the (small) input change: every image of class 0 survives."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.scale = k, nn.Parameter(torch.tensor(0.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x.flatten(1)
+        others = torch.arange(self.k, dtype=x.dtype) * 0.1 + self.scale * pixels[:, : self.k]
+        return torch.cat([10.0 + self.scale * pixels.mean(1, keepdim=True), others[:, 1:]], dim=1)
+
+
+@pytest.mark.parametrize("classes, attacks", [(3, ["apgd-ce", "fab-t", "square"]),
+                                              (4, ["apgd-ce", "apgd-t", "fab-t", "square"]),
+                                              (10, ["apgd-ce", "apgd-t", "fab-t", "square"])])
+def test_autoattack_runs_on_fewer_than_ten_classes_and_says_how(classes, attacks):
+    """Standard AutoAttack's 9 targets need 10 classes (the library raised IndexError on survivors otherwise)."""
+    model = ConfidentlyClassZero(classes).eval()
+    x, y = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(6, dtype=torch.long)
+    result = autoattack_accuracy(model, x, y, eps=0.03, batch_size=6)
+    assert result.accuracy == 1.0 and list(result.after) == attacks
+    adapted = [w for w in result.warnings if w.startswith(f"{classes} classes:")]
+    assert bool(adapted) == (classes < 10)
+    assert any("APGD-T not run" in w for w in adapted) == (classes < 4)

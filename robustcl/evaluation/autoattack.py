@@ -128,6 +128,22 @@ def read_state(state_path: Path | None, identity: dict[str, Any]) -> dict[str, A
     return saved
 
 
+def fit_targets(attack: Any, num_classes: int) -> list[str]:
+    """Standard AutoAttack on fewer than 10 classes: APGD-T and FAB-T target every other class (their standard 9
+    targets need 10 classes; the library fails with an IndexError otherwise), and APGD-T, whose targeted DLR loss
+    reads the 3rd and 4th largest logits, is left out below 4 classes. Returns what was changed, for results."""
+    if num_classes >= 10:
+        return []
+    targets = max(1, num_classes - 1)
+    attack.apgd_targeted.n_target_classes = min(attack.apgd_targeted.n_target_classes, targets)
+    attack.fab.n_target_classes = min(attack.fab.n_target_classes, targets)
+    changes = [f"{num_classes} classes: APGD-T and FAB-T target the {targets} other class(es), not the standard 9"]
+    if num_classes < 4 and "apgd-t" in attack.attacks_to_run:
+        attack.attacks_to_run = [a for a in attack.attacks_to_run if a != "apgd-t"]
+        changes.append(f"{num_classes} classes: APGD-T not run (its targeted DLR loss needs at least 4 classes)")
+    return changes
+
+
 def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
                         norm: str = "Linf", batch_size: int = 500, seed: int = 0,
                         state_path: Path | None = None, parts: Progress = SILENT) -> AutoAttackResult:
@@ -145,6 +161,9 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     y = labels.to(device)
     t0 = time.perf_counter()
     attack = _autoattack_class()(model, device=device, eps=eps, norm=norm, seed=seed, version="standard")
+    with torch.no_grad():
+        num_classes = int(model(x[:1]).shape[1])
+    adapted = fit_targets(attack, num_classes)
     order = list(attack.attacks_to_run)
     identity = {"n": int(len(y)), "eps": eps, "norm": norm, "seed": seed, "attacks": order}
     saved = read_state(state_path, identity)
@@ -153,7 +172,7 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
         clean, after, warnings = saved["clean"], dict(saved["after"]), list(saved["warnings"])
     else:
         flags = _correct(model, x, y, batch_size)
-        clean, after, warnings = flags.float().mean().item(), {}, []
+        clean, after, warnings = flags.float().mean().item(), {}, list(adapted)
     capture = _Capture()
     logger = logging.getLogger("auto-attack")
     old_level, old_propagate = logger.level, logger.propagate
