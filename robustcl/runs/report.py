@@ -230,7 +230,7 @@ def autoattack_lines(label: str, results: dict[str, Any]) -> list[str]:
             steps = ", ".join(f"{k.upper()} {100 * v:.1f}" for k, v in aa["after"].items())
             lines.append(f"- {label} {protocol.upper()}: standard AutoAttack ({aa['implementation']}, L-inf eps "
                          f"{aa['eps']:.4g}, {aa['n']} images, {aa['seconds']:.0f} s): **{100 * aa['accuracy']:.2f}%**; "
-                         f"accuracy after each attack: {steps}" + (f"; library warnings: {'; '.join(aa['warnings'])}"
+                         f"accuracy after each attack: {steps}" + (f"; warnings: {'; '.join(aa['warnings'])}"
                                                                    if aa["warnings"] else ""))
     return lines
 
