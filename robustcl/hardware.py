@@ -170,12 +170,13 @@ def busy_cpu_seconds(cpus: Collection[int], stat: Path = Path("/proc/stat")) -> 
         ticks = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, AttributeError):
         return None
-    busy = 0
+    busy, seen = 0, set()
     for line in lines:
         name, *fields = line.split()
         if name in wanted:
             busy += sum(int(fields[i]) for i in BUSY_FIELDS if i < len(fields))
-    return busy / ticks
+            seen.add(name)
+    return busy / ticks if seen == wanted else None  # a /proc/stat that numbers cores otherwise (LXCFS): unknown
 
 
 class FreeCores:

@@ -8,14 +8,17 @@ sweep status, demo reuse, `--resume --config`). This module sits just above the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import yaml
+from torch import nn
 
 from robustcl.config import Config, ConfigError, dump_yaml, first_difference, from_mapping
 from robustcl.hardware import FreeCores, resolve_precision, resolve_threads, threads_for
@@ -112,6 +115,31 @@ class ThreadGovernor:
 _governor: ThreadGovernor | None = None
 
 
+def torchrun_ranks() -> bool:
+    """Several local ranks of one torchrun job: they step together, so each would count the others as outside
+    load and their counts would swing in step; they keep resolve_threads' fixed share instead."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1
+
+
+@contextlib.contextmanager
+def paced(module: nn.Module) -> Iterator[None]:
+    """Within the block every forward of `module` first lets the governor re-decide (at most once per its
+    interval): a long attack, a Square query loop or a feature pass adapts mid-way. Nothing without a governor."""
+    if _governor is None:
+        yield
+        return
+    handle = module.register_forward_pre_hook(lambda *_: pace_threads())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def governed() -> bool:
+    """Whether `train.threads: auto` is following the load in this process now."""
+    return _governor is not None
+
+
 def pace_threads() -> int | None:
     """Called between batches by training and evaluation: the new thread count if `train.threads: auto` just
     changed it, else None (always None for a fixed count)."""
@@ -130,7 +158,7 @@ def open_runtime(cfg: Config, stored: Mapping[str, Any] | None = None, *, thread
     if threads and cfg.train.threads:
         limit = resolve_threads(cfg.train.threads)
         assert isinstance(limit, int)
-        if cfg.train.threads == "auto" and device.type == "cpu" and limit > 1:
+        if cfg.train.threads == "auto" and device.type == "cpu" and limit > 1 and not torchrun_ranks():
             _governor = ThreadGovernor(limit)
             _governor.start()
         else:
@@ -160,5 +188,5 @@ def config_change(stored: Mapping[str, Any], cfg: Config, may_change: Sequence[s
     return first_difference(before, comparable(cfg), ignore=tuple(may_change))
 
 
-__all__ = ["ONLY_THREADS", "Runtime", "ThreadGovernor", "comparable", "config_change", "open_runtime", "pace_threads",
-           "resolve_device", "resolve_runtime", "started_config"]
+__all__ = ["ONLY_THREADS", "Runtime", "ThreadGovernor", "comparable", "config_change", "governed", "open_runtime", "pace_threads",
+           "paced", "resolve_device", "resolve_runtime", "started_config", "torchrun_ranks"]

@@ -17,7 +17,7 @@ from robustcl.config import load_config
 from robustcl.hardware import FreeCores, busy_cpu_seconds, threads_for
 from robustcl.runs import RunDir
 from robustcl.runs.progress import PHASE, Progress
-from robustcl.runtime import ThreadGovernor, open_runtime, pace_threads
+from robustcl.runtime import ThreadGovernor, open_runtime, pace_threads, paced
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -45,6 +45,7 @@ def test_busy_seconds_count_work_on_the_given_cpus_only(tmp_path):
     assert busy_cpu_seconds([0, 1], stat) == pytest.approx((10 + 1 + 5 + 2 + 3 + 4 + 20) / TICK)  # idle, iowait not
     assert busy_cpu_seconds([2], stat) == pytest.approx(500 / TICK)
     assert busy_cpu_seconds([0], tmp_path / "missing") is None
+    assert busy_cpu_seconds([0, 7], stat) is None  # a core /proc/stat does not list (LXCFS renumbers them): unknown
 
 
 def test_free_cores_are_the_cores_minus_the_work_of_other_processes(tmp_path):
@@ -113,24 +114,57 @@ def test_a_run_stores_auto_and_logs_each_change_of_the_thread_count(tmp_path, mo
     """config.yaml keeps `auto` (the count is the machine's, not the experiment's); a change is a metrics record."""
     changes = iter([None, 1, None, 2])
     monkeypatch.setattr("robustcl.train.pretrain.pace_threads", lambda: next(changes, None))
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ThreadGovernor, "start", lambda self, window=0.1: torch.set_num_threads(2) or 2)
     out = tmp_path / "run"
     assert main(["pretrain", "--config", "smoke", "--out", str(out), "--quiet", "train.threads=auto",
                  "train.max_steps=4"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["threads"] == "auto"
     records = [(r["step"], r["threads"]) for r in RunDir(out).iter_metrics("threads")]
-    assert records == [(2, 1), (4, 2)]
+    assert records == [(0, 2), (2, 1), (4, 2)]  # the count it started with, then each change
 
 
-def test_an_evaluation_part_paces_the_threads_and_records_its_count(tmp_path):
+def test_a_paced_module_lets_the_governor_decide_before_each_forward_and_only_inside_the_block(monkeypatch):
     calls = []
-    run = RunDir(tmp_path)
-    parts = Progress("evaluate", show=False, run=run, pace=lambda: calls.append(1))
-    with parts.part("pgd", 30) as part:
+
+    class Counting:
+        def pace(self) -> None:
+            calls.append(1)
+
+    module = torch.nn.Linear(3, 2)
+    with paced(module):  # no governor: nothing is hooked
+        module(torch.zeros(1, 3))
+    monkeypatch.setattr(runtime, "_governor", Counting())
+    with paced(module):
         for _ in range(3):
-            part.update(10)
-    assert len(calls) == 4  # at its start and after each batch
+            module(torch.zeros(1, 3))
+    module(torch.zeros(1, 3))
+    assert len(calls) == 3
+
+
+def test_an_evaluation_part_records_its_thread_count(tmp_path):
+    run = RunDir(tmp_path)
+    with Progress("evaluate", show=False, run=run).part("pgd", 30) as part:
+        part.update(30)
     (record,) = run.iter_metrics(PHASE)
     assert record["threads"] == torch.get_num_threads()
+
+
+def test_a_resumed_run_drops_the_thread_records_of_the_steps_it_redoes(tmp_path):
+    run = RunDir(tmp_path)
+    for record in ({"phase": "pretrain", "step": 4}, {"phase": "threads", "step": 3, "threads": 1},
+                   {"phase": "threads", "step": 5, "threads": 2}, {"phase": "pretrain", "step": 6}):
+        run.log(record)
+    run.truncate_metrics(4)
+    assert [(r["phase"], r["step"]) for r in run.read_metrics()] == [("pretrain", 4), ("threads", 3)]
+
+
+def test_torchrun_ranks_keep_a_fixed_share(monkeypatch):
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    open_runtime(load_config("smoke", ["train.threads=auto"]))
+    assert runtime._governor is None and torch.get_num_threads() == 4
 
 
 def test_evaluation_results_do_not_depend_on_the_thread_count(tmp_path):

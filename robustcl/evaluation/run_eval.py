@@ -32,7 +32,7 @@ from robustcl.hardware import cpu_model, device_description
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import head_fix, load_head, load_state_into
 from robustcl.methods.factory import autocast_factory
-from robustcl.runtime import open_runtime, pace_threads, started_config
+from robustcl.runtime import open_runtime, paced, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import open_logger
 from robustcl.runs.progress import SILENT, Progress, Tick
@@ -300,14 +300,21 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ..
     encoder.to(device).eval().requires_grad_(False)
     if cfg.train.channels_last:
         encoder.to(memory_format=torch.channels_last)
+    with paced(encoder):  # `train.threads: auto` re-decided between forwards, inside long attacks too
+        return _evaluate_encoder(cfg, run, progress, protocols, chosen, device, encoder, meta, loaded is not None)
+
+
+def _evaluate_encoder(cfg: Config, run: RunDir, progress: bool, protocols: tuple[str, ...] | None, chosen: list[str],
+                      device: torch.device, encoder: Encoder, meta: dict[str, Any], loaded: bool) -> dict[str, Any]:
+    """The evaluation of a loaded encoder's fitted heads: every protocol, the readings, the files."""
     images, labels, subset, index = indexed_test_subset(cfg)
     autocast = autocast_factory(device, cfg.eval.precision)
     a, e = cfg.eval.attack, cfg.eval
     per_protocol: dict[str, Any] = {}
     per_image = PerImage(index.numpy().astype("int64"), attack_name(a.steps, a.eps, restarts=e.restarts), {}, {})
-    fingerprint = meta["fingerprint"] if loaded is not None else None
+    fingerprint = meta["fingerprint"] if loaded else None
     corrupted = corrupted_sets(cfg, images, labels, index)
-    parts = Progress("evaluate", show=progress, run=run, pace=pace_threads)  # a bar, a line or (quiet) only the metrics.jsonl record
+    parts = Progress("evaluate", show=progress, run=run)  # a bar, a line or (quiet) only the metrics.jsonl record
     for protocol in chosen:
         per_protocol[protocol], num_classes = evaluate_protocol(run, protocol, encoder, meta, images, labels, cfg,
                                                                 device, autocast, per_image, fingerprint, corrupted,

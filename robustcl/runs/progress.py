@@ -19,7 +19,6 @@ from tqdm import tqdm
 from robustcl.runs.rundir import RunDir
 
 Tick = Callable[[int], None]  # called with the number of images just done
-Pace = Callable[[], object]   # called between batches (the runtime's thread governor: robustcl.runtime.pace_threads)
 PHASE = "progress"            # metrics.jsonl's phase of a part record
 
 
@@ -34,28 +33,25 @@ def on_terminal(stream: IO[str]) -> bool:
 class Part:
     """One part under way: `update(n)` after each batch of n images moves its bar and its count."""
 
-    def __init__(self, total: int, bar: Any = None, pace: Pace | None = None) -> None:
-        self.total, self.bar, self.done, self.pace = total, bar, 0, pace
+    def __init__(self, total: int, bar: Any = None) -> None:
+        self.total, self.bar, self.done = total, bar, 0
 
     def update(self, n: int) -> None:
         self.done += int(n)
         if self.bar is not None:
             self.bar.update(int(n))
-        if self.pace is not None:
-            self.pace()
 
 
 class Progress:
     """Where the parts of one command report: `part(name, total)` gives a bar, a line or nothing (`show` off)."""
 
     def __init__(self, command: str, show: bool = False, run: RunDir | None = None, stream: IO[str] | None = None,
-                 pace: Pace | None = None, **labels: str) -> None:
+                 **labels: str) -> None:
         self.command, self.show, self.run, self.stream, self.labels = command, show, run, stream, labels
-        self.pace = pace
 
     def scoped(self, **labels: str) -> Progress:
         """The same reporter with more labels (e.g. protocol="slf"), which prefix each part's title."""
-        return Progress(self.command, self.show, self.run, self.stream, self.pace, **{**self.labels, **labels})
+        return Progress(self.command, self.show, self.run, self.stream, **{**self.labels, **labels})
 
     def title(self, name: str) -> str:
         """A part's name with the labels before it: "slf/pgd20-linf-0.031"."""
@@ -73,9 +69,7 @@ class Progress:
         if self.show and total > 0 and on_terminal(stream):
             bar = tqdm(total=total, desc=f"{self.command} {self.title(name)}", unit="img", file=stream,
                        dynamic_ncols=True, mininterval=1.0)
-        if self.pace is not None:
-            self.pace()
-        part, t0 = Part(total, bar, self.pace), time.perf_counter()
+        part, t0 = Part(total, bar), time.perf_counter()
         try:
             yield part
             if part.done < total:  # a part that could not count as it went (one call for all its images)

@@ -15,6 +15,10 @@ from robustcl.runs.guard import LOCK, RunLock, is_owned, refuse_foreign, take, w
 from robustcl.runs.layout import RunLayout
 
 
+# metrics.jsonl phases whose records belong to a phase-1 step (a resumed run redoes them): losses and the thread
+# count `train.threads: auto` changed to (robustcl.runtime.ThreadGovernor).
+PHASE1_STEP_RECORDS = ("pretrain", "threads")
+
 class RunDir(RunLayout):
     """Paths (`RunLayout`: `run.results`, `run.head("slf")`, ...) and I/O for one run directory."""
 
@@ -83,7 +87,8 @@ class RunDir(RunLayout):
 
     def truncate_metrics(self, max_step: int) -> None:
         """On resume, drop phase-1 records logged after the checkpoint's step (they will be redone)."""
-        kept = [r for r in self.read_metrics() if not (r.get("phase") == "pretrain" and r.get("step", 0) > max_step)]
+        kept = [r for r in self.read_metrics()
+                if not (r.get("phase") in PHASE1_STEP_RECORDS and r.get("step", 0) > max_step)]
         atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def iter_metrics(self, phase: str) -> Iterator[dict[str, Any]]:

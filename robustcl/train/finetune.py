@@ -27,7 +27,7 @@ from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.runs.guard import writing
 from robustcl.methods.factory import autocast_factory
-from robustcl.runtime import Runtime, open_runtime, pace_threads, started_config
+from robustcl.runtime import Runtime, open_runtime, pace_threads, paced, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import open_logger
 from robustcl.train.lp_aff import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
@@ -256,7 +256,8 @@ def _fit_heads(runtime: Runtime, run: RunDir, protocols: tuple[str, ...] | None,
     val = (data.images[val_idx], data.labels[val_idx])
     autocast = autocast_factory(device, cfg.train.precision)
     out = {}
-    with open_logger(run, cfg) as logger:  # each fit is a new series: TensorBoard hides an earlier fit's epochs
+    # each fit is a new series (TensorBoard hides an earlier fit's epochs); `auto` threads re-decided between forwards
+    with open_logger(run, cfg) as logger, paced(encoder):
         post = None
         if cfg.finetune.postprocess is not None and cfg.finetune.postprocess.name != "none":
             encoder, post = lp_aff(encoder, train[0], branch, cfg, device, autocast, logger.log)

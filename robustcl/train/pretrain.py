@@ -35,7 +35,7 @@ from robustcl.objectives.infonce import default_gather
 from robustcl.runs import RunDir, RunError, atomic_write_text, open_run, save_torch_atomic
 from robustcl.runs.guard import RunLock, probe_writable, refuse_foreign, refuse_unsafe_files
 from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint, load_state_into
-from robustcl.runtime import config_change, open_runtime, pace_threads, started_config
+from robustcl.runtime import config_change, governed, open_runtime, pace_threads, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import MetricLogger, open_logger
 from robustcl.train.diagnostics import Diagnostics, drop_after
@@ -293,9 +293,10 @@ class Pretrainer:
                 self.logger.close()
                 self.logger = None
 
-    def _pace_threads(self, main: bool) -> None:
-        """`train.threads: auto`: a change of the thread count (the machine's load changed) is a metrics record."""
-        threads = pace_threads()
+    def _pace_threads(self, main: bool, start: bool = False) -> None:
+        """`train.threads: auto`: the count at the start of a fit and each change of it (the machine's load
+        changed) are metrics records."""
+        threads = torch.get_num_threads() if start and governed() else pace_threads()
         if threads is not None and main and self.logger is not None:
             self.logger.log({"phase": "threads", "step": self.step, "threads": threads})
 
@@ -307,6 +308,7 @@ class Pretrainer:
         sums: dict[str, torch.Tensor] = {}
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
         start_step, checkpoint_due = self.step, False
+        self._pace_threads(main, start=True)
         self.epoch_started = None  # a (resumed) fit calls on_epoch_start at its first step
         while self.step < self.total_steps:
             self.start_epoch_if_new()
