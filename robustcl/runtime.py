@@ -154,13 +154,15 @@ def open_runtime(cfg: Config, stored: Mapping[str, Any] | None = None, *, thread
     global _governor
     device = resolve_device(cfg.train.device)
     cfg = resolve_runtime(cfg, device, dict(stored) if stored is not None else None)
-    _governor = None
+    governor, _governor = _governor, None
     if threads and cfg.train.threads:
         limit = resolve_threads(cfg.train.threads)
         assert isinstance(limit, int)
         if cfg.train.threads == "auto" and device.type == "cpu" and limit > 1 and not torchrun_ranks():
-            _governor = ThreadGovernor(limit)
-            _governor.start()
+            if governor is None or governor.limit != limit:  # one already following this machine is kept
+                governor = ThreadGovernor(limit)
+                governor.start()
+            _governor = governor
         else:
             torch.set_num_threads(limit)
     check_loggers(cfg.train.loggers)
