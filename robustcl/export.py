@@ -158,9 +158,10 @@ def check_run_encoder(encoder: nn.Module, meta: dict[str, Any], cfg: Any, run: A
         described = json.loads(run.encoder_description.read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         described = None
-    if described != fingerprint(encoder):
+    found = fingerprint(encoder)
+    if described != found:
         raise RunFileError(f"{run.encoder} is not the encoder {run.encoder_description.name} says this directory "
-                           f"evaluated (fingerprint {fingerprint(encoder)}, recorded {described}); run robustcl "
+                           f"evaluated (fingerprint {found}, recorded {described}); run robustcl "
                            "evaluate --encoder FILE --out DIR --overwrite again")
 
 

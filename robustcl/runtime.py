@@ -102,10 +102,10 @@ class ThreadGovernor:
         free = self.cores.sample()
         if free is None:
             return None
-        before = torch.get_num_threads()
-        if threads_for(free, self.limit) == before:
+        before, wanted = torch.get_num_threads(), threads_for(free, self.limit)
+        if wanted == before:
             return None
-        torch.set_num_threads(threads_for(free, self.limit))  # a sweep worker's thread_cap may hold it lower
+        torch.set_num_threads(wanted)  # a sweep worker's thread_cap may hold it lower
         after = torch.get_num_threads()
         return after if after != before else None
 

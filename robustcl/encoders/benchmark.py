@@ -15,7 +15,7 @@ from robustcl.encoders.errors import EncoderError
 
 COMMON = {"momentum": 0.9, "weight_decay": 2e-4, "epochs": 25}
 ATTACK = ("finetune.attack.eps=8/255", "finetune.attack.alpha=2/255", "finetune.attack.steps=10")
-ACL_LIKE = {"slf": {"cifar10": (512, 0.01), "cifar100": (512, 0.05)}, "milestones": (10, 20)}
+ACL_LIKE = {"slf": {"cifar10": (512, 0.01), "cifar100": (512, 0.05)}}
 # method -> protocol -> dataset -> (batch size, lr[, epochs]); milestones per method and protocol
 SETTINGS: dict[str, dict[str, Any]] = {
     "ACL": {"slf": ACL_LIKE["slf"], "alf": ACL_LIKE["slf"], "aff": {"*": (128, 0.1, 100)},

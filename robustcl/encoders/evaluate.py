@@ -157,7 +157,7 @@ def evaluate_encoder(encoder: nn.Module | str | Path, data: str, out: str | Path
     check_reading(loaded[1], reading)
     chosen_entry = catalogue_entry(loaded[1], item, compare) if compare else None
     chosen = tuple(protocols) if protocols else None
-    per_protocol = protocol_configs(loaded[1], item or chosen_entry, reading, data, config, overrides,
+    per_protocol = protocol_configs(cfg, loaded[1], item or chosen_entry, reading, data, config, overrides,
                                     chosen or cfg.finetune.protocols)
     if announce is not None:
         announce(describe(loaded[1]))
@@ -182,15 +182,15 @@ def evaluate_encoder(encoder: nn.Module | str | Path, data: str, out: str | Path
     return results
 
 
-def protocol_configs(meta: dict[str, Any], item: dict[str, Any] | None, reading: Reading, data: str,
+def protocol_configs(cfg: Config, meta: dict[str, Any], item: dict[str, Any] | None, reading: Reading, data: str,
                      config: str | None, overrides: Sequence[str], protocols: Sequence[str]) -> dict[str, Config]:
-    """{"*": the config} for robustcl's protocol; under --protocol-of benchmark one config per protocol with the
+    """{"*": `cfg`} for robustcl's protocol; under --protocol-of benchmark one config per protocol with the
     benchmark's settings for the file's method (the catalogue entry's, else its layout's), recorded in the
     encoder's description with what robustcl's phase 2 does differently. Explicit overrides still win."""
     if item is not None:
         meta["source"]["zoo"] = item["name"]
     if reading.protocol_of != "benchmark":
-        return {"*": encoder_config(data, config, overrides)}
+        return {"*": cfg}
     method = item["method"] if item else benchmark.LAYOUT_METHOD[meta["source"]["layout"]]
     configs = {p: encoder_config(data, config, [*benchmark.overrides(method, data, p), *overrides]) for p in protocols}
     meta["method"] = method

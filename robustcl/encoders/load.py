@@ -19,7 +19,7 @@ from torch import nn
 from robustcl.data import DatasetInfo
 from robustcl.encoders.errors import EncoderError
 from robustcl.encoders.finite import check_finite_features, check_finite_weights
-from robustcl.encoders.published import Reading, read_published
+from robustcl.encoders.published import Reading, is_robustcl_file, read_published
 from robustcl.export import fingerprint, read_encoder
 
 
@@ -167,27 +167,17 @@ def resolve_callable(spec: str) -> nn.Module:
 def _file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None,
                   std: Sequence[float] | None, reading: Reading | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A robustcl encoder file (or run directory), or a published checkpoint of any layout (encoders/published.py)."""
-    if path.is_dir() or path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        file = path / "encoder.safetensors" if path.is_dir() else path
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                robustcl_file = "robustcl" in (fh.metadata() or {})
-        except (SafetensorError, OSError) as exc:
-            raise EncoderError(f"{file} is not a readable safetensors file ({exc})") from None
-        if not robustcl_file:
-            return read_published(file, info, mean, std, reading, load_file(str(file)))
-        if mean is not None or std is not None:
-            raise EncoderError(f"{file} is a robustcl encoder and normalises its inputs itself; drop --mean/--std")
-        try:
-            encoder, meta = read_encoder(file)
-        except ValueError as exc:
-            raise EncoderError(str(exc)) from None
-        return encoder, {**meta, "source": {"kind": "robustcl", "path": str(file), "method": meta["method"],
-                                            "trained_on": meta["dataset"]}}
-    return read_published(path, info, mean, std, reading)  # any name: the layout is read from the keys
+    file = path / "encoder.safetensors" if path.is_dir() else path
+    if not is_robustcl_file(file):
+        return read_published(file, info, mean, std, reading)  # any name: the layout is read from the keys
+    if mean is not None or std is not None:
+        raise EncoderError(f"{file} is a robustcl encoder and normalises its inputs itself; drop --mean/--std")
+    try:
+        encoder, meta = read_encoder(file)
+    except ValueError as exc:
+        raise EncoderError(str(exc)) from None
+    return encoder, {**meta, "source": {"kind": "robustcl", "path": str(file), "method": meta["method"],
+                                        "trained_on": meta["dataset"]}}
 
 
 def _checked_file_encoder(path: Path, info: DatasetInfo, mean: Sequence[float] | None, std: Sequence[float] | None,

@@ -8,20 +8,8 @@ from pathlib import Path
 from robustcl.data import dataset_info
 from robustcl.encoders import zoo
 from robustcl.encoders.errors import EncoderError
-from robustcl.encoders.published import Reading, read_published
+from robustcl.encoders.published import Reading, is_robustcl_file, read_published
 from robustcl.export import FixedBranchEncoder, load_encoder
-
-
-def is_robustcl_file(path: Path) -> bool:
-    """A run directory or a safetensors file with robustcl's metadata."""
-    if path.is_dir():
-        return True
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return "robustcl" in (fh.metadata() or {})
 
 
 def load_plain(source: str | Path, branch: str | int = "headline", *, layout: str | None = None,
@@ -33,19 +21,14 @@ def load_plain(source: str | Path, branch: str | int = "headline", *, layout: st
         path = zoo.fetch(str(source)[len(zoo.PREFIX):])
     if not path.exists():
         raise FileNotFoundError(f"no encoder at {source}; give a run directory, an encoder file or zoo:NAME")
-    if is_robustcl_file(path):
+    if path.is_dir() or is_robustcl_file(path):
         if layout is not None or stem_padding is not None or mean is not None or std is not None:
             raise EncoderError(f"{path} is a robustcl encoder: layout, stem_padding, mean and std do not apply")
         return load_encoder(path, str(branch))
     bn_branch = None if branch == "headline" else branch
-    tensors = None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
     encoder, meta = read_published(path, dataset_info(data) if data else None, mean, std,
-                                   Reading(layout, bn_branch, stem_padding), tensors)
+                                   Reading(layout, bn_branch, stem_padding))
     return FixedBranchEncoder(encoder, meta["headline_branch"]).eval()
 
 
-__all__ = ["is_robustcl_file", "load_plain"]
+__all__ = ["load_plain"]

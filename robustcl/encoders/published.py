@@ -269,10 +269,24 @@ def read_state(path: Path, obj: Any, classes: set[str], info: DatasetInfo | None
     return encoder.eval(), meta
 
 
+def is_robustcl_file(path: Path) -> bool:
+    """A safetensors file with robustcl's metadata (for a directory: its encoder.safetensors); a .safetensors
+    that cannot be read is a one-line EncoderError."""
+    from safetensors import SafetensorError, safe_open
+
+    file = path / "encoder.safetensors" if path.is_dir() else path
+    if file.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return "robustcl" in (fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise EncoderError(f"{file} is not a readable safetensors file ({exc})") from None
+
+
 def read_published(path: Path, info: DatasetInfo | None, mean: Sequence[float] | None, std: Sequence[float] | None,
-                   reading: Reading | None = None, tensors: Mapping[str, torch.Tensor] | None = None
-                   ) -> tuple[Encoder, dict[str, Any]]:
-    """A published checkpoint (or the `tensors` of a safetensors file without robustcl metadata) as a robustcl
+                   reading: Reading | None = None) -> tuple[Encoder, dict[str, Any]]:
+    """A published checkpoint (a torch file, or a safetensors file without robustcl metadata) as a robustcl
     Encoder (eval mode) and its metadata, whose "source" says how it was read: layout, branch, normalisation,
     stem, dropped keys."""
     reading = reading or Reading()
@@ -280,11 +294,16 @@ def read_published(path: Path, info: DatasetInfo | None, mean: Sequence[float] |
         raise EncoderError(f"--protocol-of {reading.protocol_of}: valid: {', '.join(PROTOCOLS_OF)}")
     if reading.protocol_of == "robustcl":
         reading = Reading(reading.format, reading.bn_branch, reading.stem_padding, None, reading.method)
-    obj, classes = (dict(tensors), set()) if tensors is not None else load_checkpoint(path)
+    if path.suffix == ".safetensors":  # tensors only: no pickle, no classes
+        from safetensors.torch import load_file
+
+        obj, classes = load_file(str(path)), set()
+    else:
+        obj, classes = load_checkpoint(path)
     encoder, meta = read_state(path, obj, classes, info, (mean, std), reading)
     meta["source"]["sha256"] = file_digest(path, "sha256")
     return encoder, meta
 
 
-__all__ = ["ALLOWED_CLASSES", "BENCHMARK_LAYOUTS", "PROTOCOLS_OF", "Reading", "load_checkpoint",
+__all__ = ["ALLOWED_CLASSES", "BENCHMARK_LAYOUTS", "PROTOCOLS_OF", "Reading", "is_robustcl_file", "load_checkpoint",
            "read_published"]

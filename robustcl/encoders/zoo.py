@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcl.config import parse_yaml
-from robustcl.data.files import cache_root, file_digest
+from robustcl.data.files import cache_root, file_digest, user_path
 from robustcl.encoders.errors import EncoderError
 
 CATALOGUE = ("robustcl.presets", "zoo/catalogue.yaml")
@@ -51,7 +51,7 @@ def by_sha256(digest: str, known: Mapping[str, Any] | None = None) -> dict[str, 
 def cache() -> Path:
     """Where zoo files are kept: `$ROBUSTCL_ZOO` if set, else the user cache's zoo/ folder."""
     env = os.environ.get(CACHE_ENV, "")
-    return Path(env).expanduser() if env else cache_root() / "zoo"
+    return user_path(env, f"${CACHE_ENV}") if env else cache_root() / "zoo"
 
 
 def by_hand(item: Mapping[str, Any], dest: Path, why: str) -> EncoderError:

@@ -19,6 +19,7 @@ from robustcl.runs.layout import RunLayout
 # count `train.threads: auto` changed to (robustcl.runtime.ThreadGovernor).
 PHASE1_STEP_RECORDS = ("pretrain", "threads")
 
+
 class RunDir(RunLayout):
     """Paths (`RunLayout`: `run.results`, `run.head("slf")`, ...) and I/O for one run directory."""
 

@@ -27,7 +27,7 @@ from robustcl.objectives.trades import trades_attack, trades_loss
 from robustcl.runs import RunDir, RunError, save_torch_atomic
 from robustcl.runs.guard import writing
 from robustcl.methods.factory import autocast_factory
-from robustcl.runtime import Runtime, open_runtime, pace_threads, paced, started_config
+from robustcl.runtime import Runtime, open_runtime, paced, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import open_logger
 from robustcl.train.lp_aff import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
@@ -66,7 +66,6 @@ def train_slf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     total, step = f.epochs * steps_per_epoch, 0
     best: dict[str, Any] = {"val_acc": -1.0}
     for epoch in tqdm(range(f.epochs), desc=f"SLF ({branch})", disable=not progress, file=sys.stderr):
-        pace_threads()
         perm = torch.randperm(len(feats), generator=gen).to(device)
         head.train()
         for i in range(steps_per_epoch):
@@ -134,7 +133,6 @@ def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
             opt.step()
             step += 1
             bar.update(1)
-            pace_threads()
         model.eval()
         best = _select_on_robust_validation("alf", model, val, cfg, device, autocast, epoch, loss, best, log, bar,
                                             lambda: {"state": _copy(head)})
@@ -200,7 +198,6 @@ def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log
             opt.step()
             step += 1
             bar.update(1)
-            pace_threads()
         model.eval()
         best = _select_on_robust_validation("aff", model, val, cfg, device, autocast, epoch, loss, best, log, bar,
                                             lambda: {"state": _copy(head), "encoder": _copy(encoder)})
