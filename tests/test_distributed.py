@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from torch import nn
 
 from robustcl import load_encoder
 from robustcl.config import ConfigError, load_config
-from robustcl.distributed import Distributed, gather_with_grad, job_from_env, rank_seed
+from robustcl.distributed import Distributed, gather_with_grad, import_before_the_group, job_from_env, rank_seed
 from robustcl.methods import StepContext
 from robustcl.methods.add_on_terms import step_with_add_on_terms
 from robustcl.methods.step_inputs import fixed_embedding
@@ -197,6 +198,7 @@ def _worker_pretrain(out: str, result: dict[str, Any]) -> None:
 
 def _worker(rank: int, out: str) -> None:
     torch.set_num_threads(1)
+    import_before_the_group()  # so destroy_process_group below releases gloo's threads (no abort at exit)
     dist.init_process_group("gloo", init_method=f"file://{out}/init", rank=rank, world_size=WORLD)
     job = Distributed.current()
     result: dict[str, Any] = {"rank": job.rank, "world": job.world}
@@ -361,6 +363,31 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+GROUP_RELEASED = """
+import os, sys, torch
+from robustcl.distributed import job_from_env
+with job_from_env(torch.device("cpu")) as job:
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)  # the first optimiser imports torch._dynamo
+    job.broadcast_([torch.ones(3)])
+gloo = [t for t in os.listdir("/proc/self/task") if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+print(f"<rank {job.rank}: {len(gloo)} gloo threads>", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+def test_torchrun_job_releases_the_group_on_exit(tmp_path):
+    """Leaving `job_from_env` destroys the process group for real (gloo's threads joined), even after an
+    optimiser was built inside it: a group kept alive let a gloo thread abort the process at exit (SIGABRT)."""
+    script = tmp_path / "job.py"
+    script.write_text(GROUP_RELEASED)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"<(rank .*?)>", proc.stdout)) == [f"rank {r}: 0 gloo threads" for r in range(WORLD)], proc.stdout
 
 
 def test_torchrun_resume_continues_exactly(ranks, tmp_path):
