@@ -13,7 +13,7 @@ from robustcl.cli import main
 from robustcl.config import load_config
 from robustcl.evaluation.run_eval import evaluate_run
 from robustcl.runs import RunDir
-from robustcl.runs.progress import PHASE, Part, Progress
+from robustcl.runs.progress import PHASE, Part, Progress, StepBar
 
 LINE = re.compile(r"^robustcl evaluate (\w+)/(.+): (\d+) images? in \d+\.\d s \(\d+\.\d img/s\)$")
 # 32 images in batches of 16; the smoke model (4 classes) evaluated through every part that takes time
@@ -90,6 +90,52 @@ def test_a_part_with_nothing_to_do_or_ended_by_an_error_reports_nothing(tmp_path
         pass
     assert stream.getvalue().startswith("robustcl evaluate one call: 7 images in ") and stream.getvalue().count("\n") == 1
     assert [(r["part"], r["images"]) for r in RunDir(tmp_path).iter_metrics(PHASE)] == [("one call", 7)]
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_training_bar_is_a_line_a_minute_off_a_terminal_never_a_carriage_return():
+    clock, stream = Clock(), io.StringIO()
+    bar = StepBar(10, "pretrain gbrcl bf16", True, initial=2, every=60.0, stream=stream, clock=clock)
+    for seconds in (25, 25, 25, 25, 25, 25, 10):  # a line once 60 s passed since the last: steps 5 and 8
+        clock.now += seconds
+        bar.update(1)
+        bar.set_postfix({"benign": "4.100"})
+    bar.close()  # and one for what was done since (step 9, stopped early)
+    bar.close()  # once is enough
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines() == [
+        "robustcl pretrain gbrcl bf16: 5/10 steps (50%), 0.04 step/s, ETA 2:05, benign=4.100",
+        "robustcl pretrain gbrcl bf16: 8/10 steps (80%), 0.04 step/s, ETA 0:50, benign=4.100",
+        "robustcl pretrain gbrcl bf16: 9/10 steps (90%), 0.04 step/s, ETA 0:23, benign=4.100"]
+    terminal, quiet = Terminal(), io.StringIO()
+    for stream_, show in ((terminal, True), (quiet, False)):
+        bar = StepBar(4, "finetune ALF (adversarial)", show, stream=stream_)
+        for _ in range(4):
+            bar.update(1)
+        bar.close()
+    assert "\r" in terminal.getvalue() and "4/4" in terminal.getvalue() and "robustcl" not in terminal.getvalue()
+    assert quiet.getvalue() == ""
+
+
+def test_training_and_fine_tuning_say_lines_on_a_stderr_that_is_not_a_terminal(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "smoke", "--out", str(out), "train.threads=1", "train.max_steps=2"]) == 0
+    assert main(["finetune", "--run", str(out), "finetune.epochs=2", "finetune.alf_train_limit=16",
+                 "--protocol", "slf", "alf"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err, err
+    assert re.search(r"^robustcl pretrain gbrcl \w+: 2/2 steps \(100%\), [\d.]+ step/s, .*benign=", err, re.M), err
+    assert re.search(r"^robustcl finetune SLF \(adversarial\): 2/2 epochs \(100%\), .*val=", err, re.M), err
+    assert re.search(r"^robustcl finetune ALF \(adversarial\): (\d+)/\1 steps \(100%\)", err, re.M), err
 
 
 # --------------------------------------------------------------------------------------------- an evaluation

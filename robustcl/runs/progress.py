@@ -1,5 +1,6 @@
 """Progress of a long command, part by part: a tqdm bar on a terminal, one line per part when stderr is not a
 terminal, nothing when quiet; each finished part is also a record of the run's metrics.jsonl, quiet or not.
+Training loops use `StepBar`: the same bar on a terminal, a line a minute (and one at the end) elsewhere.
 
 A part counts images: its code calls `update(n)` after each batch of n. `Progress("evaluate", show, run)` is
 made once per command and handed down; `scoped(protocol="slf")` names the parts of one model ("slf/clean").
@@ -98,6 +99,62 @@ class Progress:
             print(line, file=self._stream(), flush=True)
 
 
+class StepBar:
+    """A training loop's progress (tqdm's update / set_postfix / close): a bar on a terminal; on a stderr that is not
+    one (a log file, a batch job's output) a line every `every` seconds and one at the end, never a carriage
+    return; nothing when `show` is off."""
+
+    def __init__(self, total: int, desc: str, show: bool, initial: int = 0, unit: str = "step", every: float = 60.0,
+                 stream: IO[str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.desc, self.unit, self.every, self.clock = total, desc, unit, every, clock
+        self.done = self.start = initial
+        self.postfix: dict[str, str] = {}
+        self.bar = (tqdm(total=total, initial=initial, desc=desc, file=self.stream, dynamic_ncols=True, mininterval=1.0)
+                    if show and on_terminal(self.stream) else None)
+        self.lines = show and self.bar is None
+        self.t0 = self.said = clock()
+        self.said_at = initial  # the count the last line showed
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and self.clock() - self.said >= self.every:
+            self._line()
+
+    def set_postfix(self, values: dict[str, str] | None = None, refresh: bool = False, **more: str) -> None:
+        self.postfix = {**(values or {}), **more}
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=refresh)
+
+    def close(self) -> None:
+        """The bar closed, or the last line (when anything was done since the last one)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.lines and self.done > self.said_at:
+            self._line()
+        self.lines = False
+
+    def _line(self) -> None:
+        now = self.clock()
+        rate = (self.done - self.start) / (now - self.t0) if now > self.t0 else 0.0
+        left = f", ETA {_clock_time((self.total - self.done) / rate)}" if 0 < rate and self.done < self.total else ""
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        percent = 100 * self.done / self.total if self.total else 100.0
+        print(f"robustcl {self.desc}: {self.done}/{self.total} {self.unit}s ({percent:.0f}%), {rate:.2f} {self.unit}/s"
+              f"{left}{extra}", file=self.stream, flush=True)
+        self.said, self.said_at = now, self.done
+
+
+def _clock_time(seconds: float) -> str:
+    """1:02:03 / 2:03 (what tqdm shows)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 SILENT = Progress("", show=False)  # no bar, no line, no record: for callers without a command or a run
 
-__all__ = ["PHASE", "SILENT", "Part", "Progress", "Tick", "on_terminal"]
+__all__ = ["PHASE", "SILENT", "Part", "Progress", "StepBar", "Tick", "on_terminal"]

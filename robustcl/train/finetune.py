@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from robustcl.config import Config
 from robustcl.evaluation import ce_objective, pgd_accuracy
@@ -30,6 +28,7 @@ from robustcl.methods.factory import autocast_factory
 from robustcl.runtime import Runtime, open_runtime, paced, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import open_logger
+from robustcl.runs.progress import StepBar
 from robustcl.train.lp_aff import lp_aff  # DynACL++'s post-processing (lp-aff, the only one)
 from robustcl.views import weak_view
 
@@ -65,7 +64,8 @@ def train_slf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     steps_per_epoch = math.ceil(len(feats) / f.batch_size)
     total, step = f.epochs * steps_per_epoch, 0
     best: dict[str, Any] = {"val_acc": -1.0}
-    for epoch in tqdm(range(f.epochs), desc=f"SLF ({branch})", disable=not progress, file=sys.stderr):
+    bar = StepBar(f.epochs, f"finetune SLF ({branch})", progress, unit="epoch")
+    for epoch in range(f.epochs):
         perm = torch.randperm(len(feats), generator=gen).to(device)
         head.train()
         for i in range(steps_per_epoch):
@@ -83,6 +83,9 @@ def train_slf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
         log({"phase": "finetune", "protocol": "slf", "epoch": epoch + 1, "loss": loss.item(), "val_acc": val_acc})
         if val_acc > best["val_acc"]:
             best = {"val_acc": val_acc, "epoch": epoch + 1, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_acc:.3f}")
+        bar.update(1)
+    bar.close()
     return best
 
 
@@ -112,7 +115,7 @@ def train_alf(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     steps_per_epoch = math.ceil(len(images) / f.batch_size)
     total, step = f.epochs * steps_per_epoch, 0
     best: dict[str, Any] = {"val_acc": -1.0}
-    bar = tqdm(total=total, desc=f"ALF ({branch})", disable=not progress, file=sys.stderr, mininterval=1.0)
+    bar = StepBar(total, f"finetune ALF ({branch})", progress)
     for epoch in range(f.epochs):
         perm = torch.randperm(len(images), generator=gen)
         for i in range(steps_per_epoch):
@@ -173,7 +176,7 @@ def train_aff(encoder, head, branch, train, val, cfg, device, autocast, gen, log
     weak = cfg.views.weak
     total, step = aff.epochs * steps_per_epoch, 0
     best: dict[str, Any] = {"val_acc": -1.0}
-    bar = tqdm(total=total, desc=f"AFF-{aff.loss} ({branch})", disable=not progress, file=sys.stderr, mininterval=1.0)
+    bar = StepBar(total, f"finetune AFF-{aff.loss} ({branch})", progress)
     for epoch in range(aff.epochs):
         perm = torch.randperm(len(images), generator=gen)
         for i in range(steps_per_epoch):

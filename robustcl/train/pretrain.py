@@ -18,13 +18,11 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from robustcl.config import CHANGEABLE_ON_RESUME, Config, dump_yaml, reference_switches
 from robustcl.distributed import Distributed, job_from_env
@@ -38,6 +36,7 @@ from robustcl.runs.loaders import RunFileError, checkpoint_fix, load_checkpoint,
 from robustcl.runtime import config_change, governed, open_runtime, pace_threads, started_config
 from robustcl.splits import load_split, train_val_indices
 from robustcl.runs.loggers import MetricLogger, open_logger
+from robustcl.runs.progress import StepBar
 from robustcl.train.diagnostics import Diagnostics, drop_after
 from robustcl.train.schedule import reference_learning_rate
 
@@ -303,8 +302,8 @@ class Pretrainer:
     def _train(self, progress: bool) -> PretrainResult:
         t = self.cfg.train
         main = self.dist.is_main
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.cfg.method.name} {t.precision}",
-                   disable=not (progress and main), file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        bar = StepBar(self.total_steps, f"pretrain {self.cfg.method.name} {t.precision}", progress and main,
+                      initial=self.step)
         sums: dict[str, torch.Tensor] = {}
         count, last, t0, window_start = 0, {}, time.perf_counter(), time.perf_counter()
         start_step, checkpoint_due = self.step, False
