@@ -266,7 +266,7 @@ def test_evaluate_encoder_on_a_published_file_prints_and_stores_how_it_was_read(
     printed = capsys.readouterr().out
     assert f"encoder: {path} read as layout deacl (detected from its keys); read through benign" in printed
     assert "stem cifar padding 2 (layout deacl (DeACL's code; the weights cannot show it))" in printed
-    assert "| SLF | published by benchmark | 79.94 | 43.27 | autoattack | | |" in printed
+    assert "| SLF | published by benchmark | 79.94 | 43.27 | 73.06 | autoattack | | | |" in printed
     results = json.loads((out / "results.json").read_text())
     encoder = results["encoder"]
     assert encoder["layout"] == "deacl" and encoder["stem"]["padding"] == 2 and encoder["branch"] == "benign"

@@ -79,8 +79,11 @@ def test_the_shipped_catalogue_cites_a_source_for_every_number():
             assert numbers["source"] in known["sources"], (name, who)
             for protocol in ("slf", "alf", "aff"):
                 assert 0 < numbers[protocol]["autoattack"] < numbers[protocol]["clean"] < 100, (name, protocol)
+                if who == "benchmark":  # the leaderboard's third number: corrupted below clean, above AutoAttack
+                    ca = numbers[protocol]["corruptions"]
+                    assert numbers[protocol]["autoattack"] < ca < numbers[protocol]["clean"], (name, protocol)
     acl = known["entries"]["acl-cifar10"]["published"]["benchmark"]
-    assert acl["slf"] == {"clean": 78.22, "autoattack": 39.17}
+    assert acl["slf"] == {"clean": 78.22, "autoattack": 39.17, "corruptions": 70.72}
 
 
 def test_a_download_is_resumed_with_a_range_request_and_checked(tmp_path):
@@ -122,6 +125,8 @@ def test_zoo_lists_the_catalogue_and_an_unknown_name_is_one_line(capsys):
     assert "benchmark-leaderboard:" in out
     assert main(["zoo", "deacl-cifar10-authors"]) == 0
     assert "published by authors (clean/AutoAttack %): SLF 80.82/46.14" in capsys.readouterr().out
+    assert main(["zoo", "acl-cifar10"]) == 0
+    assert "published by benchmark (clean/AutoAttack/corrupted (CA) %): SLF 78.22/39.17/70.72" in capsys.readouterr().out
     assert main(["zoo", "nope"]) == 2
     assert "zoo:nope is not in the catalogue" in capsys.readouterr().err
 
@@ -134,9 +139,34 @@ def test_the_comparison_rows_label_both_readings_and_give_our_intervals():
     assert len(rows) == 1  # authors: null gives no row
     row = rows[0]
     assert row["label"] == "ours (robustcl's protocol)" and row["attack"] == "autoattack"
-    assert row["published"] == {"clean": 80.0, "robust": 40.0} and row["difference"]["robust"] == pytest.approx(2.0)
+    assert row["published"] == {"clean": 80.0, "robust": 40.0, "corruptions": None}
+    assert row["difference"]["robust"] == pytest.approx(2.0)
     lo, hi = row["intervals_95"]["robust"]
     assert lo < 42 < hi and hi - lo == pytest.approx(6.1, abs=0.2)  # Wilson, n = 1000
+    assert row["ours"]["corruptions"] is None and row["difference"]["corruptions"] is None  # not evaluated
+
+
+def test_the_comparison_gives_ca_only_for_the_benchmarks_fifteen_corruptions_at_five_severities():
+    known = catalogue("http://127.0.0.1:1/enc.pt", None)
+    known["entries"]["enc"]["published"]["benchmark"]["slf"]["corruptions"] = 70.0
+    record = {"clean_acc": 0.8, "robust": {"autoattack": 0.42},
+              "corruptions": {"mean": 0.715, "n": 400, "standard": True}}
+    results = {"n_eval": 1000, "protocols": {"slf": record}}
+    row = zoo.comparison(results, zoo.entry("enc", known), known["sources"])[0]
+    assert row["ours"]["corruptions"] == pytest.approx(71.5) and row["published"]["corruptions"] == 70.0
+    assert row["difference"]["corruptions"] == pytest.approx(1.5)
+    lo, hi = row["intervals_95"]["corruptions"]
+    assert lo < 71.5 < hi and hi - lo == pytest.approx(8.8, abs=0.2)  # Wilson over the 400 images of one cell
+    from robustcl.cli.phases import comparison_table
+
+    table = comparison_table({"entry": "enc", "rows": [row]})
+    assert "| SLF | ours (robustcl's protocol) | 80.00 | 42.00 | 71.50 | autoattack |" in table
+    assert "| SLF | published by benchmark | 80.00 | 40.00 | 70.00 | autoattack |" in table
+    assert "| SLF | ours - published | 0.00 | 2.00 | 1.50 |" in table
+    record["corruptions"]["standard"] = False  # two corruptions, or severity 3 alone: not the benchmark's CA
+    row = zoo.comparison(results, zoo.entry("enc", known), known["sources"])[0]
+    assert row["ours"]["corruptions"] is None and row["difference"]["corruptions"] is None
+    assert "| SLF | ours - published | 0.00 | 2.00 | n/a |" in comparison_table({"entry": "enc", "rows": [row]})
 
 
 def test_zoo_name_resolves_after_an_existing_path(tmp_path, monkeypatch):

@@ -36,9 +36,11 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         if not numbers:
             print(f"published by {who}: not verified (no number is given)")
             continue
-        cells = ", ".join(f"{p.upper()} {numbers[p]['clean']}/{numbers[p]['autoattack']}"
-                          for p in ("slf", "alf", "aff") if p in numbers)
-        print(f"published by {who} (clean/AutoAttack %): {cells}; source: {known['sources'][numbers['source']]}")
+        protocols = [p for p in ("slf", "alf", "aff") if p in numbers]
+        keys = ["clean", "autoattack"] + (["corruptions"] if all("corruptions" in numbers[p] for p in protocols) else [])
+        cells = ", ".join(f"{p.upper()} " + "/".join(f"{numbers[p][k]:.2f}" for k in keys) for p in protocols)
+        header = "clean/AutoAttack/corrupted (CA)" if "corruptions" in keys else "clean/AutoAttack"
+        print(f"published by {who} ({header} %): {cells}; source: {known['sources'][numbers['source']]}")
     if args.fetch:
         print(f"file: {api.zoo_fetch(args.name)}")
     return 0
@@ -46,7 +48,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zoo", help="the catalogue of published robust-SSL checkpoints (method, dataset, layout, "
-                                   "source, published clean/AutoAttack numbers)")
+                                   "source, published clean/AutoAttack/corruption numbers)")
     p.add_argument("name", nargs="?", help="one entry in full (default: the whole catalogue)")
     p.add_argument("--fetch", action="store_true", help="download the entry's file into the cache ($ROBUSTCL_ZOO, "
                                                         "default ~/.cache/robustcl/zoo)")

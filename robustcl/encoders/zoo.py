@@ -130,26 +130,34 @@ def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]
 
 
 def comparison(results: Mapping[str, Any], item: Mapping[str, Any], sources: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Our reading (clean, AutoAttack or else PGD, with 95% intervals over the test images) beside each
-    published one of `item`, per protocol, each labelled with its protocol and source."""
+    """Our reading (clean, AutoAttack or else PGD, and the common-corruption accuracy CA when this evaluation
+    read the benchmark's 15 corruptions x 5 severities, each with its 95% interval over the test images) beside
+    each published one of `item`, per protocol, each labelled with its protocol and source."""
     ours_label = "ours (robustcl's protocol)" if results.get("encoder", {}).get("protocol_of") != "benchmark" \
         else "ours (the RobustSSL benchmark's reading)"
     rows = []
     n = int(results.get("n_eval", 0))
     for protocol, record in results.get("protocols", {}).items():
         attack = "autoattack" if "autoattack" in record["robust"] else next(iter(record["robust"]))
-        ours = {"clean": 100 * record["clean_acc"], "robust": 100 * record["robust"][attack]}
-        intervals = {k: [100 * v for v in wilson(ours[k] / 100 * n, n)] for k in ours}
+        ours = {"clean": 100 * record["clean_acc"], "robust": 100 * record["robust"][attack], "corruptions": None}
+        intervals = {k: [100 * v for v in wilson(ours[k] / 100 * n, n)] for k in ("clean", "robust")}
+        corrupted = record.get("corruptions")
+        if corrupted and corrupted.get("standard"):  # a subset of corruptions or severities is another number
+            ours["corruptions"] = 100 * corrupted["mean"]
+            # a per-image mean over the cells varies at most as one Bernoulli draw per image: Wilson on n images
+            intervals["corruptions"] = [100 * v for v in wilson(corrupted["mean"] * corrupted["n"], corrupted["n"])]
         for who, published in (item.get("published") or {}).items():
             if not published:
                 continue
             numbers = published.get(protocol) or {}
-            theirs = {"clean": numbers.get("clean"), "robust": numbers.get("autoattack")}
+            theirs = {"clean": numbers.get("clean"), "robust": numbers.get("autoattack"),
+                      "corruptions": numbers.get("corruptions")}
             rows.append({"protocol": protocol, "label": ours_label, "attack": attack, "ours": ours,
                          "intervals_95": intervals, "n_eval": n, "published_by": who,
                          "published_source": sources.get(published.get("source"), published.get("source")),
                          "published": theirs,
-                         "difference": {k: None if theirs[k] is None else ours[k] - theirs[k] for k in ours}})
+                         "difference": {k: None if theirs[k] is None or ours[k] is None else ours[k] - theirs[k]
+                                        for k in ours}})
     return rows
 
 
