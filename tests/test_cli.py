@@ -108,3 +108,13 @@ def test_a_closed_pipe_ends_the_command_without_a_traceback(argv, status):
         os.close(write_end)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
     assert proc.stderr == "" and proc.returncode == status
+
+
+def test_the_format_option_names_every_layout_the_reader_knows():
+    """`evaluate --format`'s help is written out (the parser imports no torch); it must name every layout."""
+    from robustcl.encoders.layouts import LAYOUTS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command" or getattr(a, "choices", None))
+    evaluate = sub.choices["evaluate"]
+    help_text = next(a.help for a in evaluate._actions if "--format" in a.option_strings)
+    assert [name for name in LAYOUTS if name not in help_text] == []
