@@ -373,7 +373,7 @@ def test_zoo_name_is_fetched_from_a_loopback_server_and_evaluated(files, tmp_pat
     assert results["encoder"]["zoo"] == "tiny-acl" and results["method"] == "ACL"
     assert lines and lines[0].startswith(f"encoder: {tmp_path / 'cache' / 'tiny-acl.pt'} read as layout acl")
     row = results["comparison"]["rows"][0]
-    assert results["comparison"]["entry"] == "tiny-acl" and row["published"] == {"clean": 50.0, "robust": 20.0}
+    assert results["comparison"]["entry"] == "tiny-acl" and row["published"] == {"clean": 50.0, "robust": 20.0, "corruptions": None}
     assert row["label"] == "ours (robustcl's protocol)"
 
 
