@@ -541,6 +541,49 @@ def test_download_checksum_mismatch_leaves_nothing(data_http_server: tuple[Path,
     assert not [p for p in (data_env / "fashion-mnist").iterdir() if p.name.endswith(".part")]
 
 
+def test_an_interrupted_dataset_download_is_resumed_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dropped connection keeps what arrived in <file>.part; the next try asks only for the rest (HTTP Range),
+    checks the md5 of the whole and leaves neither the part nor the lock behind."""
+    from range_server import PAYLOAD, Server
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    dest = tmp_path / "cache" / "d.bin"
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    server = Server(cut=1, files={"/d.bin": PAYLOAD})
+    with server as base:
+        with pytest.raises(DataError, match=rf"could not download {base}/d.bin: .*the \d+ bytes received are kept in "
+                                            rf"{dest}.part and resumed next time\); get it by hand"):
+            files.download_file(f"{base}/d.bin", dest, md5, "get it by hand")
+        assert 0 < (tmp_path / "cache" / "d.bin.part").stat().st_size < len(PAYLOAD) and not dest.exists()
+        assert files.download_file(f"{base}/d.bin", dest, md5, "get it by hand") == dest
+    assert dest.read_bytes() == PAYLOAD and server.requests == [None, f"bytes={len(PAYLOAD) // 2}-"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["d.bin"]
+
+
+def test_processes_that_need_one_file_download_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep workers needing the same dataset at once: one downloads, the others wait for the lock and find it."""
+    import threading
+
+    from range_server import PAYLOAD, Server
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    dest = tmp_path / "cache" / "d.bin"
+    server = Server(files={"/d.bin": PAYLOAD}, delay=0.5)  # slow enough that all three are waiting at once
+    got: list[Path] = []
+    with server as base:
+        workers = [threading.Thread(target=lambda: got.append(files.download_file(
+            f"{base}/d.bin", dest, hashlib.md5(PAYLOAD).hexdigest(), "by hand"))) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert got == [dest] * 3 and dest.read_bytes() == PAYLOAD
+    assert server.requests == [None]  # one download
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["d.bin"]
+
+
 def test_download_network_failures_name_url(data_http_server: tuple[Path, str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     www, url = data_http_server  # nothing served: 404

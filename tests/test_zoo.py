@@ -4,59 +4,12 @@ errors naming the file to fetch by hand when offline or when the host needs a br
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
 
 import pytest
+from range_server import PAYLOAD, Server
 
 from robustcl.cli import main
 from robustcl.encoders import EncoderError, zoo
-
-PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
-
-
-class Server:
-    """http.server on 127.0.0.1 in a thread, serving PAYLOAD at /enc.pt with Range support; the first `cut`
-    answers stop after half the bytes (a connection dropped mid-file)."""
-
-    def __init__(self, cut: int = 0) -> None:
-        self.cut, self.requests = cut, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                outer.requests.append(self.headers.get("Range"))
-                if self.path != "/enc.pt":
-                    self.send_error(404)
-                    return
-                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-                body = PAYLOAD[start:]
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if outer.cut > 0:
-                    outer.cut -= 1
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.timeout = 5
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 def catalogue(url: str, sha: str | None) -> dict:

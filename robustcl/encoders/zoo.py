@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcl.config import parse_yaml
-from robustcl.data.files import cache_root, file_digest, user_path
+from robustcl.data.files import cache_root, download_lock, download_resumable, file_digest, part_path, user_path
 from robustcl.encoders.errors import EncoderError
 
 CATALOGUE = ("robustcl.presets", "zoo/catalogue.yaml")
@@ -78,45 +78,22 @@ def fetch(name: str, folder: Path | None = None, known: Mapping[str, Any] | None
     host = (urlparse(item["url"]).hostname or "").lower()
     if any(host == h or host.endswith("." + h) for h in BROWSER_HOSTS):
         raise by_hand(item, dest, f"{host} serves this file through a browser page")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        download(item["url"], part, timeout)
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        raise by_hand(item, dest, f"could not download it ({getattr(exc, 'reason', None) or exc}; a partial file "
-                                  f"{part.name} is kept and resumed next time)") from None
-    try:
-        check(item, part)
-    except EncoderError:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
+    part = part_path(dest)
+    with download_lock(dest):
+        if dest.is_file():  # another process finished it while this one waited
+            return check(item, dest)
+        try:
+            download_resumable(item["url"], part, timeout)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            raise by_hand(item, dest, f"could not download it ({getattr(exc, 'reason', None) or exc}; a partial file "
+                                      f"{part.name} is kept and resumed next time)") from None
+        try:
+            check(item, part)
+        except EncoderError:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, dest)
     return dest
-
-
-def download(url: str, part: Path, timeout: float) -> None:
-    """`url` into `part`, resuming from its current size with an HTTP Range request; an answer cut short is
-    an OSError (the part stays, for the next try)."""
-    start = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and start:  # nothing past what we hold: the part is whole
-            return
-        raise
-    with response:
-        resumed = start > 0 and response.status == 206
-        expected = response.headers.get("Content-Length")
-        written = 0
-        with open(part, "ab" if resumed else "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
-                written += len(block)
-            out.flush()
-            os.fsync(out.fileno())
-    if expected is not None and written != int(expected):
-        raise OSError(f"the answer was cut short ({written} of {expected} bytes)")
 
 
 def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
