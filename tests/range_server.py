@@ -11,10 +11,12 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 class Server:
     """http.server on 127.0.0.1 in a thread, serving `files` ({"/name": bytes}, default PAYLOAD at /enc.pt) with
     Range support; the first `cut` answers stop after half the bytes (a connection dropped mid-file); each answer
-    waits `delay` seconds before its body (a slow link)."""
+    waits `delay` seconds before its body (a slow link); a resumed request whose If-Range is not `etag` gets the
+    whole file."""
 
     def __init__(self, cut: int = 0, files: dict[str, bytes] | None = None, delay: float = 0.0) -> None:
         self.cut, self.requests, self.delay = cut, [], delay
+        self.etag = '"v1"'  # set another to say the files changed
         self.files = files if files is not None else {"/enc.pt": PAYLOAD}
         outer = self
 
@@ -24,9 +26,15 @@ class Server:
                 if self.path not in outer.files:
                     self.send_error(404)
                     return
+                whole = outer.files[self.path]
                 start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-                body = outer.files[self.path][start:]
+                if self.headers.get("If-Range", outer.etag) != outer.etag:
+                    start = 0  # the file changed since the part was fetched: all of it again
+                body = whole[start:]
                 self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(whole) - 1}/{len(whole)}")
+                self.send_header("ETag", outer.etag)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 time.sleep(outer.delay)

@@ -337,6 +337,48 @@ def test_the_official_tar_is_downloaded_md5_checked_and_extracted_into_the_cache
     assert read_official(folder, "snow", 3, np.array([1]), labels[[1]], 2).shape == (1, 3, 32, 32)
 
 
+def test_evaluations_that_need_the_official_tar_at_once_download_and_extract_it_once(tmp_path, monkeypatch):
+    """Three callers of fetch_official at the same moment (a sweep's workers): one request, one extraction,
+    every caller gets the complete folder (the waiters no longer extract over a folder another one reads)."""
+    import dataclasses
+    import tarfile
+    import threading
+
+    from range_server import Server
+
+    from robustcl.data.corruptions import OFFICIAL, fetch_official
+    from robustcl.data.files import file_digest
+
+    labels = np.array([3, 8])
+    write_official(tmp_path / "src" / "CIFAR-10-C", 2, labels)
+    with tarfile.open(tmp_path / "CIFAR-10-C.tar", "w") as tar:
+        tar.add(tmp_path / "src" / "CIFAR-10-C", arcname="CIFAR-10-C")
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ROBUSTCL_DATA", str(tmp_path / "cache"))
+    monkeypatch.setitem(OFFICIAL, "cifar10", dataclasses.replace(
+        CIFAR10_C, tarball_md5=file_digest(tmp_path / "CIFAR-10-C.tar", "md5")))
+    server = Server(files={"/CIFAR-10-C.tar": (tmp_path / "CIFAR-10-C.tar").read_bytes()}, delay=0.3)
+    got, errors = [], []
+
+    def evaluation() -> None:
+        try:
+            folder = fetch_official("cifar10")
+            got.append(read_official(folder, "snow", 3, np.array([1]), labels[[1]], 2).shape)
+        except Exception as exc:  # noqa: BLE001 - collected and shown below
+            errors.append(exc)
+
+    with server as base:
+        monkeypatch.setenv("ROBUSTCL_CIFAR_C_URL", base)
+        workers = [threading.Thread(target=evaluation) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert errors == [] and got == [(1, 3, 32, 32)] * 3 and server.requests == [None]
+    assert not [p.name for p in (tmp_path / "cache" / "cifar10").iterdir() if p.name.startswith(".")]
+
+
 def test_paired_differences_carry_the_ca_difference_over_seeds():
     from robustcl.sweep.stats import DIFF_COLUMNS, differences_csv, differences_markdown, paired_differences
 

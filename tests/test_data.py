@@ -558,6 +558,26 @@ def test_an_interrupted_dataset_download_is_resumed_and_checked(tmp_path: Path, 
         assert 0 < (tmp_path / "cache" / "d.bin.part").stat().st_size < len(PAYLOAD) and not dest.exists()
         assert files.download_file(f"{base}/d.bin", dest, md5, "get it by hand") == dest
     assert dest.read_bytes() == PAYLOAD and server.requests == [None, f"bytes={len(PAYLOAD) // 2}-"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["d.bin"]  # no part, validator or lock left
+
+
+def test_a_part_of_a_file_changed_on_the_server_is_not_joined_to_the_new_one(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resumed request is conditional (If-Range: the ETag the part came with): a file replaced on the server
+    comes whole again instead of its tail being appended to the old file's head."""
+    from range_server import PAYLOAD, Server
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    dest = tmp_path / "cache" / "d.bin"
+    new = bytes(reversed(PAYLOAD))
+    server = Server(cut=1, files={"/d.bin": PAYLOAD})
+    with server as base:
+        with pytest.raises(DataError, match="resumed next time"):
+            files.download_file(f"{base}/d.bin", dest, hashlib.md5(new).hexdigest(), "by hand")
+        server.files["/d.bin"], server.etag = new, '"v2"'  # a new version is published meanwhile
+        files.download_file(f"{base}/d.bin", dest, hashlib.md5(new).hexdigest(), "by hand")
+    assert dest.read_bytes() == new and server.requests == [None, f"bytes={len(PAYLOAD) // 2}-"]
     assert sorted(p.name for p in dest.parent.iterdir()) == ["d.bin"]
 
 

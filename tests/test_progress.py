@@ -113,9 +113,20 @@ def test_a_training_bar_is_a_line_a_minute_off_a_terminal_never_a_carriage_retur
     bar.close()  # once is enough
     assert "\r" not in stream.getvalue()
     assert stream.getvalue().splitlines() == [
-        "robustcl pretrain gbrcl bf16: 5/10 steps (50%), 0.04 step/s, ETA 2:05, benign=4.100",
-        "robustcl pretrain gbrcl bf16: 8/10 steps (80%), 0.04 step/s, ETA 0:50, benign=4.100",
-        "robustcl pretrain gbrcl bf16: 9/10 steps (90%), 0.04 step/s, ETA 0:23, benign=4.100"]
+        "robustcl pretrain gbrcl bf16: 5/10 steps (50%), 25.0 s/step, ETA 2:05, benign=4.100",
+        "robustcl pretrain gbrcl bf16: 8/10 steps (80%), 25.0 s/step, ETA 0:50, benign=4.100",
+        "robustcl pretrain gbrcl bf16: 9/10 steps (90%), 22.9 s/step, ETA 0:23, benign=4.100"]
+    stream = io.StringIO()  # a value set after the step that printed a line (ALF's validation): said at the end
+    bar = StepBar(2, "finetune ALF (adversarial)", True, every=60.0, stream=stream, clock=clock)
+    for postfix in ("val_robust=0.400", "val_robust=0.450"):
+        clock.now += 60
+        bar.update(1)
+        bar.set_postfix(dict([postfix.split("=")]))
+    bar.close()
+    assert stream.getvalue().splitlines() == [
+        "robustcl finetune ALF (adversarial): 1/2 steps (50%), 60.0 s/step, ETA 1:00",
+        "robustcl finetune ALF (adversarial): 2/2 steps (100%), 60.0 s/step, val_robust=0.400",
+        "robustcl finetune ALF (adversarial): 2/2 steps (100%), 60.0 s/step, val_robust=0.450"]  # the last value
     terminal, quiet = Terminal(), io.StringIO()
     for stream_, show in ((terminal, True), (quiet, False)):
         bar = StepBar(4, "finetune ALF (adversarial)", show, stream=stream_)

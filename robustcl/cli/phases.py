@@ -129,7 +129,9 @@ def comparison_table(comparison: dict) -> str:
                   f"| {name} | ours - published | {num(diff['clean'])} | {num(diff['robust'])} | "
                   f"{num(diff.get('corruptions'))} | | | | |"]
     sources = dict.fromkeys(row["published_source"] for row in comparison["rows"])
-    return "\n".join([*lines, *(f"source: {s}" for s in sources)])
+    notes = dict.fromkeys(row["corruptions_not_compared"] for row in comparison["rows"]
+                          if row.get("corruptions_not_compared"))
+    return "\n".join([*lines, *(f"source: {s}" for s in sources), *notes])
 
 
 def evaluate_overrides(args: argparse.Namespace) -> list[str]:

@@ -4,13 +4,18 @@ from __future__ import annotations
 import argparse
 
 
+def percent(value: float | None) -> str:
+    """A published number as the catalogue gives it ("n/a" for null: not given by its source)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def published_line(entry: dict) -> str:
     """The SLF clean / AutoAttack numbers of an entry, per publisher ("-" where none is given)."""
     parts = []
     for who, numbers in (entry.get("published") or {}).items():
         slf = (numbers or {}).get("slf") or {}
         if slf:
-            parts.append(f"{who} {slf.get('clean'):.2f}/{slf.get('autoattack'):.2f}")
+            parts.append(f"{who} {percent(slf.get('clean'))}/{percent(slf.get('autoattack'))}")
     return "; ".join(parts) or "-"
 
 
@@ -38,7 +43,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             continue
         protocols = [p for p in ("slf", "alf", "aff") if p in numbers]
         keys = ["clean", "autoattack"] + (["corruptions"] if all("corruptions" in numbers[p] for p in protocols) else [])
-        cells = ", ".join(f"{p.upper()} " + "/".join(f"{numbers[p][k]:.2f}" for k in keys) for p in protocols)
+        cells = ", ".join(f"{p.upper()} " + "/".join(percent(numbers[p][k]) for k in keys) for p in protocols)
         header = "clean/AutoAttack/corrupted (CA)" if "corruptions" in keys else "clean/AutoAttack"
         print(f"published by {who} ({header} %): {cells}; source: {known['sources'][numbers['source']]}")
     if args.fetch:

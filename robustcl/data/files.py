@@ -14,13 +14,14 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import zlib
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
@@ -107,24 +108,39 @@ def url_for(env_var: str, default_base: str, filename: str) -> str:
 
 
 def download_file(url: str, dest: Path, md5: str, manual: str) -> Path:
-    """`url` into `dest` through `<dest>.part` (resumed after an interruption: a 2.9 GB CIFAR-10-C tar need not
-    start over), md5-checked, then renamed atomically; a corrupt whole file is deleted."""
+    """`url` into `dest` (`fetch_file`), md5-checked; the errors are one line ending with `manual`."""
+    def verify(part: Path) -> None:
+        got = file_digest(part, "md5")
+        if got != md5:
+            raise DataError(f"checksum mismatch for {dest.name}: expected {md5}, got {got}; "
+                            "the download is corrupt, retry")
+
+    return fetch_file(url, dest, verify, lambda reason: DataError(f"could not download {url}: {reason}; {manual}"))
+
+
+def fetch_file(url: str, dest: Path, verify: Callable[[Path], None], failed: Callable[[str], Exception],
+               timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """`url` into `dest` through `<dest>.part`, resumed after an interruption (a 2.9 GB CIFAR-10-C tar need not
+    start over); `verify(part)` raises for a bad file, which is then deleted; renamed into place when whole and
+    checked. One process at a time (`file_lock`): one that waited finds `dest` there. `failed(reason)` is the
+    error raised when the download itself fails (the part is kept for the next try)."""
     part = part_path(dest)
-    with download_lock(dest):
+    with file_lock(dest):
         if dest.is_file():  # another process finished it while this one waited
             return dest
         try:
-            download_resumable(url, part)
+            download_resumable(url, part, timeout)
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            kept = f" (the {part.stat().st_size} bytes received are kept in {part} and resumed next time)" \
-                if part.is_file() and part.stat().st_size else ""
-            raise DataError(f"could not download {url}: {exc}{kept}; {manual}") from None
-        got = file_digest(part, "md5")
-        if got != md5:
-            part.unlink(missing_ok=True)
-            raise DataError(f"checksum mismatch for {dest.name}: expected {md5}, got {got}; "
-                            "the download is corrupt, retry")
+            size = part.stat().st_size if part.is_file() else 0
+            kept = f" (the {size} bytes received are kept in {part} and resumed next time)" if size else ""
+            raise failed(f"{exc}{kept}") from None
+        try:
+            verify(part)
+        except Exception:
+            discard_part(part)
+            raise
         os.replace(part, dest)
+        discard_part(part)  # its validator
     return dest
 
 
@@ -133,39 +149,79 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
+def discard_part(part: Path) -> None:
+    """A part and the validator of the answer it came from, gone."""
+    part.unlink(missing_ok=True)
+    part.with_name(part.name + ".validator").unlink(missing_ok=True)
+
+
+_HELD = threading.local()  # the paths this thread holds a file_lock on (the lock is re-entrant per thread)
+
+
 @contextmanager
-def download_lock(dest: Path) -> Iterator[None]:
-    """One process at a time downloads `dest` (a sweep's workers may all need the same dataset): the others wait,
-    then find the file whole. The lock is a flock on `.<dest>.lock` beside it (released if the process dies),
-    removed once `dest` exists: a waiter holding the old one, or a newcomer making a new one, then finds `dest`."""
+def file_lock(path: Path) -> Iterator[None]:
+    """One process at a time downloads or extracts `path` (a sweep's workers may all need the same dataset at
+    once); the others wait, then find the work done. A flock on `.<name>.lock` beside `path`, released if the
+    process dies, removed when the holder is done (a waiter that wakes on a removed lock takes the new one)."""
     import fcntl
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock = dest.with_name(f".{dest.name}.lock")
-    fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    key = os.path.abspath(path)
+    held: set[str] = _HELD.__dict__.setdefault("paths", set())
+    if key in held:
         yield
-        if dest.is_file():
-            lock.unlink(missing_ok=True)
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)  # a read descriptor is enough for flock
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                    break  # the lock file still in place: ours
+            except FileNotFoundError:
+                pass  # removed by the holder we waited for: take the new one
+            os.close(fd)
+    except OSError as exc:
+        raise DataError(f"cannot lock {lock} to fetch {path.name}: {exc.strerror or exc}; make {path.parent} "
+                        "writable, or set ROBUSTCL_DATA to a cache of your own") from None
+    held.add(key)
+    try:
+        yield
     finally:
+        held.discard(key)
+        lock.unlink(missing_ok=True)
         os.close(fd)
 
 
 def download_resumable(url: str, part: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """`url` into `part`, resuming from its current size with an HTTP Range request (a server that ignores the
-    range sends the whole file, which replaces the part); an answer cut short is an OSError and the part stays
-    for the next try."""
+    """`url` into `part`, resuming from its current size with an HTTP Range request made conditional (If-Range)
+    on the validator (ETag or Last-Modified) of the answer the part came from: a file changed on the server, or
+    a server that ignores ranges, sends the whole file, which replaces the part. An answer cut short is an
+    OSError and the part stays for the next try."""
+    validator = part.with_name(part.name + ".validator")
     start = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    if start and validator.is_file():
+        headers["If-Range"] = validator.read_text(encoding="utf-8").strip()
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and start:  # nothing past what we hold: the part is whole
             return
         raise
     with response:
         resumed = start > 0 and response.status == 206
+        if resumed and not (response.headers.get("Content-Range") or "").startswith(f"bytes {start}-"):
+            discard_part(part)
+            raise OSError(f"the server answered another range than bytes {start}- (the part was discarded)")
+        if not resumed:
+            tag = response.headers.get("ETag")
+            mark = tag if tag and not tag.startswith("W/") else response.headers.get("Last-Modified")
+            if mark:
+                validator.write_text(mark, encoding="utf-8")
+            else:
+                validator.unlink(missing_ok=True)
         expected = response.headers.get("Content-Length")
         written = 0
         with open(part, "ab" if resumed else "wb") as out:
@@ -319,7 +375,9 @@ class FileReader(ABC):
             if self.files(directory, split) is not None:
                 return directory
         if download:
-            self.fetch(cache_dir(self.name))
+            with file_lock(cache_dir(self.name)):  # a sweep's workers: one fetches (downloads, extracts), all read
+                if self.files(cache_dir(self.name), split) is None:
+                    self.fetch(cache_dir(self.name))
             if self.files(cache_dir(self.name), split) is not None:
                 return cache_dir(self.name)
             raise DataError(f"{self.name}: download into {cache_dir(self.name)} finished but the files "

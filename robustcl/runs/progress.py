@@ -114,7 +114,7 @@ class StepBar:
                     if show and on_terminal(self.stream) else None)
         self.lines = show and self.bar is None
         self.t0 = self.said = clock()
-        self.said_at = initial  # the count the last line showed
+        self.said_at, self.news = initial, False  # the count the last line showed; postfix set since then
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -124,16 +124,16 @@ class StepBar:
             self._line()
 
     def set_postfix(self, values: dict[str, str] | None = None, refresh: bool = False, **more: str) -> None:
-        self.postfix = {**(values or {}), **more}
+        self.postfix, self.news = {**(values or {}), **more}, True
         if self.bar is not None:
             self.bar.set_postfix(self.postfix, refresh=refresh)
 
     def close(self) -> None:
-        """The bar closed, or the last line (when anything was done since the last one)."""
+        """The bar closed, or the last line (when a step was done or a value set since the last one)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.lines and self.done > self.said_at:
+        elif self.lines and self.done > self.start and (self.done > self.said_at or self.news):
             self._line()
         self.lines = False
 
@@ -143,9 +143,10 @@ class StepBar:
         left = f", ETA {_clock_time((self.total - self.done) / rate)}" if 0 < rate and self.done < self.total else ""
         extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
         percent = 100 * self.done / self.total if self.total else 100.0
-        print(f"robustcl {self.desc}: {self.done}/{self.total} {self.unit}s ({percent:.0f}%), {rate:.2f} {self.unit}/s"
-              f"{left}{extra}", file=self.stream, flush=True)
-        self.said, self.said_at = now, self.done
+        pace = f"{1 / rate:.1f} s/{self.unit}" if 0 < rate < 1 else f"{rate:.2f} {self.unit}/s"  # as tqdm shows it
+        print(f"robustcl {self.desc}: {self.done}/{self.total} {self.unit}s ({percent:.0f}%), {pace}{left}{extra}",
+              file=self.stream, flush=True)
+        self.said, self.said_at, self.news = now, self.done, False
 
 
 def _clock_time(seconds: float) -> str:

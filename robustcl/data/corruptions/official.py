@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base import DataError
-from ..files import cache_dir, download_file, file_digest, safe_extract, url_for, user_path
+from ..files import cache_dir, download_file, file_digest, file_lock, safe_extract, url_for, user_path
 
 URL_ENV = "ROBUSTCL_CIFAR_C_URL"
 SHAPE = (32, 32, 3)
@@ -94,7 +94,9 @@ def find_official(dataset: str, names: tuple[str, ...], root: str | os.PathLike[
                             f"{spec.tarball} again) or ask only for the corruptions it has")
     for base in [*bases, cache_dir(dataset)]:
         if (base / spec.tarball).is_file() and not (base / spec.folder).exists():
-            safe_extract(base / spec.tarball, base)
+            with file_lock(base / spec.tarball):  # several evaluations at once: one extracts, the others wait
+                if not (base / spec.folder).exists():
+                    safe_extract(base / spec.tarball, base)
             if _complete(base / spec.folder, names):
                 return base / spec.folder
     return None
@@ -105,10 +107,13 @@ def fetch_official(dataset: str) -> Path:
     spec = OFFICIAL[dataset]
     target = cache_dir(dataset)
     tarball = target / spec.tarball
-    if not tarball.is_file():
-        manual = f"download {spec.tarball} (Zenodo record {spec.record}) by hand and put it in {target}"
-        download_file(url_for(URL_ENV, spec.default_url(), spec.tarball), tarball, spec.tarball_md5, manual)
-    safe_extract(tarball, target)
+    with file_lock(tarball):  # one process downloads and extracts; the others find the folder
+        if (target / spec.folder / "labels.npy").is_file():
+            return target / spec.folder
+        if not tarball.is_file():
+            manual = f"download {spec.tarball} (Zenodo record {spec.record}) by hand and put it in {target}"
+            download_file(url_for(URL_ENV, spec.default_url(), spec.tarball), tarball, spec.tarball_md5, manual)
+        safe_extract(tarball, target)
     return target / spec.folder
 
 
