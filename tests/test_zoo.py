@@ -139,3 +139,12 @@ def test_zoo_name_resolves_after_an_existing_path(tmp_path, monkeypatch):
     (tmp_path / "cache" / "enc.pt").write_bytes(b"x")  # already in the cache: no download
     path, item = resolve_zoo("zoo:enc")
     assert path == tmp_path / "cache" / "enc.pt" and item["name"] == "enc"
+
+
+def test_a_number_its_source_does_not_give_is_printed_as_such(monkeypatch, capsys):
+    """The catalogue allows null ("not found there, never estimated"): `robustcl zoo` prints n/a, not a traceback."""
+    known = catalogue("http://127.0.0.1:1/enc.pt", None)
+    known["entries"]["enc"]["published"]["benchmark"]["slf"]["autoattack"] = None
+    monkeypatch.setattr(zoo, "catalogue", lambda: known)
+    assert main(["zoo", "enc"]) == 0 and "SLF 80.00/n/a" in capsys.readouterr().out
+    assert main(["zoo"]) == 0 and "| benchmark 80.00/n/a |" in capsys.readouterr().out
