@@ -8,11 +8,12 @@ error (`ConfigError`, `DataError`, `RunError`, `FileNotFoundError`) before anyth
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypedDict, TypeVar, Union
 
 if TYPE_CHECKING:  # each function imports what it runs: `import robustcl` stays light (no torch)
     from robustcl.bound.measure import BoundSettings
@@ -94,6 +95,21 @@ class BoundSweepOutcome:
     failed: dict[str, str]
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _threads_as_found(command: F) -> F:
+    """`command` leaves torch's thread count and `train.threads: auto`'s governor as the caller had them
+    (runtime.threads_as_found; imported when called: `import robustcl` stays light)."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from robustcl.runtime import threads_as_found
+
+        with threads_as_found():
+            return command(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 def _quiet(_: str) -> None:
     """A progress sink that says nothing."""
 
@@ -121,6 +137,7 @@ def _stored_config(run_dir: Path, overrides: Sequence[str]) -> Config:
     return load_config(run_dir / "config.yaml", overrides)
 
 
+@_threads_as_found
 def pretrain(config: ConfigLike | None, out: PathLike | None, overrides: Sequence[str] = (), *, resume: bool = False,
              overwrite: bool = False, progress: bool = False) -> Pretrained:
     """Phase 1 of `config` into run directory `out` (`robustcl pretrain`; None: runs/<config name>); with
@@ -161,6 +178,7 @@ def _refuse_other_config(cfg: Config, config: ConfigLike, overrides: Sequence[st
                           f"from it ({changed}); drop --config (pass changes as key=value overrides)")
 
 
+@_threads_as_found
 def finetune(run: PathLike, protocols: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
              schedule: str | None = None, overwrite: bool = False, progress: bool = False) -> dict[str, HeadRecord]:
     """Fit the phase-2 models of a run (`robustcl finetune`): SLF/ALF heads on the frozen encoder, AFF
@@ -175,6 +193,7 @@ def finetune(run: PathLike, protocols: Sequence[str] | None = None, overrides: S
     return records  # type: ignore[return-value]
 
 
+@_threads_as_found
 def evaluate(run: PathLike, overrides: Sequence[str] = (), *, protocols: Sequence[str] | None = None,
              report: bool = True, progress: bool = False) -> Results:
     """Clean and robust accuracy of a run's fitted models with the integrity checks (`robustcl evaluate`);
@@ -191,6 +210,7 @@ def evaluate(run: PathLike, overrides: Sequence[str] = (), *, protocols: Sequenc
     return results  # type: ignore[return-value]
 
 
+@_threads_as_found
 def run(config: ConfigLike | None, out: PathLike | None, overrides: Sequence[str] = (), *, resume: bool = False,
         overwrite: bool = False, progress: bool = False) -> RunOutcome | None:
     """pretrain -> finetune -> evaluate -> report.md in one call (`robustcl run`). Under torchrun phase 1
@@ -205,6 +225,7 @@ def run(config: ConfigLike | None, out: PathLike | None, overrides: Sequence[str
     return RunOutcome(pretrained.run_dir, pretrained, heads, results, RunDir(pretrained.run_dir).report)
 
 
+@_threads_as_found
 def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | None = None, val_size: int = 500,
              out: PathLike | None = None, protocols: Sequence[str] | None = None, overrides: Sequence[str] = (),
              overwrite: bool = False, progress: bool = False) -> Transferred:
@@ -217,6 +238,7 @@ def transfer(run: PathLike, data: str, *, size: int | None = None, root: str | N
     return Transferred(target.root, results, target.report)  # type: ignore[arg-type]
 
 
+@_threads_as_found
 def sweep(spec: str | PathLike | Sweep, out: PathLike | None = None, overrides: Sequence[str] = (), *,
           seeds: Sequence[int] | None = None, overwrite: bool = False, progress: bool = False,
           rows: Sequence[PathLike] = (), echo: Callable[[str], None] | None = None, **launch: Any) -> SweepOutcome:
@@ -270,6 +292,7 @@ def sweep_summary(spec: str | PathLike | Sweep, out: PathLike | None = None, ove
                            tuple(rows), overwrite)
 
 
+@_threads_as_found
 def bench(config: str | PathLike | Sequence[str | PathLike], overrides: Sequence[str] = (), *,
           batch_sizes: Sequence[int] | None = None, precisions: Sequence[str] | None = None,
           channels_last: bool | None = None, compile: bool = False, compile_backend: str = "inductor",
@@ -301,6 +324,7 @@ def _bound_settings(settings: BoundSettings | None, threads: int) -> BoundSettin
     return settings
 
 
+@_threads_as_found
 def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bool = False, geometry: bool = False,
           threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """The generalisation bound's terms of one run on its held-out split (`robustcl bound --run`): writes
@@ -317,6 +341,7 @@ def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bo
     return measured
 
 
+@_threads_as_found
 def bound_sweep(sweep_dir: PathLike, settings: BoundSettings | None = None, *, overwrite: bool = False,
                 geometry: bool = False, threads: int = 1, progress: bool = False) -> BoundSweepOutcome:
     """`bound` for every run of a sweep directory, then bound_summary.md/.csv and the rank correlations
@@ -344,6 +369,7 @@ def load_encoder(path: PathLike, branch: str | int = "headline", *, layout: str 
     return load_plain(path, branch, layout=layout, stem_padding=stem_padding, mean=mean, std=std, data=data)
 
 
+@_threads_as_found
 def evaluate_encoder(encoder: Any, data: str, out: PathLike | None = None, *, config: str | None = None,
                      overrides: Sequence[str] = (), protocols: Sequence[str] | None = None,
                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -393,6 +419,7 @@ def export_torchvision(run: PathLike, branch: str = "headline", out: PathLike | 
         raise RunError(str(exc)) from None
 
 
+@_threads_as_found
 def demo(out: PathLike = "runs/demo", overrides: Sequence[str] = (), *, overwrite: bool = False,
          progress: bool = False) -> Path:
     """gbrcl against SimCLR on Fashion-MNIST, end to end (`robustcl demo`); returns the report's path.

@@ -135,6 +135,20 @@ def paced(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def threads_as_found() -> Iterator[None]:
+    """A command called from Python (a notebook, a script) leaves torch's thread count and the governor as it
+    found them: a count chosen in a busy moment does not outlive the call and slow what the caller runs next."""
+    global _governor
+    threads, governor = torch.get_num_threads(), _governor
+    try:
+        yield
+    finally:
+        _governor = governor
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def governed() -> bool:
     """Whether `train.threads: auto` is following the load in this process now."""
     return _governor is not None
@@ -191,4 +205,4 @@ def config_change(stored: Mapping[str, Any], cfg: Config, may_change: Sequence[s
 
 
 __all__ = ["ONLY_THREADS", "Runtime", "ThreadGovernor", "comparable", "config_change", "governed", "open_runtime", "pace_threads",
-           "paced", "resolve_device", "resolve_runtime", "started_config", "torchrun_ranks"]
+           "paced", "resolve_device", "resolve_runtime", "started_config", "threads_as_found", "torchrun_ranks"]

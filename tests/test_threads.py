@@ -186,3 +186,18 @@ def test_evaluation_results_do_not_depend_on_the_thread_count(tmp_path):
         record.pop("hardware")
         results.append(record)
     assert results[0] == results[1]
+
+
+def test_a_command_called_from_python_leaves_the_thread_count_as_it_found_it(tmp_path, monkeypatch):
+    """In a notebook the count a busy moment chose (1 of 2) must not outlive the call, nor the governor."""
+    from robustcl import api
+
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ThreadGovernor, "start", lambda self, window=0.1: torch.set_num_threads(1) or 1)
+    torch.set_num_threads(2)
+    seen = []
+    monkeypatch.setattr("robustcl.train.pretrain.pace_threads", lambda: seen.append(torch.get_num_threads()))
+    api.pretrain("smoke", tmp_path / "run", ["train.threads=auto", "train.max_steps=2"])
+    assert seen and set(seen) == {1}  # the governor's count while the command ran
+    assert torch.get_num_threads() == 2 and not runtime.governed()  # the caller's, after it
