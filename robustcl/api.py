@@ -326,15 +326,19 @@ def _bound_settings(settings: BoundSettings | None, threads: int) -> BoundSettin
 
 @_threads_as_found
 def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bool = False, geometry: bool = False,
-          threads: int = 1, progress: bool = False) -> dict[str, Any]:
+          threads: int = 1, progress: bool = False, stages: bool | None = None) -> dict[str, Any]:
     """The generalisation bound's terms of one run on its held-out split (`robustcl bound --run`): writes
     bound.json (returned; reused when measured with the same settings) and the report's section; with
-    `progress`, prints the headline terms and whether they were measured or reused."""
+    `progress`, prints the headline terms and whether they were measured or reused, and shows each stage (a
+    bar on a terminal, a line elsewhere; `stages` decides that alone when given)."""
     from robustcl.bound.measure import measure_run
     from robustcl.bound.report import describe
     from robustcl.runs import RunDir
 
-    measured, fresh = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads)
+    from robustcl.runs.progress import Progress
+
+    measured, fresh = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads,
+                                  Progress("bound", show=progress if stages is None else stages))
     if progress:
         geometry_file = f"; geometry: {Path(run) / measured['geometry']['path']}" if measured.get("geometry") else ""
         print(f"{describe(measured)}\n{'measured' if fresh else 'reused'}: {RunDir(run).bound}{geometry_file}")
@@ -348,8 +352,10 @@ def bound_sweep(sweep_dir: PathLike, settings: BoundSettings | None = None, *, o
     with robust error (`robustcl bound --sweep`)."""
     from robustcl.bound.summary import measure_sweep
 
+    from robustcl.runs.progress import Progress
+
     path, failed = measure_sweep(Path(sweep_dir), _bound_settings(settings, threads), overwrite, geometry,
-                                 _echo(progress), threads)
+                                 _echo(progress), threads, Progress("bound", show=progress))
     return BoundSweepOutcome(path, failed)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -106,6 +107,25 @@ def test_remeasuring_with_the_same_seed_is_bit_identical_and_reuse_needs_same_se
     assert "--overwrite" in err and "\n" not in err
 
 
+def test_each_stage_is_a_line_off_a_terminal_nothing_when_quiet_and_the_terms_do_not_change(tiny_run, measured,
+                                                                                             tmp_path, capsys):
+    """`robustcl bound` takes tens of seconds on the demo's run: each stage says when it is done (a bar on a
+    terminal); the numbers are the same with or without it."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run.root, copy)
+    capsys.readouterr()
+    loud = [a for a in FAST if a != "--quiet"]
+    assert main(["bound", "--run", str(copy), *loud, "--overwrite"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("robustcl bound ")]
+    stages = [re.match(r"robustcl bound (.+): (\d+) images? in \d+\.\d s", line).groups() for line in lines]
+    assert stages == [("features and attack", "64"), ("sharpness", "32"), ("divergence", "64"),
+                      ("slf/robust loss", "32")]
+    shown = json.loads((copy / "bound.json").read_text())
+    assert main(["bound", "--run", str(copy), *FAST, "--overwrite"]) == 0
+    assert capsys.readouterr().err == ""
+    assert strip_timing(json.loads((copy / "bound.json").read_text())) == strip_timing(shown)
+
+
 def test_geometry_plot(tiny_run, measured):
     assert main(["bound", "--run", str(tiny_run.root), *FAST, "--geometry"]) == 0
     png = tiny_run.plots / "geometry.png"
@@ -140,6 +160,8 @@ def test_sweep_gathers_reuses_and_measures(tiny_run, measured, tmp_path, capsys)
     out = capsys.readouterr()
     assert "a-s0: bound.json reused" in out.out and "b-s0: measured in" in out.out
     assert "broken-s0: failed:" in out.out
+    assert "robustcl bound b-s0/features and attack: 64 images in " in out.err  # each stage, named by its run
+    assert "robustcl bound a-s0/" not in out.err  # reused: nothing measured
     with open(sweep / "bound_summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["run"] for r in rows] == ["a-s0", "b-s0"]

@@ -39,6 +39,7 @@ from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, RunError
 from robustcl.runs.guard import writing
 from robustcl.runs.loaders import checkpoint_fix, load_checkpoint, load_state_into
+from robustcl.runs.progress import SILENT, Progress, Tick
 from robustcl.views import strong_view, weak_view
 
 GEOMETRY_FILE = "geometry.png"
@@ -192,8 +193,10 @@ def attacked_view(method: Method) -> str:
     return method.attack_view()
 
 
-def collect(loaded: LoadedRun, attack: AttackConfig, batch_size: int, seed: int) -> Collected:
-    """Views p, q and q' = PGD(q) per batch (one seeded generator), features at z and h, and both InfoNCE terms."""
+def collect(loaded: LoadedRun, attack: AttackConfig, batch_size: int, seed: int,
+            tick: Tick | None = None) -> Collected:
+    """Views p, q and q' = PGD(q) per batch (one seeded generator), features at z and h, and both InfoNCE terms
+    (`tick(b)` after each batch of b images)."""
     method, cfg, device = loaded.method, loaded.cfg, loaded.device
     n = len(loaded.images)
     b = min(batch_size, n)
@@ -230,6 +233,8 @@ def collect(loaded: LoadedRun, attack: AttackConfig, batch_size: int, seed: int)
                 feats[key].append(value.float().cpu())
             views["p"].append(p)
             views["q"].append(q)
+            if tick is not None:
+                tick(b)
     return Collected(views["p"], views["q"], *(torch.cat(feats[k]) for k in keys), head,
                      loaded.labels[:n_batches * b].cpu(), nce["benign"], nce["adversarial"])
 
@@ -298,7 +303,8 @@ def divergence_terms(collected: Collected, settings: BoundSettings) -> dict[str,
     return out
 
 
-def robust_loss(run: RunDir, cfg: Config, protocol: str, device: torch.device) -> dict[str, Any]:
+def robust_loss(run: RunDir, cfg: Config, protocol: str, device: torch.device,
+                tick: Tick | None = None) -> dict[str, Any]:
     """Mean cross-entropy and accuracy under one pass of the evaluation's PGD (its subset, seed, batches), one model."""
     from robustcl.evaluation.robust import ce_objective
     from robustcl.evaluation.run_eval import protocol_model, test_subset
@@ -322,12 +328,16 @@ def robust_loss(run: RunDir, cfg: Config, protocol: str, device: torch.device) -
             logits = model(x_adv).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(1) == y).sum())
+        if tick is not None:
+            tick(len(y))
     return {"robust_loss": loss_sum / len(images), "robust_acc_recomputed": correct / len(images),
             "n_test": int(len(images))}
 
 
-def phase2_terms(run: RunDir, cfg: Config, device: torch.device, with_loss: bool) -> dict[str, Any]:
-    """Robust error (1 - headline PGD accuracy) per protocol from results.json, plus the robust loss if asked."""
+def phase2_terms(run: RunDir, cfg: Config, device: torch.device, with_loss: bool,
+                 parts: Progress = SILENT) -> dict[str, Any]:
+    """Robust error (1 - headline PGD accuracy) per protocol from results.json, plus the robust loss if asked
+    (a part of `parts` per protocol)."""
     from robustcl.evaluation.run_eval import attack_name
 
     results = run.read_results()
@@ -342,7 +352,8 @@ def phase2_terms(run: RunDir, cfg: Config, device: torch.device, with_loss: bool
         acc = r["robust"].get(key, next(iter(r["robust"].values())))
         entry: dict[str, Any] = {"branch": r["branch"], "robust_error": 1 - acc, "clean_error": 1 - r["clean_acc"]}
         if with_loss and run.head(protocol).is_file() and run.encoder.is_file():
-            entry.update(robust_loss(run, cfg, protocol, device))
+            with parts.part(f"{protocol}/robust loss", int(results.get("n_eval") or 0)) as part:
+                entry.update(robust_loss(run, cfg, protocol, device, part.update))
             if restarts == 1:  # one PGD pass with the evaluation's seed: the same accuracy as results.json
                 entry["recomputed_matches_results"] = math.isclose(entry["robust_acc_recomputed"], acc, abs_tol=1e-9)
         out["protocols"][protocol] = entry
@@ -350,12 +361,14 @@ def phase2_terms(run: RunDir, cfg: Config, device: torch.device, with_loss: bool
 
 
 # ------------------------------------------------------------------------------ one run
-def measure(loaded: LoadedRun, settings: BoundSettings, collected: Collected | None = None) -> dict[str, Any]:
-    """Every term for a loaded run: the content of bound.json (wall-clock timing under "seconds")."""
+def measure(loaded: LoadedRun, settings: BoundSettings, collected: Collected | None = None,
+            parts: Progress = SILENT) -> dict[str, Any]:
+    """Every term for a loaded run: the content of bound.json (wall-clock timing under "seconds"); each stage a
+    part of `parts` (a bar, a line or nothing), counted in the held-out images it uses."""
     t0 = time.perf_counter()
     attack, source = resolve_attack(loaded.cfg, loaded.method, settings)
     if collected is None:
-        collected = collect(loaded, attack, settings.batch_size, settings.seed)
+        collected = collect_part(loaded, attack, settings, parts)
     n_batches = len(collected.p)
     b = collected.p[0].shape[0]
     result: dict[str, Any] = {
@@ -371,16 +384,26 @@ def measure(loaded: LoadedRun, settings: BoundSettings, collected: Collected | N
                   "adversarial_nce": sum(collected.adversarial_nce) / n_batches,
                   "benign_nce_per_batch": collected.benign_nce, "adversarial_nce_per_batch": collected.adversarial_nce},
     }
-    parts = {"features_and_attack": time.perf_counter() - t0}
+    seconds = {"features_and_attack": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    result["terms"]["sharpness"] = sharpness_terms(loaded, collected, settings)
-    parts["sharpness"], t1 = time.perf_counter() - t1, time.perf_counter()
-    result["terms"]["divergence"] = divergence_terms(collected, settings)
-    parts["divergence"], t1 = time.perf_counter() - t1, time.perf_counter()
-    result["phase2"] = phase2_terms(loaded.run, loaded.cfg, loaded.device, settings.robust_loss)
-    parts["phase2"] = time.perf_counter() - t1
-    result["seconds"] = {"total": time.perf_counter() - t0, **parts}
+    with parts.part("sharpness", sharpness_batches(collected, settings.sharpness_images) * b):
+        result["terms"]["sharpness"] = sharpness_terms(loaded, collected, settings)
+    seconds["sharpness"], t1 = time.perf_counter() - t1, time.perf_counter()
+    with parts.part("divergence", n_batches * b):
+        result["terms"]["divergence"] = divergence_terms(collected, settings)
+    seconds["divergence"], t1 = time.perf_counter() - t1, time.perf_counter()
+    result["phase2"] = phase2_terms(loaded.run, loaded.cfg, loaded.device, settings.robust_loss, parts)
+    seconds["phase2"] = time.perf_counter() - t1
+    result["seconds"] = {"total": time.perf_counter() - t0, **seconds}
     return result
+
+
+def collect_part(loaded: LoadedRun, attack: AttackConfig, settings: BoundSettings, parts: Progress) -> Collected:
+    """`collect` as the part "features and attack" of `parts`."""
+    n = len(loaded.images)
+    b = min(settings.batch_size, n)
+    with parts.part("features and attack", n // b * b) as part:
+        return collect(loaded, attack, settings.batch_size, settings.seed, part.update)
 
 
 def first_setting_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
@@ -418,7 +441,7 @@ def reusable(run: RunDir, settings: BoundSettings, overwrite: bool) -> dict[str,
 
 
 def measure_run(root: Path | str, settings: BoundSettings, overwrite: bool = False, geometry: bool = False,
-                threads: int = 1) -> tuple[dict[str, Any], bool]:
+                threads: int = 1, parts: Progress = SILENT) -> tuple[dict[str, Any], bool]:
     """bound.json for one run (reused when present with the same settings), the report section; (bound, measured).
 
     Runs with `threads` torch threads (restored after): on a shared CPU one thread is both faster for the
@@ -431,11 +454,11 @@ def measure_run(root: Path | str, settings: BoundSettings, overwrite: bool = Fal
     if not run.root.is_dir():
         raise RunError(f"{run.root} is not a directory; pass a run directory written by `robustcl pretrain`")
     with writing(run.root, "bound.json and its report section"):  # before any work: writable, one writer
-        return _measure_and_write(run, settings, stored, geometry, threads)
+        return _measure_and_write(run, settings, stored, geometry, threads, parts)
 
 
 def _measure_and_write(run: RunDir, settings: BoundSettings, stored: dict[str, Any] | None, geometry: bool,
-                       threads: int) -> tuple[dict[str, Any], bool]:
+                       threads: int, parts: Progress = SILENT) -> tuple[dict[str, Any], bool]:
     """`measure_run`'s work, once the run is known writable and locked."""
     root = run.root
     previous = torch.get_num_threads()
@@ -444,10 +467,10 @@ def _measure_and_write(run: RunDir, settings: BoundSettings, stored: dict[str, A
         loaded = load_run(root, settings.images)
         attack, _ = resolve_attack(loaded.cfg, loaded.method, settings)
         t0 = time.perf_counter()
-        collected = collect(loaded, attack, settings.batch_size, settings.seed)
+        collected = collect_part(loaded, attack, settings, parts)
         collect_seconds = time.perf_counter() - t0
         if stored is None:
-            bound = {**measure(loaded, settings, collected), "threads": threads}
+            bound = {**measure(loaded, settings, collected, parts), "threads": threads}
             bound["seconds"]["features_and_attack"] = collect_seconds
             bound["seconds"]["total"] += collect_seconds
         else:

@@ -22,6 +22,7 @@ from robustcl.data import DataError
 from robustcl.objectives.divergences import DIVERGENCES
 from robustcl.runs import RunDir, RunError, atomic_write_bytes, atomic_write_text
 from robustcl.runs.layout import SweepLayout
+from robustcl.runs.progress import SILENT, Progress
 
 SUM_TERM = "bound_sum"
 PLOT_FOLDER = "bound_plots"
@@ -288,8 +289,10 @@ def plot_each_term(rows: Sequence[tuple[str, dict[str, Any]]], corr: list[dict[s
 
 
 def measure_sweep(folder: Path | str, settings: BoundSettings, overwrite: bool = False, geometry: bool = False,
-                  echo: Callable[[str], None] = print, threads: int = 1) -> tuple[Path, dict[str, str]]:
-    """bound.json for every run (measuring those without), then the summary files; (bound_summary.md, failures)."""
+                  echo: Callable[[str], None] = print, threads: int = 1,
+                  parts: Progress = SILENT) -> tuple[Path, dict[str, str]]:
+    """bound.json for every run (measuring those without; each stage a part of `parts`, named by run), then the
+    summary files; (bound_summary.md, failures)."""
     import time
 
     folder = Path(folder)
@@ -301,7 +304,7 @@ def measure_sweep(folder: Path | str, settings: BoundSettings, overwrite: bool =
     for i, root in enumerate(runs, 1):
         t0 = time.perf_counter()
         try:
-            bound, measured = measure_run(root, settings, overwrite, geometry, threads)
+            bound, measured = measure_run(root, settings, overwrite, geometry, threads, parts.scoped(run_name=root.name))
         except (RunError, DataError, ConfigError) as exc:  # one run's problem: report it, measure the others
             failed[root.name] = str(exc)
             echo(f"[{i}/{len(runs)}] {root.name}: failed: {exc}")

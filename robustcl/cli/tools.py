@@ -116,7 +116,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     settings = bound_settings(args)
     if args.run:
         api.bound(args.run, settings, overwrite=args.overwrite, geometry=args.geometry, threads=args.threads,
-                  progress=True)
+                  progress=True, stages=not args.quiet)  # the terms are the command's output; --quiet hides stages
         return 0
     outcome = api.bound_sweep(args.sweep, settings, overwrite=args.overwrite, geometry=args.geometry,
                               threads=args.threads, progress=not args.quiet)
@@ -217,7 +217,7 @@ def register_bound(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--geometry", action="store_true", help="also write plots/geometry.png (2-D PCA of features)")
     p.add_argument("--overwrite", action="store_true", help="re-measure runs that already have bound.json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads while measuring (default 1)")
-    p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or lines (each stage; per run of a sweep)")
     p.set_defaults(fn=cmd_bound)
 
 
