@@ -286,6 +286,24 @@ def test_lp_aff_returns_a_new_encoder_from_deterministic_pseudo_labels(monkeypat
     assert [(r["stage"], r["epoch"]) for r in logged[:3]] == [("lp", 1), ("aff", 1), ("aff", 2)]
 
 
+def test_lp_aff_shows_its_two_stages_off_a_terminal_and_says_nothing_quiet(capsys):
+    """DynACL++'s post-processing trains before every protocol: its probe and fine-tuning are progress lines too."""
+    cfg = smoke(*LP_AFF)
+    encoder = build_method(cfg, 1, (0.5,), (0.25,)).encoder.eval()
+    images = load_split(cfg, "train").images[:128]
+    for progress in (False, True):
+        lp_aff(encoder, images, "adversarial", cfg, torch.device("cpu"), contextlib.nullcontext, lambda r: None,
+               progress)
+        err = capsys.readouterr().err
+        if not progress:
+            assert err == ""
+    lines = err.splitlines()
+    assert "\r" not in err and len(lines) == 2, err
+    assert lines[0].startswith("robustcl finetune LP-AFF linear probe (adversarial): 1/1 epochs (100%), ")
+    assert lines[1].startswith(f"robustcl finetune LP-AFF {cfg.finetune.postprocess.aff.loss} (adversarial): ")
+    assert "loss=" in lines[0] and "loss=" in lines[1]
+
+
 def test_finetune_post_processes_once_and_every_protocol_reads_the_new_encoder(tmp_path):
     from robustcl.evaluation.run_eval import protocol_model
     from robustcl.export import read_encoder

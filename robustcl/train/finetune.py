@@ -260,7 +260,7 @@ def _fit_heads(runtime: Runtime, run: RunDir, protocols: tuple[str, ...] | None,
     with open_logger(run, cfg) as logger, paced(encoder):
         post = None
         if cfg.finetune.postprocess is not None and cfg.finetune.postprocess.name != "none":
-            encoder, post = lp_aff(encoder, train[0], branch, cfg, device, autocast, logger.log)
+            encoder, post = lp_aff(encoder, train[0], branch, cfg, device, autocast, logger.log, progress)
         for protocol in protocols or cfg.finetune.protocols:
             torch.manual_seed(cfg.seed)
             head = LinearHead(encoder.feature_dim, data.info.num_classes).to(device)

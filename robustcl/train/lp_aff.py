@@ -21,6 +21,7 @@ from robustcl.config import AffConfig, Config, ConfigError, PostprocessConfig
 from robustcl.models import BranchModel, Encoder, LinearHead
 from robustcl.objectives import pgd
 from robustcl.objectives.trades import trades_attack, trades_loss
+from robustcl.runs.progress import StepBar
 from robustcl.views import weak_view
 
 Log = Callable[[dict[str, Any]], None]
@@ -89,11 +90,12 @@ def pseudo_labels(encoder: Encoder, images: torch.Tensor, pp: PostprocessConfig,
 
 
 def linear_probe(encoder: Encoder, head: LinearHead, branch: str, labels: torch.Tensor, view: View, n: int,
-                 pp: PostprocessConfig, gen: torch.Generator, autocast, log: Log) -> torch.Tensor:
+                 pp: PostprocessConfig, gen: torch.Generator, autocast, log: Log, progress: bool = False) -> torch.Tensor:
     """2. `pp.lp_epochs` of the k-way head on frozen eval-mode features through `branch`; the last loss."""
     aff = pp.aff
     opt = torch.optim.SGD(head.parameters(), lr=pp.lp_lr, momentum=aff.momentum, weight_decay=aff.weight_decay)
     lp_loss = torch.zeros(())
+    bar = StepBar(pp.lp_epochs, f"finetune LP-AFF linear probe ({branch})", progress, unit="epoch")
     for epoch in range(pp.lp_epochs):
         for idx in _batches(n, aff.batch_size, gen):
             with torch.no_grad(), autocast():
@@ -103,6 +105,9 @@ def linear_probe(encoder: Encoder, head: LinearHead, branch: str, labels: torch.
             lp_loss.backward()
             opt.step()
         log({"phase": "postprocess", "stage": "lp", "epoch": epoch + 1, "loss": lp_loss.item()})
+        bar.set_postfix(loss=f"{lp_loss.item():.3f}")
+        bar.update(1)
+    bar.close()
     return lp_loss
 
 
@@ -140,7 +145,8 @@ def _fine_tune_step(model: BranchModel, x: torch.Tensor, y: torch.Tensor, aff: A
 
 
 def adversarial_fine_tune(model: BranchModel, labels: torch.Tensor, view: View, n: int, pp: PostprocessConfig,
-                          gen: torch.Generator, attack_gen: torch.Generator, autocast, log: Log) -> torch.Tensor:
+                          gen: torch.Generator, attack_gen: torch.Generator, autocast, log: Log,
+                          progress: bool = False) -> torch.Tensor:
     """3. `pp.aff.epochs` of adversarial full fine-tuning of encoder and head on the pseudo-labels (lr x 0.1 at
     each of `pp.milestones`); the last loss."""
     aff = pp.aff
@@ -148,17 +154,21 @@ def adversarial_fine_tune(model: BranchModel, labels: torch.Tensor, view: View, 
     opt = torch.optim.SGD([*model.encoder.parameters(), *model.head.parameters()], lr=aff.lr, momentum=aff.momentum,
                           weight_decay=aff.weight_decay)
     aff_loss = torch.zeros(())
+    bar = StepBar(aff.epochs * (n // aff.batch_size), f"finetune LP-AFF {aff.loss} ({model.branch})", progress)
     for epoch in range(aff.epochs):
         for group in opt.param_groups:
             group["lr"] = aff.lr * 0.1 ** sum(epoch >= m for m in pp.milestones)
         for idx in _batches(n, aff.batch_size, gen):
             aff_loss = _fine_tune_step(model, view(idx), labels[idx], aff, opt, attack_gen, autocast)
+            bar.update(1)
         log({"phase": "postprocess", "stage": "aff", "epoch": epoch + 1, "loss": aff_loss.item()})
+        bar.set_postfix(loss=f"{aff_loss.item():.3f}")
+    bar.close()
     return aff_loss
 
 
 def lp_aff(encoder: Encoder, images: torch.Tensor, branch: str, cfg: Config, device: torch.device, autocast,
-           log: Log) -> tuple[Encoder, dict[str, Any]]:
+           log: Log, progress: bool = False) -> tuple[Encoder, dict[str, Any]]:
     """DynACL++'s post-processing of `encoder` on uint8 `images`: a new encoder (the input is left alone) + a record.
 
     1. pseudo-labels: k-means of the benign-branch features; 2. linear probing of a k-way head through
@@ -186,8 +196,8 @@ def lp_aff(encoder: Encoder, images: torch.Tensor, branch: str, cfg: Config, dev
     torch.manual_seed(cfg.seed)
     head = LinearHead(encoder.feature_dim, pp.clusters).to(device)
     model = BranchModel(encoder, head, branch)
-    lp_loss = linear_probe(encoder, head, branch, labels, view, len(images), pp, gen, autocast, log)
-    aff_loss = adversarial_fine_tune(model, labels, view, len(images), pp, gen, attack_gen, autocast, log)
+    lp_loss = linear_probe(encoder, head, branch, labels, view, len(images), pp, gen, autocast, log, progress)
+    aff_loss = adversarial_fine_tune(model, labels, view, len(images), pp, gen, attack_gen, autocast, log, progress)
     encoder.eval().requires_grad_(False)
     record = {"name": pp.name, "clusters": pp.clusters, "cluster_sizes": sizes, "cluster_branch": "benign",
               "branch": branch, "n_train": len(images), "lp_loss": lp_loss.item(), "aff_loss": aff_loss.item(),
