@@ -334,7 +334,6 @@ def bound(run: PathLike, settings: BoundSettings | None = None, *, overwrite: bo
     from robustcl.bound.measure import measure_run
     from robustcl.bound.report import describe
     from robustcl.runs import RunDir
-
     from robustcl.runs.progress import Progress
 
     measured, fresh = measure_run(Path(run), _bound_settings(settings, threads), overwrite, geometry, threads,
@@ -351,7 +350,6 @@ def bound_sweep(sweep_dir: PathLike, settings: BoundSettings | None = None, *, o
     """`bound` for every run of a sweep directory, then bound_summary.md/.csv and the rank correlations
     with robust error (`robustcl bound --sweep`)."""
     from robustcl.bound.summary import measure_sweep
-
     from robustcl.runs.progress import Progress
 
     path, failed = measure_sweep(Path(sweep_dir), _bound_settings(settings, threads), overwrite, geometry,
