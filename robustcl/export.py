@@ -111,8 +111,7 @@ def read_encoder(path: Path | str) -> tuple[Encoder, dict[str, Any]]:
         if meta.get("stem_padding", 1) != 1:  # a published layout's stem (DeACL: 2), kept by its evaluation directory
             kwargs["stem_padding"] = int(meta["stem_padding"])
         encoder = build_encoder(meta["arch"], meta["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
-                                dual_bn=meta["dual_bn"], **kwargs)
-        encoder.l2_normalise = meta.get("features", "l2") != "raw"  # a published protocol's raw pooled features
+                                dual_bn=meta["dual_bn"], l2_normalise=meta.get("features", "l2") != "raw", **kwargs)
     except (ValueError, TypeError, KeyError) as exc:
         raise RunFileError(f"{path} has encoder metadata robustcl cannot build ({exc}); {encoder_fix(path)}") from None
     load_state_into(encoder, tensors, path, encoder_fix(path))

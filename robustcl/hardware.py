@@ -214,14 +214,18 @@ def threads_for(free_cores: float, limit: int) -> int:
     return max(1, min(limit, math.floor(free_cores + 0.4)))
 
 
+def local_ranks() -> int:
+    """The torchrun ranks sharing this machine (LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def resolve_threads(requested: int | str | None) -> int | None:
-    """`auto` -> usable cores divided among the local torchrun ranks (LOCAL_WORLD_SIZE); an int is kept."""
+    """`auto` -> usable cores divided among the local torchrun ranks (`local_ranks`); an int is kept."""
     if requested != "auto":
         return requested  # type: ignore[return-value]
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, usable_cpus() // max(1, local))
+    return max(1, usable_cpus() // local_ranks())
 
 
 __all__ = ["BUSY_FIELDS", "CAPABILITY_ENV", "PRECISION_CHOICES", "CpuCapability", "FreeCores", "busy_cpu_seconds",
-           "cpu_capability", "device_description", "native_bf16", "resolve_precision", "resolve_threads", "threads_for",
+           "cpu_capability", "device_description", "local_ranks", "native_bf16", "resolve_precision", "resolve_threads", "threads_for",
            "usable_cpus"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from torch import nn
 
 from robustcl.config import Config, ConfigError, dump_yaml, first_difference, from_mapping
-from robustcl.hardware import FreeCores, resolve_precision, resolve_threads, threads_for
+from robustcl.hardware import FreeCores, local_ranks, resolve_precision, resolve_threads, threads_for
 from robustcl.runs.loggers import check_loggers
 
 # A run reused as it is (sweep status, demo) may differ from the config in its thread count alone; a resumed
@@ -118,7 +117,7 @@ _governor: ThreadGovernor | None = None
 def torchrun_ranks() -> bool:
     """Several local ranks of one torchrun job: they step together, so each would count the others as outside
     load and their counts would swing in step; they keep resolve_threads' fixed share instead."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1
+    return local_ranks() > 1
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Intervals for sweep results: Student-t over seeds and a paired bootstrap over test images (numpy only).
+"""Intervals for results: Student-t over seeds, a paired bootstrap over test images, and Wilson's interval of one
+accuracy over its test images (numpy only).
 
 Student's t quantile is computed exactly for integer degrees of freedom: the two-sided probability
 P(|T| <= t) has a finite closed form in theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4: a
@@ -119,4 +120,15 @@ def paired_bootstrap(deltas: Sequence[tuple[np.ndarray, int]], reps: int = 2000,
     return Interval(estimate, float(lo), float(hi), len(deltas), level, "bootstrap")
 
 
-__all__ = ["Interval", "paired_bootstrap", "paired_t_interval", "t_interval", "t_quantile", "t_two_sided_probability"]
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, `successes` of `n` (an accuracy over n test images)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+__all__ = ["Interval", "paired_bootstrap", "paired_t_interval", "t_interval", "t_quantile", "t_two_sided_probability",
+           "wilson_interval"]

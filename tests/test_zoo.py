@@ -110,7 +110,7 @@ def test_the_comparison_gives_ca_only_for_the_published_sets_fifteen_corruptions
     assert row["difference"]["corruptions"] == pytest.approx(1.5)
     lo, hi = row["intervals_95"]["corruptions"]
     assert lo < 71.5 < hi and hi - lo == pytest.approx(8.8, abs=0.2)  # Wilson over the 400 images of one cell
-    from robustcl.cli.phases import comparison_table
+    from robustcl.cli.zoo import comparison_table
 
     table = comparison_table({"entry": "enc", "rows": [row]})
     assert "| SLF | ours (robustcl's protocol) | 80.00 | 42.00 | 71.50 | autoattack |" in table
@@ -127,17 +127,15 @@ def test_the_comparison_gives_ca_only_for_the_published_sets_fifteen_corruptions
 
 
 def test_zoo_name_resolves_after_an_existing_path(tmp_path, monkeypatch):
-    from robustcl.encoders.evaluate import resolve_zoo
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "zoo:enc").write_bytes(b"")  # a file of that name wins
-    assert resolve_zoo("zoo:enc") == ("zoo:enc", None)
+    assert zoo.resolve("zoo:enc") == ("zoo:enc", None)
     (tmp_path / "zoo:enc").unlink()
     monkeypatch.setattr(zoo, "catalogue", lambda: catalogue("https://www.dropbox.com/s/x/enc.pt", None))
     monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "enc.pt").write_bytes(b"x")  # already in the cache: no download
-    path, item = resolve_zoo("zoo:enc")
+    path, item = zoo.resolve("zoo:enc")
     assert path == tmp_path / "cache" / "enc.pt" and item["name"] == "enc"
 
 

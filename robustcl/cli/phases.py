@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from robustcl.cli.zoo import comparison_table
+
 OVERRIDES_HELP = "config overrides, e.g. train.lr=0.1"
 
 
@@ -104,34 +106,6 @@ def reading_options(args: argparse.Namespace) -> dict:
     """How to read a published checkpoint (--format, --bn-branch, --stem-padding, --protocol-of, --compare)."""
     return {"layout": args.format, "bn_branch": args.bn_branch, "stem_padding": args.stem_padding,
             "protocol_of": args.protocol_of, "compare": args.compare, "announce": print}
-
-
-def comparison_table(comparison: dict) -> str:
-    """Our reading beside the catalogue's published one, per protocol: values, difference, our 95% intervals (CA: n/a
-    unless this evaluation read the benchmark's 15 corruptions at severities 1-5, `--corruptions all`)."""
-    def num(v: object) -> str:
-        return "n/a" if v is None else f"{v:.2f}"
-
-    def span(interval: list[float] | None) -> str:
-        return "" if interval is None else f"{num(interval[0])}-{num(interval[1])}"
-
-    lines = [f"compared with the catalogue's {comparison['entry']} (published numbers under their own protocol):",
-             "| protocol | reading | clean (%) | robust (%) | corrupted, CA (%) | attack | clean 95% | robust 95% | CA 95% |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in comparison["rows"]:
-        ours, theirs, diff, ci = row["ours"], row["published"], row["difference"], row["intervals_95"]
-        name = row["protocol"].upper()
-        lines += [f"| {name} | {row['label']} | {num(ours['clean'])} | {num(ours['robust'])} | "
-                  f"{num(ours.get('corruptions'))} | {row['attack']} | {span(ci['clean'])} | {span(ci['robust'])} | "
-                  f"{span(ci.get('corruptions'))} |",
-                  f"| {name} | published by {row['published_by']} | {num(theirs['clean'])} | {num(theirs['robust'])} | "
-                  f"{num(theirs.get('corruptions'))} | autoattack | | | |",
-                  f"| {name} | ours - published | {num(diff['clean'])} | {num(diff['robust'])} | "
-                  f"{num(diff.get('corruptions'))} | | | | |"]
-    sources = dict.fromkeys(row["published_source"] for row in comparison["rows"])
-    notes = dict.fromkeys(row["corruptions_not_compared"] for row in comparison["rows"]
-                          if row.get("corruptions_not_compared"))
-    return "\n".join([*lines, *(f"source: {s}" for s in sources), *notes])
 
 
 def evaluate_overrides(args: argparse.Namespace) -> list[str]:

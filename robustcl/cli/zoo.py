@@ -5,7 +5,7 @@ import argparse
 
 
 def percent(value: float | None) -> str:
-    """A published number as the catalogue gives it ("n/a" for null: not given by its source)."""
+    """A percentage to two decimals ("n/a" for None: a number its source does not give, or one not measured)."""
     return "n/a" if value is None else f"{value:.2f}"
 
 
@@ -17,6 +17,32 @@ def published_line(entry: dict) -> str:
         if slf:
             parts.append(f"{who} {percent(slf.get('clean'))}/{percent(slf.get('autoattack'))}")
     return "; ".join(parts) or "-"
+
+
+def comparison_table(comparison: dict) -> str:
+    """`robustcl evaluate --compare`'s table: our reading beside the catalogue's published one, per protocol: values,
+    difference, our 95% intervals (CA: n/a, with the reason below the table, unless this evaluation read the
+    published -C set's 15 corruptions at severities 1-5)."""
+    def span(interval: list[float] | None) -> str:
+        return "" if interval is None else f"{percent(interval[0])}-{percent(interval[1])}"
+
+    lines = [f"compared with the catalogue's {comparison['entry']} (published numbers under their own protocol):",
+             "| protocol | reading | clean (%) | robust (%) | corrupted, CA (%) | attack | clean 95% | robust 95% | CA 95% |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in comparison["rows"]:
+        ours, theirs, diff, ci = row["ours"], row["published"], row["difference"], row["intervals_95"]
+        name = row["protocol"].upper()
+        lines += [f"| {name} | {row['label']} | {percent(ours['clean'])} | {percent(ours['robust'])} | "
+                  f"{percent(ours.get('corruptions'))} | {row['attack']} | {span(ci['clean'])} | {span(ci['robust'])} | "
+                  f"{span(ci.get('corruptions'))} |",
+                  f"| {name} | published by {row['published_by']} | {percent(theirs['clean'])} | {percent(theirs['robust'])} | "
+                  f"{percent(theirs.get('corruptions'))} | autoattack | | | |",
+                  f"| {name} | ours - published | {percent(diff['clean'])} | {percent(diff['robust'])} | "
+                  f"{percent(diff.get('corruptions'))} | | | | |"]
+    sources = dict.fromkeys(row["published_source"] for row in comparison["rows"])
+    notes = dict.fromkeys(row["corruptions_not_compared"] for row in comparison["rows"]
+                          if row.get("corruptions_not_compared"))
+    return "\n".join([*lines, *(f"source: {s}" for s in sources), *notes])
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -82,15 +82,6 @@ def write_encoder_files(run: RunDir, module: nn.Module, meta: dict[str, Any], da
         atomic_write_bytes(run.encoder, save(tensors, metadata={"robustcl": json.dumps(stored)}))
 
 
-def resolve_zoo(encoder: nn.Module | str | Path) -> tuple[nn.Module | str | Path, dict[str, Any] | None]:
-    """--encoder's order: an existing path, then zoo:NAME (fetched into the cache), then module:callable."""
-    if isinstance(encoder, (str, Path)) and not Path(encoder).exists() and str(encoder).startswith(zoo.PREFIX):
-        name = str(encoder)[len(zoo.PREFIX):]
-        item = zoo.entry(name)
-        return zoo.fetch(name), item
-    return encoder, None
-
-
 def check_reading(meta: dict[str, Any], reading: Reading) -> None:
     """--format, --bn-branch, --stem-padding and --protocol-of read published checkpoints only."""
     given = [flag for flag, value in (("--format", reading.format), ("--bn-branch", reading.bn_branch),
@@ -151,7 +142,7 @@ def evaluate_encoder(encoder: nn.Module | str | Path, data: str, out: str | Path
     if unknown:
         raise ConfigError(f"unknown protocol {unknown[0]!r}; valid: slf, alf, aff")
     open_runtime(cfg)  # device, threads, logger libraries: before anything is read or written
-    source, item = resolve_zoo(encoder)
+    source, item = zoo.resolve(encoder)  # an existing path, then zoo:NAME, then module:callable
     reading = Reading(layout, bn_branch, stem_padding, protocol_of, item["method"] if item else None)
     loaded = load_external(source, data_info(cfg), mean, std, reading)  # bad input fails before anything is written
     check_reading(loaded[1], reading)

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 FIELD = r"(?P<field>weight|bias|running_mean|running_var|num_batches_tracked)"
 BLOCK = r"(?P<blk>layer[1-4]\.\d+)"
 STAT = (r"normalize\.(?P<stat>mean|std)", "{stat}")  # NormalizeByChannelMeanStd's buffers: robustcl's mean/std
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))  # DeACL's buffers
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Layout:
     prefix: str = ""
     bn_copies: tuple[str, ...] = ()             # the file's BN copies by index, as its code names them; () one BN
     normalisation: str = "buffers"              # buffers: the file's normalize.*; none: raw [0, 1]; given: --mean/--std
-    stem_padding: int | None = 1                # of the 3x3 stem; weights cannot show it, the layout's code does
+    stem_padding: int = 1                       # of the 3x3 stem; weights cannot show it, the layout's code does
     identity_shortcut: bool = True
     features: str = "raw pooled features (global average of layer4)"
     weights: tuple[str, ...] = ()               # checkpoint entries that may hold the state dict; () the top level
@@ -227,5 +225,5 @@ def resolve_copy(key: str, copies: dict[int, str], dropped: dict[int, str]) -> s
     return Drop(dropped[index]) if index in dropped else None
 
 
-__all__ = ["CIFAR10", "IMAGENET", "LAYOUTS", "Drop", "Layout", "assign_copies", "detect", "resolve_copy",
+__all__ = ["LAYOUTS", "Drop", "Layout", "assign_copies", "detect", "resolve_copy",
            "torchvision_prefix", "with_prefix"]

@@ -16,9 +16,7 @@ def load_plain(source: str | Path, branch: str | int = "headline", *, layout: st
                stem_padding: int | None = None, mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None, data: str | None = None) -> FixedBranchEncoder:
     """`source` (a path, else zoo:NAME) read through `branch`: headline, benign, adversarial or a BN copy index."""
-    path = Path(source)
-    if not path.exists() and str(source).startswith(zoo.PREFIX):
-        path = zoo.fetch(str(source)[len(zoo.PREFIX):])
+    path = Path(zoo.resolve(source)[0])
     if not path.exists():
         raise FileNotFoundError(f"no encoder at {source}; give a run directory, an encoder file or zoo:NAME")
     if path.is_dir() or is_robustcl_file(path):

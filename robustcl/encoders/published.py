@@ -8,7 +8,7 @@ import argparse
 import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ from robustcl.data import DatasetInfo
 from robustcl.data.files import file_digest
 from robustcl.encoders.errors import EncoderError
 from robustcl.encoders.finite import check_finite_weights
-from robustcl.encoders.layouts import (IMAGENET, LAYOUTS, Drop, Layout, assign_copies, detect,
-                                       resolve_copy, torchvision_prefix, with_prefix)
+from robustcl.encoders.layouts import (LAYOUTS, Drop, Layout, assign_copies, detect, resolve_copy,
+                                       torchvision_prefix, with_prefix)
 from robustcl.export import FORMAT
+from robustcl.methods.factory import IMAGENET_MEAN, IMAGENET_STD
 from robustcl.models import Encoder, build_backbone
 from robustcl.models.torchvision_layout import LayoutError, detect_layout, torchvision_name
 
@@ -154,8 +155,8 @@ def stem_padding(layout: Layout, reading: Reading, stem: str, path: Path) -> tup
         return 1, "the RobustSSL benchmark's ResNet (padding 1, whatever the layout)"
     if reading.stem_padding is not None:
         return reading.stem_padding, "--stem-padding"
-    if layout.name == "deacl":
-        return 2, "layout deacl (DeACL's code; the weights cannot show it)"
+    if layout.stem_padding != 1:
+        return layout.stem_padding, f"layout {layout.name} ({layout.methods[0]}'s code; the weights cannot show it)"
     return 1, f"layout {layout.name} (padding 1" + ("; the weights cannot show it: --stem-padding 2 for DeACL-style "
                                                     "stems)" if layout.name in ("torchvision", "lpaft") else ")")
 
@@ -169,7 +170,7 @@ def normalisation(layout: Layout, mapped: dict[str, torch.Tensor], channels: int
         what = "its normalize.* buffers" if buffers else "raw [0, 1] inputs (no normalisation)"
         raise EncoderError(f"{path} (layout {layout.name}) normalises with {what}; drop --mean/--std")
     if reading.protocol_of == "benchmark" and layout.name in ("acl", "dynacl"):
-        return IMAGENET[0], IMAGENET[1], "the RobustSSL benchmark's model (ImageNet statistics)"
+        return IMAGENET_MEAN, IMAGENET_STD, "the RobustSSL benchmark's model (ImageNet statistics)"
     if buffers:
         if "mean" not in mapped or "std" not in mapped:
             raise EncoderError(f"{path}: layout {layout.name} holds normalize.mean and normalize.std; one is missing")
@@ -293,7 +294,7 @@ def read_published(path: Path, info: DatasetInfo | None, mean: Sequence[float] |
     if reading.protocol_of not in (None, *PROTOCOLS_OF):
         raise EncoderError(f"--protocol-of {reading.protocol_of}: valid: {', '.join(PROTOCOLS_OF)}")
     if reading.protocol_of == "robustcl":
-        reading = Reading(reading.format, reading.bn_branch, reading.stem_padding, None, reading.method)
+        reading = replace(reading, protocol_of=None)
     if path.suffix == ".safetensors":  # tensors only: no pickle, no classes
         from safetensors.torch import load_file
 

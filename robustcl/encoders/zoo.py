@@ -3,7 +3,6 @@
 sha256 where one is known), or a one-line error naming the file to download by hand."""
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -14,6 +13,7 @@ from urllib.parse import urlparse
 from robustcl.config import parse_yaml
 from robustcl.data.files import cache_root, fetch_file, file_digest, user_path
 from robustcl.encoders.errors import EncoderError
+from robustcl.stats import wilson_interval
 
 CATALOGUE = ("robustcl.presets", "zoo/catalogue.yaml")
 CACHE_ENV = "ROBUSTCL_ZOO"
@@ -79,14 +79,15 @@ def fetch(name: str, folder: Path | None = None, known: Mapping[str, Any] | None
                       lambda reason: by_hand(item, dest, f"could not download it: {reason}"), timeout)
 
 
-def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (over the n evaluated test images)."""
-    if n <= 0:
-        return math.nan, math.nan
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def resolve(source: Any) -> tuple[Any, dict[str, Any] | None]:
+    """--encoder's order: an existing path as it is, then zoo:NAME (its file, fetched into the cache, and its
+    catalogue entry), else `source` unchanged (a module or module:callable); (what to load, the entry or None)."""
+    if isinstance(source, (str, Path)) and not Path(source).exists() and str(source).startswith(PREFIX):
+        known = catalogue()
+        name = str(source)[len(PREFIX):]
+        item = entry(name, known)
+        return fetch(name, known=known), item
+    return source, None
 
 
 def comparison(results: Mapping[str, Any], item: Mapping[str, Any], sources: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -100,7 +101,7 @@ def comparison(results: Mapping[str, Any], item: Mapping[str, Any], sources: Map
     for protocol, record in results.get("protocols", {}).items():
         attack = "autoattack" if "autoattack" in record["robust"] else next(iter(record["robust"]))
         ours = {"clean": 100 * record["clean_acc"], "robust": 100 * record["robust"][attack], "corruptions": None}
-        intervals = {k: [100 * v for v in wilson(ours[k] / 100 * n, n)] for k in ("clean", "robust")}
+        intervals = {k: [100 * v for v in wilson_interval(ours[k] / 100 * n, n)] for k in ("clean", "robust")}
         corrupted, not_compared = record.get("corruptions"), None
         if corrupted and not corrupted.get("standard"):
             not_compared = "CA n/a: not the 15 corruptions at severities 1-5 (--corruptions all)"
@@ -110,7 +111,7 @@ def comparison(results: Mapping[str, Any], item: Mapping[str, Any], sources: Map
         elif corrupted:
             ours["corruptions"] = 100 * corrupted["mean"]
             # a per-image mean over the cells varies at most as one Bernoulli draw per image: Wilson on n images
-            intervals["corruptions"] = [100 * v for v in wilson(corrupted["mean"] * corrupted["n"], corrupted["n"])]
+            intervals["corruptions"] = [100 * v for v in wilson_interval(corrupted["mean"] * corrupted["n"], corrupted["n"])]
         for who, published in (item.get("published") or {}).items():
             if not published:
                 continue
@@ -127,4 +128,4 @@ def comparison(results: Mapping[str, Any], item: Mapping[str, Any], sources: Map
 
 
 __all__ = ["BROWSER_HOSTS", "CACHE_ENV", "PREFIX", "by_sha256", "cache", "catalogue", "check", "comparison", "entry",
-           "fetch", "wilson"]
+           "fetch", "resolve"]

@@ -146,12 +146,14 @@ def fit_targets(attack: Any, num_classes: int) -> list[str]:
 
 def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
                         norm: str = "Linf", batch_size: int = 500, seed: int = 0,
-                        state_path: Path | None = None, parts: Progress = SILENT) -> AutoAttackResult:
+                        state_path: Path | None = None, parts: Progress = SILENT,
+                        num_classes: int | None = None) -> AutoAttackResult:
     """Robust accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), model in eval mode.
 
     With `state_path`, the robust flags after each finished attack are kept there (JSON, written
     atomically): a finished evaluation is read back, an interrupted one continues at the next attack.
-    Each attack run is a part of `parts` ("autoattack <name>", the images it attacks).
+    Each attack run is a part of `parts` ("autoattack <name>", the images it attacks). `num_classes` (the
+    model's output width; read from one forward pass when not given) fits the targeted attacks (`fit_targets`).
     """
     if model.training:
         raise RuntimeError("AutoAttack needs the model in eval mode (call model.eval())")
@@ -161,8 +163,9 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
     y = labels.to(device)
     t0 = time.perf_counter()
     attack = _autoattack_class()(model, device=device, eps=eps, norm=norm, seed=seed, version="standard")
-    with torch.no_grad():
-        num_classes = int(model(x[:1]).shape[1])
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = int(model(x[:1]).shape[1])
     adapted = fit_targets(attack, num_classes)
     order = list(attack.attacks_to_run)
     identity = {"n": int(len(y)), "eps": eps, "norm": norm, "seed": seed, "attacks": order}

@@ -116,7 +116,8 @@ def part_index(n: int, limit: int | None, subset_seed: int) -> torch.Tensor | No
 
 
 def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: str,
-                   fingerprint: str | None = None, parts: Progress = SILENT) -> dict[str, Any]:
+                   fingerprint: str | None = None, parts: Progress = SILENT,
+                   num_classes: int | None = None) -> dict[str, Any]:
     """Standard AutoAttack at eval.attack.eps, with its resumable state under the run's eval_state/, each
     attack a part of `parts`.
 
@@ -127,7 +128,7 @@ def run_autoattack(model, images, labels, cfg: Config, run: RunDir, protocol: st
                     files=(run.head(protocol),) if fingerprint is not None else (run.head(protocol), run.encoder))
     state = run.eval_state / f"autoattack-{protocol}-{key}.json"
     return autoattack_accuracy(model, images, labels, e.attack.eps, "Linf", e.batch_size, cfg.seed, state,
-                               parts).to_dict()
+                               parts, num_classes).to_dict()
 
 
 def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config,
@@ -148,7 +149,8 @@ def evaluate_model(model: BranchModel, images: torch.Tensor, labels: torch.Tenso
         t0 = time.perf_counter()
         record["corruptions"] = corruption_record(model, corrupted, clean_flags, cfg, autocast, parts)
         seconds["corruptions"] = time.perf_counter() - t0
-    aa_count = add_autoattack(record, model, images, labels, robust_flags, cfg, run, protocol, fingerprint, parts)
+    aa_count = add_autoattack(record, model, images, labels, robust_flags, cfg, run, protocol, fingerprint, parts,
+                              num_classes)
     add_curves(record, model, images, labels, cfg, autocast, seconds, parts)
     record["integrity"] = integrity_record(model, images, labels, clean_flags, robust_flags, record, num_classes, cfg,
                                            autocast, aa_count, parts)
@@ -183,13 +185,13 @@ def attacked_accuracy(model: BranchModel, images: torch.Tensor, labels: torch.Te
 
 def add_autoattack(record: dict[str, Any], model: BranchModel, images: torch.Tensor, labels: torch.Tensor,
                    robust_flags: torch.Tensor, cfg: Config, run: RunDir, protocol: str,
-                   fingerprint: str | None, parts: Progress = SILENT) -> int:
+                   fingerprint: str | None, parts: Progress = SILENT, num_classes: int | None = None) -> int:
     """AutoAttack on its seeded subset (when configured) into `record`; returns how many images it attacks."""
     e = cfg.eval
     aa_index = part_index(len(images), e.autoattack_limit, e.subset_seed)
     aa_images, aa_labels = (images, labels) if aa_index is None else (images[aa_index], labels[aa_index])
     if "autoattack" in e.attacks:
-        aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint, parts)
+        aa = run_autoattack(model, aa_images, aa_labels, cfg, run, protocol, fingerprint, parts, num_classes)
         aa["images"] = len(aa_images)
         aa["pgd_on_same_images"] = fraction(robust_flags if aa_index is None else robust_flags[aa_index])
         record["robust"][autoattack_name(e.attack.eps)] = aa["accuracy"]

@@ -61,6 +61,6 @@ def build_backbone(arch: str, in_channels: int, dual_bn: bool, **kwargs) -> nn.M
 
 
 def build_encoder(arch: str, in_channels: int, mean: Sequence[float], std: Sequence[float],
-                  dual_bn: bool = True, **kwargs) -> Encoder:
+                  dual_bn: bool = True, l2_normalise: bool = True, **kwargs) -> Encoder:
     """Encoder around build_backbone(arch, ...) with the dataset's mean/std."""
-    return Encoder(build_backbone(arch, in_channels, dual_bn, **kwargs), mean, std)
+    return Encoder(build_backbone(arch, in_channels, dual_bn, **kwargs), mean, std, l2_normalise)

@@ -38,9 +38,9 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 conv, padding 1, no bias (a BN follows)."""
-    return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+def conv3x3(in_planes: int, planes: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
+    """3x3 conv, padding 1 (DeACL's stem: 2), no bias (a BN follows)."""
+    return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=padding, bias=False)
 
 
 def conv1x1(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
@@ -148,7 +148,7 @@ class ResNet(nn.Module):
             raise ValueError(f"stem_padding must be 1 or 2 (2 only with the cifar stem), got {stem_padding}")
         self.stem_padding = stem_padding
         self.feature_dim = 512 * block.expansion
-        self.conv1 = (nn.Conv2d(in_channels, 64, 3, stride=1, padding=stem_padding, bias=False) if stem == "cifar"
+        self.conv1 = (conv3x3(in_channels, 64, padding=stem_padding) if stem == "cifar"
                       else nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False))
         self.bn1 = DualBatchNorm2d(64, dual_bn)
         stages, in_planes = [], 64
