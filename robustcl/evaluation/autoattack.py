@@ -152,9 +152,8 @@ def autoattack_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
     With `state_path`, the robust flags after each finished attack are kept there (JSON, written
     atomically): a finished evaluation is read back, an interrupted one continues at the next attack.
-    Each attack run is a part of `parts` ("autoattack <name>", the images it attacks). `num_classes` (the
-    model's output width; read from one forward pass when not given) fits the targeted attacks (`fit_targets`).
-    """
+    Each attack run is a part of `parts` ("autoattack <name>", its images). `num_classes`: the model's output
+    width for `fit_targets` (one forward pass finds it when not given)."""
     if model.training:
         raise RuntimeError("AutoAttack needs the model in eval mode (call model.eval())")
     device = next(model.parameters()).device
